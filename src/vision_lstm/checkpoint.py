@@ -1,0 +1,119 @@
+"""Atomic checkpoints (temporary file, fsync, rename) and self-describing safetensors weights."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+
+from .convert import check_state_dict_fits
+from .errors import VilError
+from .model import ViLConfig, VisionLSTM
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: str | Path, write) -> None:
+    """Call ``write(file_object)`` on a temporary file beside ``path``, fsync it, then rename it over ``path``.
+
+    A crash at any moment leaves either the old file or the new one, never a truncated one. On failure (disk full,
+    ...) the temporary file is removed and the old file stays; the OSError propagates.
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def save_checkpoint(state: dict, path: str | Path) -> None:
+    atomic_write(path, lambda f: torch.save(state, f))
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """Load a training checkpoint with ``weights_only=True`` (tensors and plain containers only)."""
+    path = Path(path)
+    if not path.is_file():
+        raise VilError(f"checkpoint {path} not found")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for corrupt or foreign files
+        raise VilError(f"checkpoint {path} is corrupt or not a vision-lstm checkpoint ({type(e).__name__}: "
+                       f"{str(e).splitlines()[0] if str(e) else ''})") from None
+    if not isinstance(state, dict) or "model" not in state or "step" not in state:
+        raise VilError(f"checkpoint {path} is not a vision-lstm training checkpoint (no model/step entries)")
+    return state
+
+
+def save_weights(model: VisionLSTM, path: str | Path, model_name: str, extra: dict | None = None) -> None:
+    """Write the model's weights as safetensors with everything needed to rebuild it in the metadata."""
+    metadata = {"format": "vision-lstm", "model": model_name, "config": json.dumps(model.config.to_dict())}
+    for key, value in (extra or {}).items():
+        metadata[key] = value if isinstance(value, str) else json.dumps(value)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_weights_metadata(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise VilError(f"weights file {path} not found")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise VilError(f"weights file {path} is not a valid safetensors file ({e})") from None
+    if metadata.get("format") != "vision-lstm" or "config" not in metadata:
+        raise VilError(f"weights file {path} has no vision-lstm metadata (model config); "
+                       f"it was not written by this library's save_weights")
+    return metadata
+
+
+def load_weights(path: str | Path, device: str | torch.device = "cpu") -> tuple[VisionLSTM, dict]:
+    """Rebuild the model described by a weights file's metadata and load the weights. Returns (model, metadata)."""
+    metadata = read_weights_metadata(path)
+    try:
+        config = ViLConfig(**json.loads(metadata["config"]))
+    except (TypeError, ValueError) as e:
+        raise VilError(f"weights file {path}: invalid model config in metadata ({e})") from None
+    model = VisionLSTM(config)
+    try:
+        tensors = load_file(str(path), device="cpu")
+    except (SafetensorError, OSError, ValueError) as e:
+        raise VilError(f"weights file {path} is corrupt ({e})") from None
+    check_state_dict_fits(model.state_dict(), tensors, source=f"the weights in {path}")
+    model.load_state_dict(tensors)
+    return model.to(device).eval(), metadata

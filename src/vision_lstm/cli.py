@@ -1,0 +1,194 @@
+"""Command-line entry points: ``vil-train``, ``vil-evaluate``, ``vil-predict`` (also ``train.py`` etc. at the root)."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .errors import VilError
+
+REPO_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+
+
+def _fail(message: str, code: int = 2) -> None:
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(code)
+
+
+def default_recipe(dataset: str) -> Path | None:
+    from .data import get_spec
+    name = get_spec(dataset).name
+    for folder in (Path.cwd() / "configs", REPO_CONFIGS):
+        path = folder / f"{name}.yaml"
+        if path.is_file():
+            return path
+    return None
+
+
+def train_parser() -> argparse.ArgumentParser:
+    from .data import dataset_names
+    from .model import list_models
+
+    p = argparse.ArgumentParser(
+        prog="train.py", description="Train a Vision-LSTM classifier. Flags override the YAML recipe "
+        "(default: configs/<dataset>.yaml).")
+    p.add_argument("--dataset", default="mnist", choices=dataset_names(), help="dataset (default: mnist)")
+    p.add_argument("--model", choices=list_models(), help="registry name (default: from the recipe)")
+    p.add_argument("--config", help="YAML recipe (default: configs/<dataset>.yaml)")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int, help="global batch size")
+    p.add_argument("--lr", type=float, help="peak learning rate")
+    p.add_argument("--weight-decay", type=float)
+    p.add_argument("--warmup-epochs", type=float)
+    p.add_argument("--label-smoothing", type=float)
+    p.add_argument("--drop-path", type=float, help="drop-path rate (model override)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--data-dir", help="dataset folder (default: $VIL_DATA_DIR, else ./data)")
+    p.add_argument("--no-download", action="store_true", help="fail instead of downloading missing files")
+    p.add_argument("--output", help="run folder (default: runs/<dataset>-<time>)")
+    p.add_argument("--resume", help="checkpoint path, or 'auto' for the latest in --output")
+    p.add_argument("--save-every", type=int, help="steps between mid-epoch checkpoints (0: epoch ends only)")
+    p.add_argument("--train-subset", type=int, metavar="N", help="train on the first N training images")
+    p.add_argument("--test-subset", type=int, metavar="N", help="evaluate on the first N test images")
+    p.add_argument("--val-split", type=int, metavar="N",
+                   help="hold out the last N training images and evaluate on them instead of the test set")
+    p.add_argument("--precision", choices=["fp32", "bf16"])
+    p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
+    p.add_argument("--ema", action="store_true", default=None, help="keep an EMA of the weights")
+    p.add_argument("--tta", action="store_true", default=None, help="also report flip-TTA accuracy")
+    p.add_argument("--nan-policy", choices=["stop", "skip"])
+    p.add_argument("--device", help="auto (default), cpu, cuda, cuda:1, ...")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--quiet", action="store_true", default=None, help="no progress bar")
+    return p
+
+
+def train_main(argv: list[str] | None = None) -> dict:
+    from .config import build_config, load_yaml
+    from .engine import Trainer
+
+    args = train_parser().parse_args(argv)
+    try:
+        recipe = args.config or default_recipe(args.dataset)
+        if recipe is None:
+            print(f"note: no recipe configs/{args.dataset}.yaml found; using built-in defaults", file=sys.stderr)
+        overrides = {
+            "dataset": args.dataset, "model": args.model, "epochs": args.epochs, "batch_size": args.batch_size,
+            "lr": args.lr, "weight_decay": args.weight_decay, "warmup_epochs": args.warmup_epochs,
+            "label_smoothing": args.label_smoothing, "seed": args.seed, "data_dir": args.data_dir,
+            "download": False if args.no_download else None, "output": args.output, "resume": args.resume,
+            "save_every": args.save_every, "train_subset": args.train_subset, "test_subset": args.test_subset,
+            "val_split": args.val_split, "precision": args.precision, "compile": args.compile, "ema": args.ema,
+            "tta": args.tta, "nan_policy": args.nan_policy, "device": args.device, "threads": args.threads,
+            "quiet": args.quiet,
+        }
+        if args.drop_path is not None:
+            base = load_yaml(recipe).get("model_args", {}) if recipe else {}
+            overrides["model_args"] = {**base, "drop_path_rate": args.drop_path}
+        if args.data_dir is None:
+            overrides["data_dir"] = None  # the engine falls back to $VIL_DATA_DIR, then ./data
+        config = build_config(recipe, overrides)
+        explicit = {k for k, v in overrides.items() if v is not None}
+        return Trainer(config, explicit=explicit).run()
+    except VilError as e:
+        _fail(str(e))
+
+
+def evaluate_parser() -> argparse.ArgumentParser:
+    from .data import dataset_names
+    p = argparse.ArgumentParser(prog="evaluate.py", description="Evaluate saved weights on a dataset split.")
+    p.add_argument("--dataset", required=True, choices=dataset_names())
+    p.add_argument("--weights", required=True, help="model.safetensors written by train.py")
+    p.add_argument("--data-dir", help="dataset folder (default: $VIL_DATA_DIR, else ./data)")
+    p.add_argument("--split", default="test", choices=["test", "train"])
+    p.add_argument("--tta", action="store_true", help="average predictions with the horizontally flipped image")
+    p.add_argument("--batch-size", type=int, default=500)
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--no-download", action="store_true")
+    return p
+
+
+def evaluate_main(argv: list[str] | None = None) -> dict:
+    import torch
+
+    from .checkpoint import load_weights
+    from .data import get_spec, load_split
+    from .engine import evaluate
+
+    args = evaluate_parser().parse_args(argv)
+    try:
+        model, metadata = load_weights(args.weights, device=args.device)
+        spec = get_spec(args.dataset)
+        if tuple(spec.image_shape[:1]) != (model.config.in_chans,) or len(spec.classes) != model.config.num_classes:
+            raise VilError(f"weights {args.weights} were trained for {model.config.in_chans}-channel images and "
+                           f"{model.config.num_classes} classes (dataset {metadata.get('dataset', '?')}); "
+                           f"{spec.name} has {spec.image_shape[0]} channels and {len(spec.classes)} classes")
+        data = load_split(args.dataset, args.split, args.data_dir, download=not args.no_download)
+        result = evaluate(model, data, args.batch_size, torch.device(args.device), args.precision, tta=args.tta)
+    except VilError as e:
+        _fail(str(e))
+    out = {"dataset": spec.name, "split": args.split, "n": result["n"], "accuracy": round(result["accuracy"], 6)}
+    if args.tta:
+        out["accuracy_tta"] = round(result["accuracy_tta"], 6)
+    print(json.dumps(out), flush=True)
+    return out
+
+
+def predict_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="predict.py", description="Classify image files (PNG, JPEG, ...).")
+    p.add_argument("--weights", required=True, help="model.safetensors written by train.py")
+    p.add_argument("--topk", type=int, default=3)
+    p.add_argument("images", nargs="+", help="image files")
+    return p
+
+
+def load_image(path: str, in_chans: int, size: tuple[int, int]):
+    """An image file -> uint8 tensor (C, H, W) resized to the model's input."""
+    import numpy as np
+    import torch
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            img = img.convert("L" if in_chans == 1 else "RGB")
+            if img.size != (size[1], size[0]):
+                img = img.resize((size[1], size[0]), Image.BILINEAR)
+            array = np.asarray(img, dtype=np.uint8)
+    except FileNotFoundError:
+        raise VilError(f"{path}: no such file") from None
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise VilError(f"{path}: not a readable image ({e})") from None
+    tensor = torch.from_numpy(array.copy())
+    return tensor[None] if tensor.ndim == 2 else tensor.permute(2, 0, 1)
+
+
+def predict_main(argv: list[str] | None = None) -> list[dict]:
+    import torch
+
+    from .checkpoint import load_weights
+    from .data import DatasetSpec, normalize
+
+    args = predict_parser().parse_args(argv)
+    try:
+        model, metadata = load_weights(args.weights)
+        classes = json.loads(metadata.get("classes", "null")) or [str(i) for i in range(model.config.num_classes)]
+        mean = tuple(json.loads(metadata.get("mean", "null")) or (0.5,) * model.config.in_chans)
+        std = tuple(json.loads(metadata.get("std", "null")) or (0.5,) * model.config.in_chans)
+        images = torch.stack([load_image(p, model.config.in_chans, model.config.img_size_hw) for p in args.images])
+    except VilError as e:
+        _fail(str(e))
+    spec = DatasetSpec("custom", "", tuple(classes), (model.config.in_chans, *model.config.img_size_hw), (), (),
+                       mean, std, ())
+    with torch.no_grad():
+        probs = model(normalize(images, spec)).softmax(-1)
+    results = []
+    k = min(args.topk, probs.shape[1])
+    for path, p in zip(args.images, probs):
+        top = p.topk(k)
+        ranked = [{"class": classes[i], "prob": round(float(v), 4)} for v, i in zip(top.values, top.indices)]
+        results.append({"image": path, "top": ranked})
+        print(f"{path}: " + ", ".join(f"{r['class']} {100 * r['prob']:.1f}%" for r in ranked), flush=True)
+    print(json.dumps(results), flush=True)
+    return results

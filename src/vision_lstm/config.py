@@ -1,0 +1,100 @@
+"""Training configuration: a dataclass built from a YAML recipe plus command-line overrides."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from .errors import VilError
+
+RECIPE_DIR_NAME = "configs"
+
+
+@dataclass
+class TrainConfig:
+    dataset: str = "mnist"
+    model: str = "vil_tiny"
+    model_args: dict = field(default_factory=dict)  # overrides of the registry entry (dim, depth, patch_size, ...)
+    epochs: int = 10
+    batch_size: int = 128  # global batch (split over processes under torchrun)
+    lr: float = 1e-3
+    min_lr: float = 1e-5
+    weight_decay: float = 0.05
+    warmup_epochs: float = 1.0
+    label_smoothing: float = 0.1
+    grad_clip: float = 1.0  # max global grad norm; 0 disables
+    ema: bool = False
+    ema_decay: float = 0.999
+    augment: dict = field(default_factory=dict)  # {"translate": pad, "hflip": bool}; default from the dataset
+    seed: int = 0
+    data_dir: str | None = None
+    download: bool = True
+    output: str | None = None
+    resume: str | None = None
+    save_every: int = 500  # steps between mid-epoch checkpoints (0: only at epoch ends)
+    train_subset: int | None = None
+    val_split: int = 0  # hold out the last N training images as a validation set (then the test set is not used)
+    test_subset: int | None = None
+    eval_batch_size: int = 500
+    precision: str = "fp32"  # or "bf16" (autocast)
+    compile: bool = False
+    device: str = "auto"
+    threads: int | None = None
+    nan_policy: str = "stop"  # "stop" or "skip" a step whose loss or gradient is not finite
+    tta: bool = False  # also report accuracy with horizontal-flip test-time augmentation
+    quiet: bool = False
+
+    def validate(self) -> "TrainConfig":
+        checks = [
+            (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
+            (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
+            (self.lr > 0, f"lr must be > 0, got {self.lr}"),
+            (self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}"),
+            (self.precision in ("fp32", "bf16"), f"precision must be fp32 or bf16, got {self.precision!r}"),
+            (self.nan_policy in ("stop", "skip"), f"nan_policy must be stop or skip, got {self.nan_policy!r}"),
+            (self.save_every >= 0, f"save_every must be >= 0, got {self.save_every}"),
+            (self.val_split >= 0, f"val_split must be >= 0, got {self.val_split}"),
+            (self.train_subset is None or self.train_subset >= 1, "train_subset must be >= 1"),
+            (0 <= self.label_smoothing < 1, f"label_smoothing must be in [0, 1), got {self.label_smoothing}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise VilError(f"invalid configuration: {message}")
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def config_fields() -> set[str]:
+    return {f.name for f in dataclasses.fields(TrainConfig)}
+
+
+def load_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise VilError(f"config file {path} not found") from None
+    except yaml.YAMLError as e:
+        raise VilError(f"config file {path} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise VilError(f"config file {path} must hold a mapping of settings, got {type(data).__name__}")
+    unknown = sorted(set(data) - config_fields())
+    if unknown:
+        raise VilError(f"config file {path}: unknown setting(s) {', '.join(unknown)}; "
+                       f"valid: {', '.join(sorted(config_fields()))}")
+    return data
+
+
+def build_config(recipe: str | Path | None, overrides: dict) -> TrainConfig:
+    """Recipe values first, then every override that is not None."""
+    values = load_yaml(recipe) if recipe else {}
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return TrainConfig(**values).validate()
+
+
+def save_config(config: TrainConfig, path: Path) -> None:
+    path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))

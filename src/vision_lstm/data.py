@@ -1,0 +1,429 @@
+"""Datasets in their original file formats: MNIST / Fashion-MNIST (IDX, gzip) and CIFAR-10 (python-version pickles).
+
+Files are looked up in ``data_dir`` (layout as ``mnist/``, ``fashion-mnist/``, ``cifar-10-batches-py/``); missing files
+are downloaded from the official sources (or ``$VIL_DATA_MIRROR``), checked against checksums of their *content*
+before use, and written atomically. Each split is decoded once into a uint8 tensor; augmentation runs batched on
+tensors.
+"""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import os
+import pickle
+import shutil
+import tarfile
+import tempfile
+import urllib.request
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import VilError
+
+MAX_IDX_BYTES = 256 * 2**20  # no IDX file we read is larger; caps decompression (gzip bombs)
+MAX_PICKLE_BYTES = 64 * 2**20
+
+
+@dataclass(frozen=True)
+class Resource:
+    """One file of a dataset: its name under the dataset folder and how to check it."""
+
+    filename: str
+    content_md5: str  # md5 of the decompressed IDX bytes / sha256 of CIFAR pixels+labels ("content_sha256")
+    content_kind: str = "idx"  # "idx" or "cifar"
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    name: str
+    folder: str
+    classes: tuple[str, ...]
+    image_shape: tuple[int, int, int]  # (C, H, W)
+    train_files: tuple[Resource, ...]
+    test_files: tuple[Resource, ...]
+    mean: tuple[float, ...]  # per channel, of the training set on the [0, 1] scale
+    std: tuple[float, ...]
+    urls: tuple[str, ...]  # base URLs (IDX: base + filename) or archive URLs
+    archive: str | None = None  # archive file name for datasets shipped as one archive
+    archive_md5: str | None = None
+    archive_member_prefix: str = ""
+    augment: tuple[str, ...] = field(default=())
+
+    @property
+    def files(self) -> tuple[Resource, ...]:
+        return self.train_files + self.test_files
+
+
+def _idx(name: str, md5: str) -> Resource:
+    return Resource(name, md5, "idx")
+
+
+def _cifar(name: str, sha256: str) -> Resource:
+    return Resource(name, sha256, "cifar")
+
+
+MNIST = DatasetSpec(
+    name="mnist", folder="mnist", classes=tuple(str(i) for i in range(10)), image_shape=(1, 28, 28),
+    train_files=(_idx("train-images-idx3-ubyte.gz", "6bbc9ace898e44ae57da46a324031adb"),
+                 _idx("train-labels-idx1-ubyte.gz", "a25bea736e30d166cdddb491f175f624")),
+    test_files=(_idx("t10k-images-idx3-ubyte.gz", "2646ac647ad5339dbf082846283269ea"),
+                _idx("t10k-labels-idx1-ubyte.gz", "27ae3e4e09519cfbb04c329615203637")),
+    mean=(0.1307,), std=(0.3081,),
+    urls=("https://ossci-datasets.s3.amazonaws.com/mnist/", "https://yann.lecun.com/exdb/mnist/"),
+    augment=("translate",),
+)
+
+FASHION_MNIST = DatasetSpec(
+    name="fashion-mnist", folder="fashion-mnist",
+    classes=("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+             "Ankle boot"),
+    image_shape=(1, 28, 28),
+    train_files=(_idx("train-images-idx3-ubyte.gz", "f4a8712d7a061bf5bd6d2ca38dc4d50a"),
+                 _idx("train-labels-idx1-ubyte.gz", "9018921c3c673c538a1fc5bad174d6f9")),
+    test_files=(_idx("t10k-images-idx3-ubyte.gz", "8181f5470baa50b63fa0f6fddb340f0a"),
+                _idx("t10k-labels-idx1-ubyte.gz", "15d484375f8d13e6eb1aabb0c3f46965")),
+    mean=(0.2860,), std=(0.3530,),
+    urls=("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",),
+    augment=("translate", "hflip"),
+)
+
+CIFAR10 = DatasetSpec(
+    name="cifar10", folder="cifar-10-batches-py",
+    classes=("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"),
+    image_shape=(3, 32, 32),
+    # sha256 over the pixel bytes (uint8, N x 3072) followed by the labels (uint8): the content, not the pickle.
+    train_files=tuple(_cifar(f"data_batch_{i}", h) for i, h in enumerate((
+        "ba52cb2d72c412975d7556bb26bd094956f1c002d1937053f6f1252f2ac17114",
+        "350ff9000489d02f2568c0dcf4912ffdbae9e50932147905fb1b8159ad54f0ac",
+        "a2b8653fc457df407af6c38b7e0d1a12530f3b5f81fce9f81516efd065daf722",
+        "133e6292c377755074c305db8a684d48d5397372cb0aba34f52b4335eab35d97",
+        "eb08cdc11fd1267ef871cf4790f193684b3f556d13317be68f4eb374a078ea87"), start=1)),
+    test_files=(_cifar("test_batch", "9a4c74f5c8b6f2c4e13d3a1dfb43a5a8cda8a9da515e99fd620d2013a1a6287a"),),
+    mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616),
+    urls=("https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",),
+    archive="cifar-10-python.tar.gz", archive_md5="c58f30108f718f92721af3b95e74349a",
+    archive_member_prefix="cifar-10-batches-py/",
+    augment=("crop", "hflip"),
+)
+
+DATASETS: dict[str, DatasetSpec] = {"mnist": MNIST, "fashion-mnist": FASHION_MNIST, "cifar10": CIFAR10}
+ALIASES = {"cifar": "cifar10", "fashion_mnist": "fashion-mnist", "fmnist": "fashion-mnist"}
+
+
+def dataset_names() -> list[str]:
+    return sorted(DATASETS) + sorted(ALIASES)
+
+
+def get_spec(name: str) -> DatasetSpec:
+    key = ALIASES.get(name, name)
+    if key not in DATASETS:
+        raise VilError(f"unknown dataset {name!r}; choose from: {', '.join(dataset_names())}")
+    return DATASETS[key]
+
+
+def default_data_dir() -> Path:
+    return Path(os.environ.get("VIL_DATA_DIR") or "./data")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# File formats
+
+
+def read_gzip_limited(path: Path, limit: int = MAX_IDX_BYTES) -> bytes:
+    """Decompress a .gz file, refusing output larger than ``limit`` (a gzip bomb) or a corrupt stream."""
+    try:
+        with gzip.open(path, "rb") as f:
+            data = f.read(limit + 1)
+    except (OSError, EOFError, zlib.error) as e:
+        raise VilError(f"{path}: not a valid gzip file ({e}); delete it to download it again") from None
+    if len(data) > limit:
+        raise VilError(f"{path}: decompresses to more than {limit} bytes; this is not a dataset file we know")
+    return data
+
+
+def parse_idx(data: bytes, source: str = "IDX data") -> np.ndarray:
+    """Parse IDX bytes (uint8 only, as MNIST-style files use). Sizes are checked before anything is allocated."""
+    if len(data) < 4:
+        raise VilError(f"{source}: too short for an IDX header ({len(data)} bytes)")
+    zero, dtype_code, ndim = int.from_bytes(data[:2], "big"), data[2], data[3]
+    if zero != 0 or dtype_code != 0x08:
+        raise VilError(f"{source}: not an unsigned-byte IDX file (magic {data[:4].hex()}, expected 000008xx)")
+    if not 1 <= ndim <= 4:
+        raise VilError(f"{source}: IDX header claims {ndim} dimensions; expected 1 to 4")
+    header = 4 + 4 * ndim
+    if len(data) < header:
+        raise VilError(f"{source}: truncated IDX header")
+    dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    count = 1
+    for d in dims:
+        count *= d
+    if count != len(data) - header:
+        raise VilError(
+            f"{source}: IDX header claims shape {tuple(dims)} ({count} bytes) but the file holds "
+            f"{len(data) - header} bytes; the file is truncated or corrupt"
+        )
+    return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(dims)
+
+
+try:  # numpy >= 2 moved it; the CIFAR files name the numpy 1 location
+    from numpy._core.multiarray import _reconstruct as _np_reconstruct
+except ImportError:  # pragma: no cover - numpy < 2
+    from numpy.core.multiarray import _reconstruct as _np_reconstruct
+
+
+class _Refused(pickle.UnpicklingError):
+    pass
+
+
+def _latin1_encode(text: str, encoding: str = "latin1") -> bytes:
+    if encoding not in ("latin1", "latin-1") or not isinstance(text, str):
+        raise _Refused(f"refused _codecs.encode with encoding {encoding!r}")
+    return text.encode("latin1")
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    """Admits only what the CIFAR python-version batches contain: numpy arrays and dtypes (plus plain containers,
+    which need no global). Anything else -- os.system, builtins.eval, ... -- is refused before it is looked up."""
+
+    _ALLOWED = {
+        ("_codecs", "encode"): _latin1_encode,  # how Python 3 writes bytes in protocol 2 pickles
+        ("numpy.core.multiarray", "_reconstruct"): _np_reconstruct,
+        ("numpy._core.multiarray", "_reconstruct"): _np_reconstruct,
+        ("numpy", "ndarray"): np.ndarray,
+        ("numpy", "dtype"): np.dtype,
+    }
+
+    def find_class(self, module, name):
+        try:
+            return self._ALLOWED[(module, name)]
+        except KeyError:
+            raise _Refused(f"refused to load global {module}.{name}") from None
+
+
+def safe_unpickle(data: bytes, source: str = "pickle"):
+    """Unpickle with :class:`_RestrictedUnpickler`; any failure is a :class:`VilError` naming ``source``."""
+    try:
+        return _RestrictedUnpickler(io.BytesIO(data), encoding="latin1").load()
+    except _Refused as e:
+        raise VilError(f"{source}: {e}: a CIFAR python-version batch holds only numpy arrays and plain "
+                       f"containers; this file is not one (nothing was executed)") from None
+    except Exception as e:  # malformed streams raise many types (EOFError, ValueError, TypeError, ...)
+        raise VilError(f"{source}: corrupt pickle ({type(e).__name__}: {e})") from None
+
+
+def parse_cifar_batch(data: bytes, source: str = "CIFAR batch") -> tuple[np.ndarray, np.ndarray]:
+    """A CIFAR python-version batch -> (images (N, 3, 32, 32) uint8, labels (N,) int64)."""
+    obj = safe_unpickle(data, source)
+    if not isinstance(obj, dict):
+        raise VilError(f"{source}: expected a dict with 'data' and 'labels', got {type(obj).__name__}")
+    obj = {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in obj.items()}
+    images, labels = obj.get("data"), obj.get("labels", obj.get("fine_labels"))
+    if not isinstance(images, np.ndarray) or images.dtype != np.uint8 or images.ndim != 2 or images.shape[1] != 3072:
+        raise VilError(f"{source}: 'data' must be a uint8 array of shape (N, 3072)")
+    try:
+        labels = np.asarray(labels, dtype=np.int64)
+    except (TypeError, ValueError):
+        raise VilError(f"{source}: 'labels' is not a list of integers") from None
+    if labels.shape != (images.shape[0],):
+        raise VilError(f"{source}: {images.shape[0]} images but labels of shape {labels.shape}")
+    if labels.size and (labels.min() < 0 or labels.max() > 255):
+        raise VilError(f"{source}: labels out of range")
+    return images.reshape(-1, 3, 32, 32), labels
+
+
+def cifar_content_sha256(images: np.ndarray, labels: np.ndarray) -> str:
+    h = hashlib.sha256()
+    h.update(np.ascontiguousarray(images, dtype=np.uint8).tobytes())
+    h.update(np.asarray(labels, dtype=np.uint8).tobytes())
+    return h.hexdigest()
+
+
+def _checksum_error(path: Path, expected: str, got: str) -> VilError:
+    return VilError(
+        f"{path}: checksum mismatch (expected {expected}, got {got}): the file is corrupt or not the original "
+        f"dataset; delete it and run again to download a fresh copy"
+    )
+
+
+def read_resource(path: Path, res: Resource) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+    """Read and verify one file. IDX: verified decompressed bytes; CIFAR: verified pixels and labels."""
+    if res.content_kind == "idx":
+        data = read_gzip_limited(path)
+        digest = hashlib.md5(data).hexdigest()
+        if digest != res.content_md5:
+            raise _checksum_error(path, res.content_md5, digest)
+        return parse_idx(data, str(path))
+    size = path.stat().st_size
+    if size > MAX_PICKLE_BYTES:
+        raise VilError(f"{path}: {size} bytes is larger than any CIFAR batch; not a dataset file we know")
+    images, labels = parse_cifar_batch(path.read_bytes(), str(path))
+    digest = cifar_content_sha256(images, labels)
+    if digest != res.content_md5:
+        raise _checksum_error(path, res.content_md5, digest)
+    return images, labels
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Download
+
+
+def _mirror_urls(spec: DatasetSpec, filename: str) -> list[str]:
+    mirror = os.environ.get("VIL_DATA_MIRROR")
+    if mirror:
+        return [mirror.rstrip("/") + "/" + filename]
+    if spec.archive:
+        return list(spec.urls)
+    return [base + filename for base in spec.urls]
+
+
+def _download(url: str, dest: Path, timeout: float = 60.0) -> None:
+    """Stream ``url`` to a temporary file beside ``dest``; the caller verifies and renames it."""
+    with urllib.request.urlopen(url, timeout=timeout) as response, open(dest, "wb") as out:
+        shutil.copyfileobj(response, out, length=1 << 20)
+
+
+def _fetch_verified(spec: DatasetSpec, filename: str, check, folder: Path) -> Path:
+    """Download ``filename`` into a temp file in ``folder``, run ``check(temp_path)``; return the temp path."""
+    errors = []
+    for url in _mirror_urls(spec, filename):
+        fd, tmp = tempfile.mkstemp(prefix=f".{filename}.", suffix=".part", dir=folder)
+        os.close(fd)
+        tmp = Path(tmp)
+        try:
+            print(f"downloading {url}", flush=True)
+            _download(url, tmp)
+            check(tmp)
+            return tmp
+        except (OSError, VilError) as e:
+            tmp.unlink(missing_ok=True)
+            errors.append(f"{url}: {e}")
+    raise VilError(f"could not download {filename} for {spec.name}: " + " | ".join(errors))
+
+
+def _safe_extract(archive: Path, members: dict[str, Path]) -> None:
+    """Extract only the named regular-file members, each to its given path (no path from the archive is used)."""
+    with tarfile.open(archive, "r:*") as tar:
+        for member in tar.getmembers():
+            if member.name not in members:
+                continue
+            if not member.isfile():
+                raise VilError(f"{archive}: member {member.name} is not a regular file; refusing to extract")
+            src = tar.extractfile(member)
+            dest = members[member.name]
+            fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
+            with os.fdopen(fd, "wb") as out:
+                shutil.copyfileobj(src, out)
+            os.replace(tmp, dest)
+
+
+def ensure_files(spec: DatasetSpec, data_dir: Path, download: bool = True) -> Path:
+    """Make sure every file of ``spec`` is present in ``data_dir/spec.folder``; download what is missing."""
+    folder = Path(data_dir) / spec.folder
+    missing = [r for r in spec.files if not (folder / r.filename).exists()]
+    if not missing:
+        return folder
+    names = ", ".join(r.filename for r in missing)
+    if not download:
+        raise VilError(
+            f"{spec.name}: missing {names} in {folder}. Put the original files there (from {spec.urls[0]}), "
+            f"point --data-dir or VIL_DATA_DIR at a folder that has them, or allow downloading"
+        )
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise VilError(f"cannot create data folder {folder}: {e}") from None
+    if spec.archive:
+        def check_archive(path: Path):
+            digest = hashlib.md5(path.read_bytes()).hexdigest()
+            if digest != spec.archive_md5:
+                raise _checksum_error(path, spec.archive_md5, digest)
+
+        tmp = _fetch_verified(spec, spec.archive, check_archive, folder)
+        try:
+            _safe_extract(tmp, {spec.archive_member_prefix + r.filename: folder / r.filename for r in missing})
+        finally:
+            tmp.unlink(missing_ok=True)
+        still = [r.filename for r in missing if not (folder / r.filename).exists()]
+        if still:
+            raise VilError(f"{spec.archive}: archive lacks {', '.join(still)}")
+    else:
+        for res in missing:
+            tmp = _fetch_verified(spec, res.filename, lambda p, res=res: read_resource(p, res), folder)
+            os.replace(tmp, folder / res.filename)
+    return folder
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# In-memory datasets
+
+
+@dataclass
+class ImageDataset:
+    """A split decoded into memory."""
+
+    images: torch.Tensor  # (N, C, H, W) uint8
+    labels: torch.Tensor  # (N,) int64
+    spec: DatasetSpec
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, start: int, stop: int | None = None) -> "ImageDataset":
+        return ImageDataset(self.images[start:stop], self.labels[start:stop], self.spec)
+
+
+def load_split(name: str, split: str, data_dir: str | Path | None = None, download: bool = True) -> ImageDataset:
+    """Load ``split`` ("train" or "test") of dataset ``name`` as uint8 tensors, verified against checksums."""
+    spec = get_spec(name)
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    folder = ensure_files(spec, Path(data_dir) if data_dir else default_data_dir(), download=download)
+    files = spec.train_files if split == "train" else spec.test_files
+    if spec.files[0].content_kind == "idx":
+        images = read_resource(folder / files[0].filename, files[0])
+        labels = read_resource(folder / files[1].filename, files[1]).astype(np.int64)
+        images = images[:, None]  # (N, 1, H, W)
+    else:
+        parts = [read_resource(folder / r.filename, r) for r in files]
+        images = np.concatenate([p[0] for p in parts])
+        labels = np.concatenate([p[1] for p in parts])
+    if images.shape[1:] != spec.image_shape or len(images) != len(labels):
+        raise VilError(f"{folder}: images of shape {images.shape[1:]} / {len(labels)} labels do not match "
+                       f"{spec.name} ({spec.image_shape})")
+    return ImageDataset(torch.from_numpy(images.copy()), torch.from_numpy(labels), spec)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Batched augmentation and normalisation (on tensors, whole batch at once)
+
+
+def random_translate(images: torch.Tensor, pad: int, generator: torch.Generator) -> torch.Tensor:
+    """Random crop after zero padding by ``pad`` on each side (a random shift). (N, C, H, W) -> (N, C, H, W)."""
+    if pad <= 0:
+        return images
+    N, C, H, W = images.shape
+    padded = torch.nn.functional.pad(images, (pad, pad, pad, pad))
+    dy = torch.randint(0, 2 * pad + 1, (N,), generator=generator)
+    dx = torch.randint(0, 2 * pad + 1, (N,), generator=generator)
+    rows = (dy[:, None] + torch.arange(H))[:, None, :, None]  # (N, 1, H, 1)
+    cols = (dx[:, None] + torch.arange(W))[:, None, None, :]  # (N, 1, 1, W)
+    n = torch.arange(N)[:, None, None, None]
+    c = torch.arange(C)[None, :, None, None]
+    return padded[n, c, rows, cols]
+
+
+def random_hflip(images: torch.Tensor, generator: torch.Generator, p: float = 0.5) -> torch.Tensor:
+    flip = torch.rand(images.shape[0], generator=generator) < p
+    return torch.where(flip[:, None, None, None], images.flip(-1), images)
+
+
+def normalize(images: torch.Tensor, spec: DatasetSpec, dtype=torch.float32) -> torch.Tensor:
+    """uint8 (N, C, H, W) -> float, standardised with the training-set statistics."""
+    mean = torch.tensor(spec.mean, dtype=dtype).view(1, -1, 1, 1) * 255
+    std = torch.tensor(spec.std, dtype=dtype).view(1, -1, 1, 1) * 255
+    return (images.to(dtype) - mean) / std

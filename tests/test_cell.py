@@ -1,0 +1,157 @@
+"""The three forms of the mLSTM cell agree with each other and with an independent implementation."""
+import pytest
+import torch
+
+from vision_lstm.cell import (init_state, mlstm, mlstm_chunkwise, mlstm_parallel, mlstm_parallel_reference,
+                              mlstm_recurrent, mlstm_step)
+
+
+def make_inputs(B=2, H=3, T=37, DH=8, dtype=torch.float64, gate_scale=1.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(B, H, T, DH, generator=g, dtype=dtype) for _ in range(3))
+    igate = torch.randn(B, H, T, generator=g, dtype=dtype) * gate_scale
+    fgate = torch.randn(B, H, T, generator=g, dtype=dtype) * gate_scale
+    return [t.requires_grad_() for t in (q, k, v, igate, fgate)]
+
+
+def rel_err(a, b):
+    a, b = a.detach(), b.detach()
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
+
+
+FORMS = {
+    "parallel": lambda *a: mlstm_parallel(*a),
+    "reference": lambda *a: mlstm_parallel_reference(*a),
+    "chunkwise8": lambda *a: mlstm_chunkwise(*a, chunk_size=8),
+    "chunkwise5": lambda *a: mlstm_chunkwise(*a, chunk_size=5),
+    "chunkwise64": lambda *a: mlstm_chunkwise(*a, chunk_size=64),
+    "recurrent": lambda *a: mlstm_recurrent(*a),
+}
+
+
+@pytest.mark.parametrize("gate_scale", [1.0, 10.0, 30.0])
+@pytest.mark.parametrize("T", [1, 16, 37])
+@pytest.mark.parametrize("form", [f for f in FORMS if f != "reference"])
+def test_forms_agree_float64(form, T, gate_scale):
+    inputs = make_inputs(T=T, gate_scale=gate_scale)
+    grad_out = torch.randn(inputs[0].shape, dtype=torch.float64)
+    ref = mlstm_parallel_reference(*inputs)
+    ref_grads = torch.autograd.grad(ref, inputs, grad_out)
+    out = FORMS[form](*inputs)
+    grads = torch.autograd.grad(out, inputs, grad_out)
+    assert (out - ref).abs().max() <= 1e-5
+    for name, g, r in zip("q k v i f".split(), grads, ref_grads):
+        assert (g - r).abs().max() <= 1e-5 * max(1.0, float(r.abs().max())), name
+
+
+@pytest.mark.parametrize("gate_scale", [1.0, 30.0])
+@pytest.mark.parametrize("form", [f for f in FORMS if f != "reference"])
+def test_forms_agree_float32(form, gate_scale):
+    inputs64 = make_inputs(T=45, gate_scale=gate_scale)
+    inputs32 = [t.detach().float().requires_grad_() for t in inputs64]
+    grad_out = torch.randn(inputs64[0].shape, dtype=torch.float64)
+    ref = mlstm_parallel_reference(*inputs64)
+    ref_grads = torch.autograd.grad(ref, inputs64, grad_out)
+    out = FORMS[form](*inputs32)
+    grads = torch.autograd.grad(out, inputs32, grad_out.float())
+    assert out.dtype == torch.float32
+    assert rel_err(out.double(), ref) <= 1e-4
+    for name, g, r in zip("q k v i f".split(), grads, ref_grads):
+        assert rel_err(g.double(), r) <= 1e-4, name
+
+
+def test_extreme_gates_stay_finite():
+    q, k, v, i, f = make_inputs(T=40, gate_scale=1.0)
+    with torch.no_grad():
+        i.copy_(torch.where(torch.rand_like(i) < 0.5, torch.full_like(i, 30.0), torch.full_like(i, -30.0)))
+        f.copy_(torch.where(torch.rand_like(f) < 0.5, torch.full_like(f, 30.0), torch.full_like(f, -30.0)))
+    outs = [FORMS[name](q, k, v, i, f) for name in ("parallel", "chunkwise8", "recurrent", "reference")]
+    for out in outs:
+        assert torch.isfinite(out).all()
+        assert (out - outs[-1]).abs().max() <= 1e-5
+
+
+def test_fast_parallel_gradcheck():
+    inputs = make_inputs(B=1, H=2, T=9, DH=4)
+    assert torch.autograd.gradcheck(lambda *a: mlstm_parallel(*a), inputs)
+
+
+def test_fast_parallel_respects_autocast():
+    inputs = [t.detach().float() for t in make_inputs(T=20)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = mlstm_parallel(*[t.bfloat16() for t in inputs])
+    # The cell runs in float32 under autocast; inputs rounded to bf16 make the only difference.
+    ref = mlstm_parallel_reference(*[t.bfloat16().float() for t in inputs])
+    assert out.dtype == torch.float32
+    assert rel_err(out, ref) <= 1e-4
+
+
+def test_streaming_matches_parallel_token_by_token():
+    q, k, v, i, f = (t.detach() for t in make_inputs(T=23))
+    parallel = mlstm_parallel(q, k, v, i, f)
+    state = init_state(q.shape[0], q.shape[1], q.shape[3], dtype=q.dtype)
+    for t in range(q.shape[2]):
+        h, state = mlstm_step(q[:, :, t], k[:, :, t], v[:, :, t], i[:, :, t], f[:, :, t], state)
+        assert (h - parallel[:, :, t]).abs().max() <= 1e-10, t
+
+
+def test_chunkwise_state_continues_across_calls():
+    """Feeding a sequence in two pieces with the carried state equals feeding it whole."""
+    q, k, v, i, f = (t.detach() for t in make_inputs(T=30))
+    whole, final = mlstm_chunkwise(q, k, v, i, f, chunk_size=7, return_state=True)
+    h1, s1 = mlstm_chunkwise(q[:, :, :13], k[:, :, :13], v[:, :, :13], i[:, :, :13], f[:, :, :13], chunk_size=7,
+                             return_state=True)
+    h2, s2 = mlstm_recurrent(q[:, :, 13:], k[:, :, 13:], v[:, :, 13:], i[:, :, 13:], f[:, :, 13:], state=s1,
+                             return_state=True)
+    assert (torch.cat([h1, h2], dim=2) - whole).abs().max() <= 1e-10
+    for a, b in zip(s2, final):
+        assert (a - b).abs().max() <= 1e-8 * max(1.0, float(b.abs().max()))
+
+
+def test_dispatch_rejects_unknown_mode():
+    q, k, v, i, f = make_inputs(T=4)
+    with pytest.raises(ValueError, match="unknown mLSTM mode 'fast'.*parallel, chunkwise, recurrent"):
+        mlstm(q, k, v, i, f, mode="fast")
+
+
+def test_shape_errors_are_clear():
+    q, k, v, i, f = make_inputs(T=4)
+    with pytest.raises(ValueError, match=r"gate pre-activations must have shape \(B, H, T\)"):
+        mlstm_parallel(q, k, v, i[..., None], f)
+    with pytest.raises(ValueError, match="chunk_size must be >= 1"):
+        mlstm_chunkwise(q, k, v, i, f, chunk_size=0)
+
+
+# --- against the xLSTM authors' plain-PyTorch reference forms (PyPI package mlstm_kernels) -------------------
+
+mk_parallel = pytest.importorskip("mlstm_kernels.torch.parallel.native.fw").mlstm_parallel_fw
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("form", ["parallel", "chunkwise5", "recurrent"])
+def test_against_mlstm_kernels_parallel(form, dtype):
+    inputs = [t.detach().to(dtype).requires_grad_() for t in make_inputs(T=33, gate_scale=5.0)]
+    grad_out = torch.randn(inputs[0].shape, dtype=dtype)
+    theirs = mk_parallel(*inputs)[0]
+    their_grads = torch.autograd.grad(theirs, inputs, grad_out)
+    ours = FORMS[form](*inputs)
+    our_grads = torch.autograd.grad(ours, inputs, grad_out)
+    tol = 1e-10 if dtype == torch.float64 else 1e-4
+    assert rel_err(ours, theirs) <= tol
+    for name, a, b in zip("q k v i f".split(), our_grads, their_grads):
+        assert rel_err(a, b) <= max(tol, 1e-9), name
+
+
+def test_against_mlstm_kernels_recurrent_step():
+    from mlstm_kernels.torch.recurrent.native_step import mlstm_recurrent_step__native_fw
+
+    q, k, v, i, f = (t.detach() for t in make_inputs(T=12, gate_scale=3.0))
+    B, H, T, DH = q.shape
+    ours = init_state(B, H, DH, dtype=q.dtype)
+    C, n, m = ours.C.clone(), ours.n.clone(), ours.m[..., None].clone()
+    for t in range(T):
+        h_ours, ours = mlstm_step(q[:, :, t], k[:, :, t], v[:, :, t], i[:, :, t], f[:, :, t], ours)
+        h_theirs, (C, n, m) = mlstm_recurrent_step__native_fw(
+            matC_old=C, vecN_old=n, scaM_old=m, vecQ=q[:, :, t], vecK=k[:, :, t], vecV=v[:, :, t],
+            scaI=i[:, :, t, None], scaF=f[:, :, t, None], dtype_state=torch.float64)
+        assert rel_err(h_ours, h_theirs) <= 1e-10, t

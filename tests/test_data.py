@@ -1,0 +1,258 @@
+"""Dataset files: the real originals, synthetic ones, bad ones, downloads, augmentation."""
+import gzip
+import hashlib
+import io
+import pickle
+import shutil
+import tarfile
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from helpers import cifar_batch_bytes, idx_bytes, serve_directory, write_idx_gz
+from vision_lstm import VilError
+from vision_lstm.data import (CIFAR10, MNIST, cifar_content_sha256, ensure_files, get_spec, load_split, normalize,
+                              parse_cifar_batch, parse_idx, random_hflip, random_translate, read_resource,
+                              safe_unpickle)
+
+# --- the real files in ../shared/data --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name,split,count,shape", [
+    ("mnist", "train", 60000, (1, 28, 28)), ("mnist", "test", 10000, (1, 28, 28)),
+    ("fashion-mnist", "train", 60000, (1, 28, 28)), ("fashion-mnist", "test", 10000, (1, 28, 28)),
+    ("cifar", "train", 50000, (3, 32, 32)), ("cifar10", "test", 10000, (3, 32, 32)),
+])
+def test_real_files_parse(shared_data, name, split, count, shape):
+    data = load_split(name, split, shared_data, download=False)
+    assert data.images.shape == (count, *shape) and data.images.dtype == torch.uint8
+    assert data.labels.shape == (count,) and data.labels.dtype == torch.int64
+    assert data.labels.min() == 0 and data.labels.max() == 9
+
+
+def test_real_class_counts_and_statistics(shared_data):
+    mnist = load_split("mnist", "train", shared_data, download=False)
+    assert mnist.labels.bincount().tolist() == [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
+    assert abs(mnist.images.float().mean().item() / 255 - 0.1307) < 1e-4
+    test = load_split("mnist", "test", shared_data, download=False)
+    assert test.labels.bincount().tolist() == [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
+    cifar = load_split("cifar", "train", shared_data, download=False)
+    assert cifar.labels[:10].tolist() == [6, 9, 9, 4, 1, 1, 2, 7, 8, 3]
+    assert cifar.images[0].permute(1, 2, 0).reshape(-1)[:3].tolist() == [59, 62, 63]  # R, G, B of pixel 0
+    assert load_split("cifar", "test", shared_data, download=False).labels[:10].tolist() == [3, 8, 8, 0, 6, 6, 1, 6,
+                                                                                               3, 1]
+
+
+def test_unknown_dataset_lists_choices():
+    with pytest.raises(VilError, match="unknown dataset 'imagenet'; choose from: cifar10, fashion-mnist, mnist"):
+        get_spec("imagenet")
+
+
+def test_missing_files_offline_names_them(tmp_path):
+    with pytest.raises(VilError, match=r"mnist: missing train-images-idx3-ubyte.gz.*in .*mnist"):
+        load_split("mnist", "train", tmp_path, download=False)
+
+
+# --- IDX -------------------------------------------------------------------------------------------------------
+
+
+def test_idx_roundtrip():
+    array = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
+    assert np.array_equal(parse_idx(idx_bytes(array)), array)
+
+
+@pytest.mark.parametrize("data,message", [
+    (b"\x00\x00", "too short"),
+    (b"\x00\x00\x0d\x01" + b"\x00\x00\x00\x01" + b"\x00" * 4, "not an unsigned-byte IDX"),  # float IDX
+    (b"\x00\x00\x08\x09", "claims 9 dimensions"),
+    (b"\x00\x00\x08\x03\x00\x00", "truncated IDX header"),
+    (b"\x00\x00\x08\x03" + b"\xff\xff\xff\xff" * 3, r"claims shape \(4294967295, 4294967295, 4294967295\)"),
+    (idx_bytes(np.zeros((5, 2, 2)))[:-3], "truncated or corrupt"),
+])
+def test_bad_idx_is_refused(data, message):
+    with pytest.raises(VilError, match=message):
+        parse_idx(data, "file.idx")
+
+
+def test_checksum_mismatch_names_file(tmp_path):
+    folder = tmp_path / "mnist"
+    folder.mkdir()
+    write_idx_gz(folder / "t10k-labels-idx1-ubyte.gz", np.zeros(10000, dtype=np.uint8))
+    with pytest.raises(VilError, match=r"t10k-labels-idx1-ubyte.gz: checksum mismatch"):
+        read_resource(folder / "t10k-labels-idx1-ubyte.gz", MNIST.test_files[1])
+
+
+def test_recompressed_identical_content_passes(tmp_path, shared_data):
+    """Verification is on the content: a different gzip wrapper around the same bytes is accepted."""
+    raw = gzip.decompress((shared_data / "mnist" / "t10k-labels-idx1-ubyte.gz").read_bytes())
+    path = tmp_path / "t10k-labels-idx1-ubyte.gz"
+    path.write_bytes(gzip.compress(raw, compresslevel=1, mtime=12345))
+    assert read_resource(path, MNIST.test_files[1]).shape == (10000,)
+    changed = bytearray(raw)
+    changed[100] ^= 1
+    path.write_bytes(gzip.compress(bytes(changed)))
+    with pytest.raises(VilError, match="checksum mismatch"):
+        read_resource(path, MNIST.test_files[1])
+
+
+def test_corrupt_gzip_is_refused(tmp_path):
+    path = tmp_path / "x.gz"
+    path.write_bytes(b"\x1f\x8b\x08\x00garbage-garbage")
+    with pytest.raises(VilError, match=r"x.gz: not a valid gzip file"):
+        read_resource(path, MNIST.test_files[1])
+
+
+# --- CIFAR pickles ---------------------------------------------------------------------------------------------
+
+
+def test_cifar_batch_parses_bytes_and_str_keys():
+    images = np.random.default_rng(0).integers(0, 256, (4, 3, 32, 32), dtype=np.uint8)
+    for protocol in (2, 4):
+        got_images, got_labels = parse_cifar_batch(cifar_batch_bytes(images, [1, 2, 3, 4], protocol))
+        assert np.array_equal(got_images, images) and got_labels.tolist() == [1, 2, 3, 4]
+
+
+class _Exploit:
+    def __reduce__(self):
+        import os
+        return (os.system, ("touch /tmp/vil-pwned",))
+
+
+@pytest.mark.parametrize("payload", [
+    pickle.dumps(_Exploit(), protocol=2),
+    pickle.dumps({"data": _Exploit()}, protocol=2),
+    b"cbuiltins\neval\n(S'1+1'\ntR.",
+    pickle.dumps(exec, protocol=4),  # STACK_GLOBAL builtins.exec
+])
+def test_restricted_unpickler_refuses_code(payload, tmp_path):
+    marker = Path("/tmp/vil-pwned")
+    marker.unlink(missing_ok=True)
+    with pytest.raises(VilError, match="refused to load global"):
+        safe_unpickle(payload, "evil_batch")
+    assert not marker.exists()
+
+
+def test_cifar_wrong_structure_is_refused():
+    with pytest.raises(VilError, match="'data' must be a uint8 array"):
+        parse_cifar_batch(pickle.dumps({"data": [1, 2, 3], "labels": [1]}), "b")
+    with pytest.raises(VilError, match="expected a dict"):
+        parse_cifar_batch(pickle.dumps([1, 2]), "b")
+    with pytest.raises(VilError, match="corrupt pickle"):
+        parse_cifar_batch(b"\x80\x02}q\x00(U", "b")
+
+
+# --- downloads through a loopback HTTP server ------------------------------------------------------------------
+
+
+def test_download_mnist_from_mirror(tmp_path, shared_data, monkeypatch):
+    served = tmp_path / "served"
+    shutil.copytree(shared_data / "mnist", served)
+    with serve_directory(served) as url:
+        monkeypatch.setenv("VIL_DATA_MIRROR", url)
+        data = load_split("mnist", "test", tmp_path / "data", download=True)
+    assert len(data) == 10000
+    assert sorted(p.name for p in (tmp_path / "data" / "mnist").iterdir()) == sorted(
+        p.name for p in served.iterdir())
+
+
+def test_download_with_bad_checksum_leaves_nothing(tmp_path, monkeypatch):
+    served = tmp_path / "served"
+    served.mkdir()
+    for res in MNIST.files:
+        write_idx_gz(served / res.filename, np.zeros(3, dtype=np.uint8))
+    with serve_directory(served) as url:
+        monkeypatch.setenv("VIL_DATA_MIRROR", url)
+        with pytest.raises(VilError, match="could not download train-images-idx3-ubyte.gz.*checksum mismatch"):
+            ensure_files(MNIST, tmp_path / "data")
+    assert list((tmp_path / "data" / "mnist").iterdir()) == []  # no partial or unverified file stays
+
+
+def test_download_unreachable_mirror(tmp_path, monkeypatch):
+    monkeypatch.setenv("VIL_DATA_MIRROR", "http://127.0.0.1:9/")
+    with pytest.raises(VilError, match="could not download"):
+        ensure_files(MNIST, tmp_path / "data")
+
+
+def _tiny_cifar_spec(tmp_path):
+    """A CIFAR-like spec over two synthetic batches, shipped as a tar.gz (the real archive is 160 MB)."""
+    rng = np.random.default_rng(0)
+    batches = {}
+    for name in ("data_batch_1", "test_batch"):
+        images = rng.integers(0, 256, (6, 3, 32, 32), dtype=np.uint8)
+        labels = rng.integers(0, 10, 6)
+        batches[name] = (cifar_batch_bytes(images, labels), cifar_content_sha256(images, labels))
+    archive = tmp_path / "served" / "cifar-10-python.tar.gz"
+    archive.parent.mkdir()
+    with tarfile.open(archive, "w:gz") as tar:
+        for name, (data, _) in batches.items():
+            info = tarfile.TarInfo(f"cifar-10-batches-py/{name}")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    spec = replace(CIFAR10, train_files=(replace(CIFAR10.train_files[0], content_md5=batches["data_batch_1"][1]),),
+                   test_files=(replace(CIFAR10.test_files[0], content_md5=batches["test_batch"][1]),),
+                   archive_md5=hashlib.md5(archive.read_bytes()).hexdigest())
+    return spec, archive
+
+
+def test_download_archive_verified_and_extracted(tmp_path, monkeypatch):
+    spec, archive = _tiny_cifar_spec(tmp_path)
+    with serve_directory(archive.parent) as url:
+        monkeypatch.setenv("VIL_DATA_MIRROR", url)
+        folder = ensure_files(spec, tmp_path / "data")
+    assert sorted(p.name for p in folder.iterdir()) == ["data_batch_1", "test_batch"]
+    images, labels = read_resource(folder / "test_batch", spec.test_files[0])
+    assert images.shape == (6, 3, 32, 32)
+
+
+def test_download_archive_checksum_checked_before_extraction(tmp_path, monkeypatch):
+    spec, archive = _tiny_cifar_spec(tmp_path)
+    spec = replace(spec, archive_md5="0" * 32)
+    with serve_directory(archive.parent) as url:
+        monkeypatch.setenv("VIL_DATA_MIRROR", url)
+        with pytest.raises(VilError, match="checksum mismatch"):
+            ensure_files(spec, tmp_path / "data")
+    assert list((tmp_path / "data" / "cifar-10-batches-py").iterdir()) == []
+
+
+def test_archive_path_traversal_refused(tmp_path, monkeypatch):
+    spec, archive = _tiny_cifar_spec(tmp_path)
+    with tarfile.open(archive, "w:gz") as tar:  # a symlink member under an expected name, and a ../ member
+        link = tarfile.TarInfo("cifar-10-batches-py/data_batch_1")
+        link.type, link.linkname = tarfile.SYMTYPE, "../../../etc/passwd"
+        tar.addfile(link)
+        evil = tarfile.TarInfo("../../evil")
+        evil.size = 4
+        tar.addfile(evil, io.BytesIO(b"evil"))
+    spec = replace(spec, archive_md5=hashlib.md5(archive.read_bytes()).hexdigest())
+    with serve_directory(archive.parent) as url:
+        monkeypatch.setenv("VIL_DATA_MIRROR", url)
+        with pytest.raises(VilError, match="not a regular file; refusing to extract"):
+            ensure_files(spec, tmp_path / "data")
+    assert not (tmp_path / "evil").exists() and not (tmp_path.parent / "evil").exists()
+
+
+# --- batched augmentation --------------------------------------------------------------------------------------
+
+
+def test_translate_and_flip_are_batched_and_deterministic():
+    images = torch.arange(2 * 1 * 5 * 5, dtype=torch.uint8).reshape(2, 1, 5, 5)
+    a = random_translate(images, 2, torch.Generator().manual_seed(3))
+    b = random_translate(images, 2, torch.Generator().manual_seed(3))
+    assert a.shape == images.shape and a.dtype == torch.uint8 and torch.equal(a, b)
+    assert torch.equal(random_translate(images, 0, torch.Generator()), images)
+    flipped = random_hflip(images, torch.Generator().manual_seed(0), p=1.0)
+    assert torch.equal(flipped, images.flip(-1))
+    # Each output is a shifted window of the zero-padded input.
+    padded = torch.nn.functional.pad(images, (2, 2, 2, 2))
+    for n in range(2):
+        windows = [padded[n, :, y:y + 5, x:x + 5] for y in range(5) for x in range(5)]
+        assert any(torch.equal(a[n], w) for w in windows)
+
+
+def test_normalize_uses_training_statistics():
+    images = torch.full((1, 1, 2, 2), 255, dtype=torch.uint8)
+    expected = (1.0 - 0.1307) / 0.3081
+    assert torch.allclose(normalize(images, MNIST), torch.full((1, 1, 2, 2), expected))

@@ -1,0 +1,197 @@
+"""The ViL model: official parameter counts, the three cell modes, resizing, the official-checkpoint converter."""
+import pytest
+import torch
+
+from vision_lstm import VilError, create_model, list_models, load_official_state_dict
+from vision_lstm.layers import BlockDiagonalLinear, interpolate_pos_embed
+from vision_lstm.model import ViLConfig, VisionLSTM
+
+
+def small(**kw):
+    args = dict(dim=32, depth=2, img_size=16, patch_size=4, num_classes=10)
+    args.update(kw)
+    return create_model("vil_tiny", **args)
+
+
+@pytest.mark.parametrize("name,count", [("vil_tiny", 6_391_528), ("vil_small", 23_398_696),
+                                        ("vil_base", 89_263_528)])
+def test_official_parameter_counts(name, count):
+    with torch.device("meta"):
+        model = create_model(name)
+    assert sum(p.numel() for p in model.parameters()) == count
+    assert len(model.state_dict()) == 513
+
+
+def test_registry_lists_and_rejects():
+    assert {"vil_tiny", "vil_small", "vil_base"} <= set(list_models())
+    with pytest.raises(ValueError, match="unknown model 'vil_huge'; available: .*vil_tiny"):
+        create_model("vil_huge")
+    with pytest.raises(ValueError, match="unknown model argument.*widht"):
+        create_model("vil_tiny", widht=3)
+
+
+def test_forward_shapes_and_grid():
+    model = small(img_size=(16, 24), in_chans=1)
+    assert model.config.grid == (4, 6)
+    assert model(torch.randn(3, 1, 16, 24)).shape == (3, 10)
+    assert model.forward_features(torch.randn(2, 1, 16, 24)).shape == (2, 24, 32)
+
+
+@pytest.mark.parametrize("pooling", ["bilateral_flatten", "bilateral_avg", "mean"])
+def test_poolings(pooling):
+    model = small(pooling=pooling, head_norm=False)
+    assert model(torch.randn(2, 3, 16, 16)).shape == (2, 10)
+
+
+def test_modes_give_same_logits():
+    torch.manual_seed(1)
+    model = small(depth=2, chunk_size=5).eval()
+    with torch.no_grad():  # random (not initial) weights so every path matters
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    x = torch.randn(4, 3, 16, 16)
+    with torch.no_grad():
+        ref = model.set_mlstm_mode("parallel")(x)
+        for mode in ("chunkwise", "recurrent"):
+            out = model.set_mlstm_mode(mode)(x)
+            assert ((out - ref).abs().max() / ref.abs().max()) <= 1e-4, mode
+    built = small(mlstm_mode="recurrent")
+    assert built.config.mlstm_mode == "recurrent"
+
+
+def test_model_gradients_flow_to_every_parameter():
+    model = small()
+    model.head.weight.data.normal_()  # the official init (std 2e-5) would make upstream gradients tiny
+    loss = model(torch.randn(2, 3, 16, 16)).square().mean()
+    loss.backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+        assert p.grad.abs().sum() > 0, name
+
+
+def test_block_diagonal_linear_matches_dense():
+    layer = BlockDiagonalLinear(16, 4)
+    torch.nn.init.normal_(layer.weight)
+    torch.nn.init.normal_(layer.bias)
+    dense = torch.block_diag(*layer.weight)
+    x = torch.randn(5, 7, 16)
+    assert torch.allclose(layer(x), x @ dense.T + layer.bias, atol=1e-5)
+
+
+def test_init_matches_official_recipe():
+    model = create_model("vil_tiny", depth=1)
+    layer = model.blocks[0].forward_block.layer
+    assert torch.allclose(layer.fgate.bias, torch.linspace(3.0, 6.0, 4))
+    assert layer.fgate.weight.abs().sum() == 0 and layer.igate.weight.abs().sum() == 0
+    assert torch.all(layer.learnable_skip == 1)
+    assert abs(layer.proj_up.weight.std().item() - (2 / (5 * 192)) ** 0.5) < 0.003
+    assert abs(layer.proj_down.weight.std().item() - 2 / 192 ** 0.5) < 0.01
+    assert abs(model.head.weight.std().item() - 2e-5) < 2e-6  # trunc_normal_(std=2e-5), as the official (MAE) head
+    assert torch.all(model.blocks[0].forward_block.norm.weight == 0)  # offset scale: effective 1 + w
+
+
+def test_pos_embed_interpolation():
+    embed = torch.randn(1, 4, 4, 8)
+    assert interpolate_pos_embed(embed, (4, 4)) is embed
+    bigger = interpolate_pos_embed(embed, (8, 6))
+    assert bigger.shape == (1, 8, 6, 8)
+    # A constant embedding stays constant under bicubic resizing.
+    const = torch.ones(1, 4, 4, 3)
+    assert torch.allclose(interpolate_pos_embed(const, (7, 5)), torch.ones(1, 7, 5, 3), atol=1e-5)
+    # A model at another resolution accepts the input and interpolates on the fly.
+    model = small()
+    assert model(torch.randn(1, 3, 24, 24)).shape == (1, 10)
+
+
+def test_bad_arguments_give_clear_errors():
+    with pytest.raises(ValueError, match="image size 30x30 is not divisible by patch_size 4"):
+        create_model("vil_tiny", img_size=30, patch_size=4)
+    with pytest.raises(ValueError, match="unknown mlstm_mode 'fast'"):
+        create_model("vil_tiny", mlstm_mode="fast")
+    with pytest.raises(ValueError, match="unknown pooling"):
+        create_model("vil_tiny", pooling="max")
+    model = small()
+    with pytest.raises(ValueError, match=r"expected images of shape \(B, 3, H, W\)"):
+        model(torch.randn(2, 1, 16, 16))
+    with pytest.raises(ValueError, match="not divisible by patch_size"):
+        model(torch.randn(2, 3, 18, 16))
+    with pytest.raises(ValueError, match="unknown mlstm_mode"):
+        model.set_mlstm_mode("nope")
+
+
+# --- official checkpoint layouts ------------------------------------------------------------------------------
+
+def official_hub_state_dict(model: VisionLSTM) -> dict:
+    """What the official VisionLSTM2 (torch.hub layout) calls each of our tensors, built independently of convert.py."""
+    out = {}
+    for key, value in model.state_dict().items():
+        k = key.replace(".forward_block.", ".rowwise_from_top_left.").replace(
+            ".backward_block.", ".rowwise_from_bot_right.")
+        for gate in ("igate", "fgate", "outnorm"):
+            k = k.replace(f".layer.{gate}.", f".layer.mlstm_cell.{gate}.")
+        k = k.replace("head_norm.", "legacy_norm.")
+        out[k] = value.clone()
+    return out
+
+
+def official_raw_state_dict(model: VisionLSTM) -> dict:
+    """The raw training layout: flat blocks, .xlstm./.xlstm_norm./.conv1d., post_blocks_norm, head.0/head.1."""
+    hub = official_hub_state_dict(model)
+    raw = {}
+    for key, value in hub.items():
+        k = key
+        for pair in range(model.config.depth):
+            k = k.replace(f"blocks.{pair}.rowwise_from_top_left.", f"blocks.{2 * pair}.")
+            k = k.replace(f"blocks.{pair}.rowwise_from_bot_right.", f"blocks.{2 * pair + 1}.")
+        k = k.replace(".layer.conv.", ".xlstm.conv1d.").replace(".layer.", ".xlstm.").replace(".norm.", ".xlstm_norm.")
+        if k.startswith("norm."):
+            k = k.replace("norm.", "post_blocks_norm.", 1)
+        k = k.replace("legacy_norm.", "head.0.")
+        if k.startswith("head.") and not k.startswith("head.0."):
+            k = k.replace("head.", "head.1.", 1)
+        raw[k] = value
+    return {"state_dict": raw, "ctor_kwargs": {}}
+
+
+def randomised(model):
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p) * 0.1)
+    return model
+
+
+def test_hub_layout_has_official_key_names():
+    keys = set(official_hub_state_dict(create_model("vil_tiny")))
+    assert len(keys) == 513
+    assert "blocks.3.rowwise_from_bot_right.layer.proj_up.weight" in keys
+    assert "blocks.0.rowwise_from_top_left.layer.mlstm_cell.fgate.bias" in keys
+    assert {"pos_embed.embed", "legacy_norm.weight", "norm.weight", "head.weight"} <= keys
+
+
+@pytest.mark.parametrize("layout", ["hub", "raw"])
+def test_converter_loads_both_layouts(layout):
+    source = randomised(small(depth=2)).eval()
+    sd = official_hub_state_dict(source) if layout == "hub" else official_raw_state_dict(source)
+    target = load_official_state_dict(small(depth=2), sd).eval()
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(source(x), target(x))
+
+
+def test_converter_interpolates_pos_embed():
+    source = randomised(small())
+    target = load_official_state_dict(small(img_size=32), official_hub_state_dict(source))
+    assert target.pos_embed.embed.shape == (1, 8, 8, 32)
+
+
+def test_converter_names_mismatched_keys():
+    sd = official_hub_state_dict(small(depth=2))
+    del sd["blocks.1.rowwise_from_top_left.layer.proj_up.weight"]
+    sd["blocks.9.extra.weight"] = torch.zeros(1)
+    with pytest.raises(VilError) as err:
+        load_official_state_dict(small(depth=2), sd)
+    message = str(err.value)
+    assert "missing keys: blocks.1.forward_block.layer.proj_up.weight" in message
+    assert "unexpected keys: blocks.9.extra.weight" in message
+    with pytest.raises(VilError, match=r"do not fit the model: mis-shaped keys: .*\(64,\) vs model \(128,\)"):
+        load_official_state_dict(small(dim=64), official_hub_state_dict(small()))
