@@ -68,11 +68,17 @@ def load_checkpoint(path: str | Path) -> dict:
     return state
 
 
+METADATA_KEY = "vision_lstm"
+
+
 def save_weights(model: VisionLSTM, path: str | Path, model_name: str, extra: dict | None = None) -> None:
-    """Write the model's weights as safetensors with everything needed to rebuild it in the metadata."""
-    metadata = {"format": "vision-lstm", "model": model_name, "config": json.dumps(model.config.to_dict())}
-    for key, value in (extra or {}).items():
-        metadata[key] = value if isinstance(value, str) else json.dumps(value)
+    """Write the model's weights as safetensors with everything needed to rebuild it in the metadata.
+
+    The metadata is one JSON entry with sorted keys (safetensors does not keep the order of several entries), so
+    the same weights always give the same bytes.
+    """
+    info = {"model": model_name, "config": model.config.to_dict(), **(extra or {})}
+    metadata = {METADATA_KEY: json.dumps(info, sort_keys=True)}
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -88,15 +94,20 @@ def save_weights(model: VisionLSTM, path: str | Path, model_name: str, extra: di
 
 
 def read_weights_metadata(path: str | Path) -> dict:
+    """The metadata dict written by :func:`save_weights` (model name, config, dataset, classes, ...)."""
     path = Path(path)
     if not path.is_file():
         raise VilError(f"weights file {path} not found")
     try:
         with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
+            raw = (f.metadata() or {}).get(METADATA_KEY)
     except (SafetensorError, OSError, ValueError) as e:
         raise VilError(f"weights file {path} is not a valid safetensors file ({e})") from None
-    if metadata.get("format") != "vision-lstm" or "config" not in metadata:
+    try:
+        metadata = json.loads(raw) if raw else None
+    except ValueError:
+        metadata = None
+    if not isinstance(metadata, dict) or not isinstance(metadata.get("config"), dict):
         raise VilError(f"weights file {path} has no vision-lstm metadata (model config); "
                        f"it was not written by this library's save_weights")
     return metadata
@@ -106,7 +117,7 @@ def load_weights(path: str | Path, device: str | torch.device = "cpu") -> tuple[
     """Rebuild the model described by a weights file's metadata and load the weights. Returns (model, metadata)."""
     metadata = read_weights_metadata(path)
     try:
-        config = ViLConfig(**json.loads(metadata["config"]))
+        config = ViLConfig(**metadata["config"])
     except (TypeError, ValueError) as e:
         raise VilError(f"weights file {path}: invalid model config in metadata ({e})") from None
     model = VisionLSTM(config)

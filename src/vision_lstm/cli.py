@@ -173,9 +173,9 @@ def predict_main(argv: list[str] | None = None) -> list[dict]:
     args = predict_parser().parse_args(argv)
     try:
         model, metadata = load_weights(args.weights)
-        classes = json.loads(metadata.get("classes", "null")) or [str(i) for i in range(model.config.num_classes)]
-        mean = tuple(json.loads(metadata.get("mean", "null")) or (0.5,) * model.config.in_chans)
-        std = tuple(json.loads(metadata.get("std", "null")) or (0.5,) * model.config.in_chans)
+        classes = metadata.get("classes") or [str(i) for i in range(model.config.num_classes)]
+        mean = tuple(metadata.get("mean") or (0.5,) * model.config.in_chans)
+        std = tuple(metadata.get("std") or (0.5,) * model.config.in_chans)
         images = torch.stack([load_image(p, model.config.in_chans, model.config.img_size_hw) for p in args.images])
     except VilError as e:
         _fail(str(e))

@@ -1,0 +1,171 @@
+"""The command-line tools through subprocesses: a short real run, resume, evaluate, predict and bad input."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from conftest import REPO
+
+TINY_RECIPE = {
+    "model": "vil_tiny",
+    "model_args": {"dim": 16, "depth": 1, "patch_size": 7},
+    "epochs": 1, "batch_size": 32, "lr": 0.003, "warmup_epochs": 0.2, "eval_batch_size": 250,
+}
+
+
+def run(script, *args, env=None, check=True, timeout=300):
+    full_env = {**os.environ, "PYTHONPATH": str(REPO / "src"), **(env or {})}
+    proc = subprocess.run([sys.executable, str(REPO / script), *map(str, args)], capture_output=True, text=True,
+                          env=full_env, timeout=timeout, cwd=REPO)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{script} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def last_json(stdout: str) -> dict:
+    return json.loads(stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture
+def recipe(tmp_path) -> Path:
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(TINY_RECIPE))
+    return path
+
+
+def test_one_epoch_run_writes_every_output(tmp_path, recipe, shared_data):
+    out = tmp_path / "run"
+    proc = run("train.py", "--dataset", "mnist", "--config", recipe, "--data-dir", shared_data, "--output", out,
+               "--train-subset", 512, "--test-subset", 500, "--seed", 1)
+    summary = last_json(proc.stdout)
+    assert set(summary) >= {"dataset", "model", "epochs", "test_accuracy", "train_time_s", "output"}
+    assert summary["dataset"] == "mnist" and summary["epochs"] == 1 and summary["output"] == str(out)
+    assert 0.0 <= summary["test_accuracy"] <= 1.0
+    for name in ("config.yaml", "metrics.csv", "last.ckpt", "model.safetensors", "curves.png", "confusion.png",
+                 "log.txt"):
+        assert (out / name).is_file(), name
+    header = (out / "metrics.csv").read_text().splitlines()[0]
+    assert header == "epoch,train_loss,train_acc,test_loss,test_acc,lr,epoch_time_s,elapsed_s,img_per_s"
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["model_args"] == TINY_RECIPE["model_args"] and saved["seed"] == 1  # flags override the recipe
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # evaluate.py rebuilds the model from the weights' metadata alone and reproduces the accuracy.
+    ev = run("evaluate.py", "--dataset", "mnist", "--weights", out / "model.safetensors", "--data-dir", shared_data)
+    result = last_json(ev.stdout)
+    assert result["dataset"] == "mnist" and result["split"] == "test" and result["n"] == 10000
+    assert 0.0 <= result["accuracy"] <= 1.0
+
+    # predict.py on PNG files.
+    from PIL import Image
+    from vision_lstm.data import load_split
+    test = load_split("mnist", "test", shared_data, download=False)
+    paths = []
+    for i in range(2):
+        p = tmp_path / f"digit{i}.png"
+        Image.fromarray(test.images[i, 0].numpy()).resize((56, 56)).save(p)
+        paths.append(p)
+    pred = run("predict.py", "--weights", out / "model.safetensors", "--topk", 2, *paths)
+    ranked = last_json(pred.stdout)
+    assert [r["image"] for r in ranked] == [str(p) for p in paths]
+    assert all(len(r["top"]) == 2 and r["top"][0]["class"] in "0123456789" for r in ranked)
+
+
+def test_resume_continues_at_the_right_step(tmp_path, recipe, shared_data):
+    out = tmp_path / "run"
+    args = ["--dataset", "mnist", "--config", recipe, "--data-dir", shared_data, "--output", out,
+            "--train-subset", 256, "--test-subset", 200, "--quiet"]
+    run("train.py", *args, "--epochs", 1)
+    state = torch.load(out / "last.ckpt", weights_only=True)
+    assert (state["step"], state["epoch"]) == (8, 1)
+    proc = run("train.py", *args, "--epochs", 2, "--resume", "auto")
+    assert "resumed from checkpoint at step 8 (epoch 2, batch 0)" in proc.stdout
+    state = torch.load(out / "last.ckpt", weights_only=True)
+    assert (state["step"], state["epoch"]) == (16, 2)
+    rows = (out / "metrics.csv").read_text().splitlines()
+    assert [r.split(",")[0] for r in rows[1:]] == ["1", "2"]
+
+
+def test_val_split_keeps_test_set_out(tmp_path, recipe, shared_data):
+    out = tmp_path / "run"
+    proc = run("train.py", "--dataset", "mnist", "--config", recipe, "--data-dir", shared_data, "--output", out,
+               "--val-split", 300, "--train-subset", 256, "--quiet")
+    summary = last_json(proc.stdout)
+    assert summary["test_accuracy"] is None and 0 <= summary["val_accuracy"] <= 1
+    assert "300 val images" in proc.stdout
+    assert (out / "metrics.csv").read_text().splitlines()[0].split(",")[3:5] == ["val_loss", "val_acc"]
+
+
+# --- bad input: one clear line, non-zero exit, no traceback ----------------------------------------------------
+
+
+def assert_clean_error(proc, *fragments):
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr, proc.stderr
+    for fragment in fragments:
+        assert fragment in proc.stderr, proc.stderr
+
+
+def test_unknown_dataset_and_model():
+    proc = run("train.py", "--dataset", "imagenet", check=False)
+    assert_clean_error(proc, "invalid choice: 'imagenet'", "mnist", "cifar10")
+    proc = run("train.py", "--model", "vil_huge", check=False)
+    assert_clean_error(proc, "invalid choice: 'vil_huge'", "vil_tiny")
+
+
+def test_missing_data_offline(tmp_path):
+    proc = run("train.py", "--dataset", "mnist", "--data-dir", tmp_path, "--no-download", check=False)
+    assert_clean_error(proc, "error: mnist: missing train-images-idx3-ubyte.gz", str(tmp_path))
+
+
+def test_corrupt_dataset_file(tmp_path, recipe):
+    folder = tmp_path / "mnist"
+    folder.mkdir()
+    for name in ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz",
+                 "t10k-labels-idx1-ubyte.gz"):
+        (folder / name).write_bytes(b"\x1f\x8b\x08\x00 truncated")
+    proc = run("train.py", "--dataset", "mnist", "--config", recipe, "--data-dir", tmp_path, "--no-download",
+               "--output", tmp_path / "run", check=False)
+    assert_clean_error(proc, "train-images-idx3-ubyte.gz: not a valid gzip file")
+
+
+def test_weights_that_do_not_fit(tmp_path, shared_data):
+    from vision_lstm import create_model
+    from vision_lstm.checkpoint import save_weights
+    weights = tmp_path / "cifar.safetensors"
+    save_weights(create_model("vil_tiny", dim=16, depth=1, img_size=32, patch_size=8, num_classes=10), weights,
+                 "vil_tiny")
+    proc = run("evaluate.py", "--dataset", "mnist", "--weights", weights, "--data-dir", shared_data, check=False)
+    assert_clean_error(proc, "trained for 3-channel images")
+    (tmp_path / "junk.safetensors").write_bytes(b"not safetensors at all")
+    proc = run("evaluate.py", "--dataset", "mnist", "--weights", tmp_path / "junk.safetensors", check=False)
+    assert_clean_error(proc, "junk.safetensors is not a valid safetensors file")
+    proc = run("predict.py", "--weights", weights, tmp_path / "missing.png", check=False)
+    assert_clean_error(proc, "missing.png: no such file")
+    (tmp_path / "fake.png").write_text("hello")
+    proc = run("predict.py", "--weights", weights, tmp_path / "fake.png", check=False)
+    assert_clean_error(proc, "fake.png: not a readable image")
+
+
+def test_nan_loss_stops_and_keeps_checkpoint(tmp_path, recipe, shared_data):
+    out = tmp_path / "run"
+    proc = run("train.py", "--dataset", "mnist", "--config", recipe, "--data-dir", shared_data, "--output", out,
+               "--train-subset", 512, "--test-subset", 100, "--lr", 1e30, "--warmup-epochs", 0, "--save-every", 1,
+               "--quiet", check=False)
+    assert_clean_error(proc, "non-finite", "training stopped", "last good checkpoint")
+    state = torch.load(out / "last.ckpt", weights_only=True)
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+def test_help_lists_flags():
+    proc = run("train.py", "--help")
+    for flag in ("--dataset", "--model", "--config", "--epochs", "--batch-size", "--lr", "--weight-decay", "--seed",
+                 "--data-dir", "--output", "--resume", "--save-every", "--train-subset", "--precision", "--compile",
+                 "--device"):
+        assert flag in proc.stdout
