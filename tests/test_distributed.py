@@ -41,3 +41,55 @@ def test_two_processes_match_one(tmp_path, recipe, shared_data):  # noqa: F811
     for key in single:
         assert torch.allclose(single[key], ddp[key], rtol=1e-4, atol=1e-5), key
     assert not list((tmp_path / "ddp").glob(".*.tmp"))
+
+
+def child_pids(pid: int) -> list[int]:
+    children = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+                if int(fields[1]) == pid:
+                    children.append(int(entry))
+            except (OSError, IndexError, ValueError):
+                pass
+    return children
+
+
+@pytest.mark.slow
+def test_killed_worker_is_restarted_and_resumes(tmp_path, recipe, shared_data):  # noqa: F811
+    import signal
+    import time
+
+    out = tmp_path / "elastic"
+    args = ["--dataset", "mnist", "--config", recipe, "--data-dir", shared_data, "--train-subset", 512,
+            "--test-subset", 200, "--batch-size", 32, "--epochs", 2, "--threads", 1, "--quiet", "--save-every", 2,
+            "--output", out, "--resume", "auto"]
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--max-restarts=1",
+           "--master_addr=127.0.0.1", f"--master_port={free_port()}", str(REPO / "train.py"), *map(str, args)]
+    agent = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
+    ckpt = out / "last.ckpt"
+    deadline = time.time() + 180
+    killed = None
+    while killed is None and time.time() < deadline and agent.poll() is None:
+        try:
+            step = int(torch.load(ckpt, weights_only=True)["step"]) if ckpt.exists() else -1
+        except Exception:
+            step = -1
+        if step >= 4:
+            workers = [p for p in child_pids(agent.pid)
+                       if "train.py" in open(f"/proc/{p}/cmdline").read().replace("\0", " ")]
+            if len(workers) == 2:
+                killed = workers[1]
+                os.kill(killed, signal.SIGKILL)
+        time.sleep(0.05)
+    stdout, stderr = agent.communicate(timeout=300)
+    assert killed is not None, "never saw a checkpoint to kill after"
+    assert agent.returncode == 0, stdout + stderr
+    log = (out / "log.txt").read_text()
+    assert "resumed from checkpoint at step" in log
+    state = torch.load(ckpt, weights_only=True)
+    assert (state["epoch"], state["step"]) == (2, 32)
+    assert (out / "model.safetensors").is_file()

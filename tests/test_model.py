@@ -195,3 +195,16 @@ def test_converter_names_mismatched_keys():
     assert "unexpected keys: blocks.9.extra.weight" in message
     with pytest.raises(VilError, match=r"do not fit the model: mis-shaped keys: .*\(64,\) vs model \(128,\)"):
         load_official_state_dict(small(dim=64), official_hub_state_dict(small()))
+
+
+def test_reference_path_matches_fast_path():
+    torch.manual_seed(2)
+    model = randomised(small(depth=2))
+    x = torch.randn(3, 3, 16, 16)
+    fast = model(x)
+    fast_grads = torch.autograd.grad(fast.square().sum(), list(model.parameters()))
+    ref = model.use_reference_path()(x)
+    ref_grads = torch.autograd.grad(ref.square().sum(), list(model.parameters()))
+    assert ((fast - ref).abs().max() / ref.abs().max()) <= 1e-5
+    for (name, _), a, b in zip(model.named_parameters(), fast_grads, ref_grads):
+        assert ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)) <= 1e-4, name

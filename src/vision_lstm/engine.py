@@ -118,6 +118,8 @@ class EMA:
         decay = min(self.decay, (1 + step) / (10 + step))  # short warmup: early averages follow the weights
         ema_p = list(self.model.parameters())
         torch._foreach_lerp_(ema_p, [p.detach() for p in model.parameters()], 1.0 - decay)
+        for ema_b, b in zip(self.model.buffers(), model.buffers()):  # batch-norm statistics: follow the model
+            ema_b.copy_(b)
 
     def state_dict(self) -> dict:
         return self.model.state_dict()

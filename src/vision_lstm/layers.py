@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .cell import MODES, mlstm
+from .cell import MODES, mlstm, mlstm_parallel_reference
 
 
 class OffsetLayerNorm(nn.Module):
@@ -136,6 +136,7 @@ class ViLLayer(nn.Module):
             raise ValueError(f"inner dim {inner} is not divisible by num_heads {num_heads}")
         self.dim, self.inner, self.num_heads = dim, inner, num_heads
         self.mlstm_mode, self.chunk_size = mlstm_mode, chunk_size
+        self.reference_path = False  # True: run forward_reference (benchmark baseline)
         self.proj_up = nn.Linear(dim, 2 * inner)
         self.conv = nn.Conv2d(inner, inner, conv_kernel_size, padding=conv_kernel_size // 2, groups=inner)
         self.q_proj = BlockDiagonalLinear(inner, qkv_block_size)
@@ -197,6 +198,8 @@ class ViLLayer(nn.Module):
         return w_m, b_m, zg_w, torch.cat([b_z, gate_b]), gate_c
 
     def forward(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        if self.reference_path:
+            return self.forward_reference(x, grid)
         B, T, _ = x.shape
         H, inner = self.num_heads, self.inner
         w_m, b_m, zg_w, zg_b, gate_c = self._folded_projections()
@@ -209,6 +212,24 @@ class ViLLayer(nn.Module):
         q, k, v = (t.view(B, T, H, -1).transpose(1, 2) for t in (q, k, v))  # (B, H, T, DH)
         h = mlstm(q, k, v, igate, fgate, mode=self.mlstm_mode, chunk_size=self.chunk_size)  # (B, H, T, DH)
         h = self.outnorm(h.transpose(1, 2).reshape(B, T, inner)) + self.learnable_skip * c  # (B, T, inner)
+        return self.proj_down(h * F.silu(z))
+
+
+    def forward_reference(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """The same layer written plainly, as in the paper and the official code (unfused projections, the
+        autograd-derived parallel cell). Kept as the baseline for benchmarks and equivalence tests."""
+        B, T, _ = x.shape
+        H = self.num_heads
+        x_m, z = self.proj_up(x).chunk(2, dim=-1)
+        c = F.silu(self._conv_on_grid(x_m.contiguous(), grid))
+        q, k, v = (torch.einsum("ntbi,boi->ntbo", t.reshape(B, T, -1, proj.block_size), proj.weight).reshape(B, T, -1)
+                   + proj.bias for t, proj in ((c, self.q_proj), (c, self.k_proj), (x_m, self.v_proj)))
+        gate_in = torch.cat([q, k, v], dim=-1)
+        igate, fgate = self.igate(gate_in).transpose(1, 2), self.fgate(gate_in).transpose(1, 2)  # (B, H, T)
+        q, k, v = (t.reshape(B, T, H, -1).transpose(1, 2) for t in (q, k, v))
+        h = mlstm_parallel_reference(q, k, v, igate, fgate) if self.mlstm_mode == "parallel" else \
+            mlstm(q, k, v, igate, fgate, mode=self.mlstm_mode, chunk_size=self.chunk_size)
+        h = self.outnorm(h.transpose(1, 2).reshape(B, T, -1)) + self.learnable_skip * c
         return self.proj_down(h * F.silu(z))
 
 
@@ -256,6 +277,29 @@ class PatchEmbed(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.proj(x).permute(0, 2, 3, 1)
+
+
+class ConvStem(nn.Module):
+    """Convolutional tokenizer for small images: 3x3 convs with batch norm and SiLU, halving the resolution
+    log2(patch_size) times. (B, C, H, W) -> (B, H/p, W/p, D). Cheaper per token than a large linear patch and
+    gives the blocks local features to start from (as in CCT, Hassani et al. 2021)."""
+
+    def __init__(self, in_chans: int, dim: int, patch_size: int):
+        super().__init__()
+        levels = int(round(math.log2(patch_size)))
+        if 2 ** levels != patch_size:
+            raise ValueError(f"a conv stem needs a power-of-two patch_size, got {patch_size}")
+        widths = [max(dim // 2 ** (levels - i), 16) for i in range(levels + 1)]  # ..., dim/2, dim
+        layers = [nn.Conv2d(in_chans, widths[0], 3, padding=1, bias=False), nn.BatchNorm2d(widths[0]), nn.SiLU()]
+        for i in range(levels):
+            layers += [nn.Conv2d(widths[i], widths[i + 1], 3, stride=2, padding=1, bias=False),
+                       nn.BatchNorm2d(widths[i + 1]), nn.SiLU()]
+        layers.append(nn.Conv2d(widths[-1], dim, 1))
+        self.layers = nn.Sequential(*layers)
+        self.patch_size = patch_size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x).permute(0, 2, 3, 1)
 
 
 def interpolate_pos_embed(embed: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:

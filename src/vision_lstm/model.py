@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from .cell import MODES
-from .layers import OffsetLayerNorm, PatchEmbed, PosEmbed2d, ViLBlockPair
+from .layers import ConvStem, OffsetLayerNorm, PatchEmbed, PosEmbed2d, ViLBlockPair
 
 POOLINGS = ("bilateral_flatten", "bilateral_avg", "mean")
 
@@ -26,6 +26,7 @@ class ViLConfig:
     expansion: int = 2
     qkv_block_size: int = 4
     conv_kernel_size: int = 3
+    stem: str = "patch"  # "patch": linear patch embedding (ViL); "conv": convolutional tokenizer (hybrid)
     pooling: str = "bilateral_flatten"
     head_norm: bool = True  # LayerNorm on the pooled feature (the official pretrained models have it)
     drop_path_rate: float = 0.0
@@ -41,6 +42,8 @@ class ViLConfig:
             )
         if self.pooling not in POOLINGS:
             raise ValueError(f"unknown pooling {self.pooling!r}; expected one of {', '.join(POOLINGS)}")
+        if self.stem not in ("patch", "conv"):
+            raise ValueError(f"unknown stem {self.stem!r}; expected 'patch' or 'conv'")
         if self.mlstm_mode not in MODES:
             raise ValueError(f"unknown mlstm_mode {self.mlstm_mode!r}; expected one of {', '.join(MODES)}")
         for name in ("patch_size", "in_chans", "num_classes", "dim", "depth", "num_heads", "chunk_size"):
@@ -81,7 +84,8 @@ class VisionLSTM(nn.Module):
         config = replace(config, **kwargs) if config is not None else ViLConfig(**kwargs)
         self.config = config
         c = config
-        self.patch_embed = PatchEmbed(c.in_chans, c.dim, c.patch_size)
+        stem = PatchEmbed if c.stem == "patch" else ConvStem
+        self.patch_embed = stem(c.in_chans, c.dim, c.patch_size)
         self.pos_embed = PosEmbed2d(c.grid, c.dim)
         layer_kwargs = dict(expansion=c.expansion, num_heads=c.num_heads, qkv_block_size=c.qkv_block_size,
                             conv_kernel_size=c.conv_kernel_size, mlstm_mode=c.mlstm_mode, chunk_size=c.chunk_size)
@@ -105,6 +109,13 @@ class VisionLSTM(nn.Module):
             if hasattr(module, "mlstm_mode"):
                 module.mlstm_mode = mode
                 module.chunk_size = self.config.chunk_size
+        return self
+
+    def use_reference_path(self, enabled: bool = True) -> "VisionLSTM":
+        """Run every layer's plain, unfused forward (the benchmark baseline); same weights, same outputs."""
+        for module in self.modules():
+            if hasattr(module, "reference_path"):
+                module.reference_path = enabled
         return self
 
     def no_weight_decay(self) -> set[str]:

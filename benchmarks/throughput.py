@@ -1,0 +1,297 @@
+#!/usr/bin/env python
+"""CPU throughput benchmark: matmul peak, train/inference images per second, peak memory, MFU, and the
+sequence-length table of the three mLSTM forms. Every number comes from this one run; speedups are ratios of
+paths timed side by side here.
+
+    python benchmarks/throughput.py                       # all configs, writes results/benchmarks/
+    python benchmarks/throughput.py --configs vil_tiny_cifar --paths fast,reference
+    python benchmarks/throughput.py --official /path/to/NX-AI/vision-lstm   # adds the official code, same run
+
+Each measurement runs in a fresh subprocess (so peak memory is that measurement's own) with --threads threads.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))
+
+# Named model configurations: (registry name, overrides, input shape (C, H, W)).
+CONFIGS = {
+    "vil_tiny_cifar": ("vil_tiny", dict(img_size=32, patch_size=4, num_classes=10), (3, 32, 32)),
+    "mnist_recipe": ("vil_tiny", dict(img_size=28, patch_size=4, in_chans=1, num_classes=10, dim=64, depth=3),
+                     (1, 28, 28)),
+}
+
+
+def load_recipe_configs():
+    """Add the models of the shipped recipes (configs/*.yaml) under their file names."""
+    import yaml
+    for path in sorted((REPO / "configs").glob("*.yaml")):
+        recipe = yaml.safe_load(path.read_text())
+        from vision_lstm.data import get_spec
+        spec = get_spec(recipe["dataset"])
+        C, H, W = spec.image_shape
+        args = dict(img_size=H, in_chans=C, num_classes=len(spec.classes), **recipe.get("model_args", {}))
+        args.pop("drop_path_rate", None)
+        CONFIGS[f"recipe_{path.stem}"] = (recipe["model"], args, (C, H, W))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Workers (run in subprocesses)
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def worker_matmul(args) -> dict:
+    import torch
+    out = {}
+    n = 2048
+    for dtype in (torch.float32, torch.bfloat16):
+        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+        for _ in range(3):
+            a @ b
+        reps, t = 0, time.perf_counter()
+        while time.perf_counter() - t < 2.0:
+            a @ b
+            reps += 1
+        out[str(dtype).split(".")[-1]] = 2 * n ** 3 * reps / (time.perf_counter() - t) / 1e9
+    return {"gflops_fp32": out["float32"], "gflops_bf16": out["bfloat16"]}
+
+
+def build(config: str, path: str, official: str | None):
+    import torch
+    name, overrides, shape = CONFIGS[config]
+    if path == "official":
+        # Import the official package from the given checkout under another name (ours is also "vision_lstm").
+        import importlib.util
+        pkg = Path(official) / "vision_lstm"
+        spec = importlib.util.spec_from_file_location("official_vision_lstm", pkg / "__init__.py",
+                                                      submodule_search_locations=[str(pkg)])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["official_vision_lstm"] = module
+        spec.loader.exec_module(module)
+        cfg = overrides
+        model = module.VisionLSTM2(dim=cfg.get("dim", 192), depth=cfg.get("depth", 12), patch_size=cfg["patch_size"],
+                                   input_shape=shape, output_shape=(cfg["num_classes"],), legacy_norm=True)
+        return model, shape
+    from vision_lstm import create_model
+    model = create_model(name, **overrides)
+    if path == "reference":
+        model.use_reference_path()
+    return model, shape
+
+
+def model_flops(config: str) -> float:
+    """Forward FLOPs per image of the true architecture (matmuls and convs, block-diagonal q/k/v at their real
+    cost, full T x T products as the official count), from torch's FLOP counter on the reference path."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+    model, shape = build(config, "reference", None)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(torch.randn(1, *shape))
+    return float(counter.get_total_flops())
+
+
+def worker_model(args) -> dict:
+    import torch
+    import torch.nn.functional as F
+    torch.manual_seed(0)
+    model, shape = build(args.config, args.path, args.official)
+    x = torch.randn(args.batch, *shape)
+    y = torch.randint(0, 10, (args.batch,))
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.precision == "bf16")
+    rss_before = peak_rss_mb()
+    if args.mode == "train":
+        model.train()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+        def step():
+            with autocast:
+                loss = F.cross_entropy(model(x).float(), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    else:
+        model.eval()
+
+        def step():
+            with torch.no_grad(), autocast:
+                model(x)
+    for _ in range(args.warmup):
+        step()
+    times = []
+    t_end = time.perf_counter() + args.seconds
+    while len(times) < args.min_steps or time.perf_counter() < t_end:
+        t = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t)
+        if len(times) >= args.max_steps:
+            break
+    times.sort()
+    median = times[len(times) // 2]
+    return {"img_per_s": args.batch / median, "step_s": median, "steps": len(times),
+            "peak_rss_mb": peak_rss_mb(), "rss_before_mb": rss_before}
+
+
+def worker_seqlen(args) -> dict:
+    import torch
+    from vision_lstm.cell import mlstm_chunkwise, mlstm_parallel, mlstm_recurrent
+    torch.manual_seed(0)
+    B, H, T, DH = 1, 4, args.tokens, 96
+    q, k, v = (torch.randn(B, H, T, DH) for _ in range(3))
+    i, f = torch.randn(B, H, T), torch.randn(B, H, T) + 3
+    fn = {"parallel": lambda: mlstm_parallel(q, k, v, i, f),
+          "chunkwise": lambda: mlstm_chunkwise(q, k, v, i, f, chunk_size=64),
+          "recurrent": lambda: mlstm_recurrent(q, k, v, i, f)}[args.form]
+    rss_before = peak_rss_mb()
+    with torch.no_grad():
+        fn()
+        times = []
+        for _ in range(3):
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+    return {"time_ms": 1000 * min(times), "peak_rss_mb": peak_rss_mb(), "rss_before_mb": rss_before}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Orchestration
+
+
+def run_worker(kind: str, threads: int, **kw) -> dict:
+    cmd = [sys.executable, __file__, "--worker", kind, "--threads", str(threads)]
+    for key, value in kw.items():
+        if value is not None:
+            cmd += [f"--{key.replace('_', '-')}", str(value)]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--configs", default=None, help="comma-separated config names (default: all)")
+    p.add_argument("--paths", default="fast,reference", help="fast,reference[,official]")
+    p.add_argument("--precisions", default="fp32,bf16")
+    p.add_argument("--modes", default="train,infer")
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--seconds", type=float, default=10.0, help="time per measurement")
+    p.add_argument("--official", default=None, help="path to a checkout of NX-AI/vision-lstm (adds 'official')")
+    p.add_argument("--seqlens", default="64,256,1024,4096")
+    p.add_argument("--skip-seqlen", action="store_true")
+    p.add_argument("--output", default=str(REPO / "results" / "benchmarks"))
+    p.add_argument("--tag", default="throughput")
+    # worker-only
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("--config", help=argparse.SUPPRESS)
+    p.add_argument("--path", help=argparse.SUPPRESS)
+    p.add_argument("--precision", help=argparse.SUPPRESS)
+    p.add_argument("--mode", help=argparse.SUPPRESS)
+    p.add_argument("--form", help=argparse.SUPPRESS)
+    p.add_argument("--tokens", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--warmup", type=int, default=2, help=argparse.SUPPRESS)
+    p.add_argument("--min-steps", type=int, default=3, help=argparse.SUPPRESS)
+    p.add_argument("--max-steps", type=int, default=50, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    load_recipe_configs()
+
+    if args.worker:
+        import torch
+        torch.set_num_threads(args.threads)
+        result = {"matmul": worker_matmul, "model": worker_model, "seqlen": worker_seqlen}[args.worker](args)
+        print(json.dumps(result))
+        return
+
+    import torch
+    configs = args.configs.split(",") if args.configs else list(CONFIGS)
+    paths = args.paths.split(",")
+    if args.official:
+        paths = paths if "official" in paths else paths + ["official"]
+    report = {"machine": {"cpu": platform.processor() or platform.machine(), "threads": args.threads,
+                          "torch": torch.__version__, "python": platform.python_version()},
+              "command": " ".join([Path(sys.executable).name] + sys.argv), "batch": args.batch,
+              "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+    print(f"measuring matmul peak ({args.threads} threads) ...", flush=True)
+    report["matmul_peak"] = run_worker("matmul", args.threads)
+    peak_bf16 = report["matmul_peak"]["gflops_bf16"]
+    print(f"  fp32 {report['matmul_peak']['gflops_fp32']:.0f} GFLOP/s, bf16 {peak_bf16:.0f} GFLOP/s", flush=True)
+
+    rows = []
+    for config in configs:
+        flops = model_flops(config)
+        for path in paths:
+            if path == "official" and (not args.official or not config.startswith("vil_tiny")):
+                continue
+            for precision in args.precisions.split(","):
+                for mode in args.modes.split(","):
+                    r = run_worker("model", args.threads, config=config, path=path, precision=precision, mode=mode,
+                                   batch=args.batch, seconds=args.seconds, official=args.official)
+                    row = {"config": config, "path": path, "precision": precision, "mode": mode,
+                           "fwd_gflop_per_img": flops / 1e9, **r}
+                    if "img_per_s" in r:
+                        factor = 3 if mode == "train" else 1
+                        row["mfu_bf16_peak"] = factor * flops * r["img_per_s"] / 1e9 / peak_bf16
+                    rows.append(row)
+                    print("  " + json.dumps(row), flush=True)
+    report["models"] = rows
+
+    seq_rows = []
+    if not args.skip_seqlen:
+        for tokens in map(int, args.seqlens.split(",")):
+            for form in ("parallel", "chunkwise", "recurrent"):
+                r = run_worker("seqlen", args.threads, form=form, tokens=tokens)
+                seq_rows.append({"tokens": tokens, "form": form, **r})
+                print("  " + json.dumps(seq_rows[-1]), flush=True)
+    report["seqlen"] = seq_rows
+
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{args.tag}.json").write_text(json.dumps(report, indent=2))
+    (out / f"{args.tag}.md").write_text(markdown(report))
+    print(markdown(report))
+
+
+def markdown(report: dict) -> str:
+    peak = report["matmul_peak"]
+    lines = [f"# Throughput ({report['date']})", "",
+             f"Command: `{report['command']}`  ", f"Machine: {report['machine']}  ",
+             f"Matmul peak: fp32 {peak['gflops_fp32']:.0f} GFLOP/s, bf16 {peak['gflops_bf16']:.0f} GFLOP/s "
+             f"(2048x2048 GEMM)  ", f"Batch {report['batch']}; img/s is the median step; memory is the process's "
+             f"peak RSS.", "",
+             "| config | path | precision | mode | GFLOP/img (fwd) | img/s | peak RSS (MB) | MFU (of bf16 peak) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in report["models"]:
+        if "img_per_s" not in r:
+            lines.append(f"| {r['config']} | {r['path']} | {r['precision']} | {r['mode']} | | error: "
+                         f"{r.get('error', '?')} | | |")
+            continue
+        lines.append(f"| {r['config']} | {r['path']} | {r['precision']} | {r['mode']} | "
+                     f"{r['fwd_gflop_per_img']:.3f} | {r['img_per_s']:.1f} | {r['peak_rss_mb']:.0f} | "
+                     f"{100 * r['mfu_bf16_peak']:.1f}% |")
+    if report.get("seqlen"):
+        lines += ["", "## Sequence length (one mLSTM layer's cell, B=1, 4 heads x 96, forward, no grad)", "",
+                  "| tokens | form | time (ms) | peak RSS (MB) |", "|---|---|---|---|"]
+        for r in report["seqlen"]:
+            if "time_ms" in r:
+                lines.append(f"| {r['tokens']} | {r['form']} | {r['time_ms']:.1f} | {r['peak_rss_mb']:.0f} |")
+            else:
+                lines.append(f"| {r['tokens']} | {r['form']} | error: {r.get('error')} | |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
