@@ -169,3 +169,13 @@ def test_help_lists_flags():
                  "--data-dir", "--output", "--resume", "--save-every", "--train-subset", "--precision", "--compile",
                  "--device"):
         assert flag in proc.stdout
+
+
+def test_nan_policy_skip_keeps_going(tmp_path, recipe, shared_data):
+    out = tmp_path / "run"
+    proc = run("train.py", "--dataset", "mnist", "--config", recipe, "--data-dir", shared_data, "--output", out,
+               "--train-subset", 256, "--test-subset", 100, "--lr", 1e30, "--warmup-epochs", 0,
+               "--nan-policy", "skip", "--quiet")
+    assert "step skipped" in proc.stdout
+    header, row = (out / "metrics.csv").read_text().splitlines()
+    assert header.endswith(",skipped_steps") and int(row.split(",")[-1]) >= 1

@@ -208,3 +208,13 @@ def test_reference_path_matches_fast_path():
     assert ((fast - ref).abs().max() / ref.abs().max()) <= 1e-5
     for (name, _), a, b in zip(model.named_parameters(), fast_grads, ref_grads):
         assert ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)) <= 1e-4, name
+
+
+def test_conv_stem():
+    model = small(stem="conv", img_size=32, patch_size=4)
+    assert model.config.grid == (8, 8)
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    with pytest.raises(ValueError, match="power-of-two patch_size"):
+        small(stem="conv", img_size=30, patch_size=3)
+    with pytest.raises(ValueError, match="unknown stem"):
+        small(stem="resnet")

@@ -38,10 +38,9 @@ class MultiHeadNorm(OffsetLayerNorm):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, C = x.shape
-        # Normalise each head's DH channels without a layout change: LayerNorm over the last axis of a view.
-        y = F.layer_norm(x.view(B, T, self.num_heads, C // self.num_heads), (C // self.num_heads,), eps=self.eps)
-        y = y.view(B, T, C) * (1.0 + self.weight)
-        return y + self.bias if self.bias is not None else y
+        # Tokens as the batch of a group norm (one group per head): normalisation and affine in one kernel.
+        y = F.group_norm(x.reshape(B * T, C), self.num_heads, 1.0 + self.weight, self.bias, self.eps)
+        return y.view(B, T, C)
 
 
 def block_diagonal_matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -211,9 +210,8 @@ class ViLLayer(nn.Module):
         igate, fgate = gates[:, :H].contiguous(), gates[:, H:].contiguous()  # (B, H, T) each
         q, k, v = (t.view(B, T, H, -1).transpose(1, 2) for t in (q, k, v))  # (B, H, T, DH)
         h = mlstm(q, k, v, igate, fgate, mode=self.mlstm_mode, chunk_size=self.chunk_size)  # (B, H, T, DH)
-        h = self.outnorm(h.transpose(1, 2).reshape(B, T, inner)) + self.learnable_skip * c  # (B, T, inner)
-        return self.proj_down(h * F.silu(z))
-
+        h = torch.addcmul(self.outnorm(h.transpose(1, 2).reshape(B, T, inner)), self.learnable_skip, c)
+        return self.proj_down(h * F.silu(z))  # (B, T, D)
 
     def forward_reference(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         """The same layer written plainly, as in the paper and the official code (unfused projections, the
