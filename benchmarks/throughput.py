@@ -53,7 +53,27 @@ def load_recipe_configs():
 
 
 def peak_rss_mb() -> float:
+    """Peak resident memory since the last :func:`reset_peak_rss` (Linux VmHWM), else since process start."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def reset_peak_rss() -> float:
+    """Reset the peak-RSS counter (Linux: write 5 to /proc/self/clear_refs); return the current RSS in MB."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        for line in open("/proc/self/status"):
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return peak_rss_mb()
 
 
 def worker_matmul(args) -> dict:
@@ -114,7 +134,7 @@ def worker_model(args) -> dict:
     x = torch.randn(args.batch, *shape)
     y = torch.randint(0, 10, (args.batch,))
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.precision == "bf16")
-    rss_before = peak_rss_mb()
+    rss_before = reset_peak_rss()
     if args.mode == "train":
         model.train()
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -157,7 +177,7 @@ def worker_seqlen(args) -> dict:
     fn = {"parallel": lambda: mlstm_parallel(q, k, v, i, f),
           "chunkwise": lambda: mlstm_chunkwise(q, k, v, i, f, chunk_size=64),
           "recurrent": lambda: mlstm_recurrent(q, k, v, i, f)}[args.form]
-    rss_before = peak_rss_mb()
+    rss_before = reset_peak_rss()
     with torch.no_grad():
         fn()
         times = []
@@ -196,6 +216,7 @@ def main():
     p.add_argument("--official", default=None, help="path to a checkout of NX-AI/vision-lstm (adds 'official')")
     p.add_argument("--seqlens", default="64,256,1024,4096")
     p.add_argument("--skip-seqlen", action="store_true")
+    p.add_argument("--skip-models", action="store_true")
     p.add_argument("--output", default=str(REPO / "results" / "benchmarks"))
     p.add_argument("--tag", default="throughput")
     # worker-only
@@ -220,7 +241,7 @@ def main():
         return
 
     import torch
-    configs = args.configs.split(",") if args.configs else list(CONFIGS)
+    configs = [] if args.skip_models else (args.configs.split(",") if args.configs else list(CONFIGS))
     paths = args.paths.split(",")
     if args.official:
         paths = paths if "official" in paths else paths + ["official"]
@@ -234,7 +255,7 @@ def main():
     print(f"  fp32 {report['matmul_peak']['gflops_fp32']:.0f} GFLOP/s, bf16 {peak_bf16:.0f} GFLOP/s", flush=True)
 
     rows = []
-    for config in configs:
+    for config in configs:  # (empty with --skip-models)
         flops = model_flops(config)
         for path in paths:
             if path == "official" and (not args.official or not config.startswith("vil_tiny")):
@@ -276,7 +297,8 @@ def markdown(report: dict) -> str:
              f"(2048x2048 GEMM)  ", f"Batch {report['batch']}; img/s is the median step; memory is the process's "
              f"peak RSS.", "",
              "| config | path | precision | mode | GFLOP/img (fwd) | img/s | peak RSS (MB) | MFU (of bf16 peak) |",
-             "|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|"] if report["models"] else [f"# Throughput ({report['date']})", "",
+             f"Command: `{report['command']}`  ", f"Machine: {report['machine']}  "]
     for r in report["models"]:
         if "img_per_s" not in r:
             lines.append(f"| {r['config']} | {r['path']} | {r['precision']} | {r['mode']} | | error: "
@@ -287,10 +309,11 @@ def markdown(report: dict) -> str:
                      f"{100 * r['mfu_bf16_peak']:.1f}% |")
     if report.get("seqlen"):
         lines += ["", "## Sequence length (one mLSTM layer's cell, B=1, 4 heads x 96, forward, no grad)", "",
-                  "| tokens | form | time (ms) | peak RSS (MB) |", "|---|---|---|---|"]
+                  "| tokens | form | time (ms) | peak memory above the inputs (MB) |", "|---|---|---|---|"]
         for r in report["seqlen"]:
             if "time_ms" in r:
-                lines.append(f"| {r['tokens']} | {r['form']} | {r['time_ms']:.1f} | {r['peak_rss_mb']:.0f} |")
+                lines.append(f"| {r['tokens']} | {r['form']} | {r['time_ms']:.1f} | "
+                             f"{r['peak_rss_mb'] - r['rss_before_mb']:.1f} |")
             else:
                 lines.append(f"| {r['tokens']} | {r['form']} | error: {r.get('error')} | |")
     return "\n".join(lines) + "\n"

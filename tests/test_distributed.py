@@ -67,8 +67,11 @@ def test_killed_worker_is_restarted_and_resumes(tmp_path, recipe, shared_data): 
             "--test-subset", 200, "--batch-size", 32, "--epochs", 2, "--threads", 1, "--quiet", "--save-every", 2,
             "--output", out, "--resume", "auto"]
     env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--max-restarts=1",
-           "--master_addr=127.0.0.1", f"--master_port={free_port()}", str(REPO / "train.py"), *map(str, args)]
+    # Dynamic (c10d) rendezvous: each restart round gets fresh addresses (the static one can hand the restarted
+    # workers the previous round's gloo ports).
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--max-restarts=2",
+           "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}", str(REPO / "train.py"),
+           *map(str, args)]
     agent = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
     ckpt = out / "last.ckpt"
     deadline = time.time() + 180
@@ -85,7 +88,10 @@ def test_killed_worker_is_restarted_and_resumes(tmp_path, recipe, shared_data): 
                 killed = workers[1]
                 os.kill(killed, signal.SIGKILL)
         time.sleep(0.05)
-    stdout, stderr = agent.communicate(timeout=300)
+    try:
+        stdout, stderr = agent.communicate(timeout=300)
+    finally:
+        agent.kill()
     assert killed is not None, "never saw a checkpoint to kill after"
     assert agent.returncode == 0, stdout + stderr
     log = (out / "log.txt").read_text()

@@ -20,7 +20,7 @@ from vision_lstm.data import parse_cifar_batch, parse_idx
 
 RESUME_RECIPE = {
     "model": "vil_tiny", "model_args": {"dim": 16, "depth": 1, "patch_size": 7, "drop_path_rate": 0.2},
-    "epochs": 2, "batch_size": 16, "lr": 0.003, "warmup_epochs": 0.3, "ema": True, "ema_decay": 0.9,
+    "epochs": 3, "batch_size": 16, "lr": 0.003, "warmup_epochs": 0.3, "ema": True, "ema_decay": 0.9,
     "save_every": 3, "train_subset": 320, "test_subset": 200, "threads": 1, "quiet": True,
 }
 
@@ -41,9 +41,12 @@ def checkpoint_step(path: Path) -> int:
         return -1
 
 
-def run_and_kill(cmd, ckpt: Path, after_step: int, sig=signal.SIGKILL, timeout=120) -> int:
-    """Start ``cmd``, wait until its checkpoint reaches ``after_step``, send ``sig``; return the exit code."""
+def run_and_kill(cmd, ckpt: Path, steps: int, sig=signal.SIGKILL, timeout=120) -> int:
+    """Start ``cmd``, wait until *it* has checkpointed ``steps`` steps past the checkpoint it started from (so its
+    signal handlers are installed), send ``sig``; return the exit code."""
+    start = max(checkpoint_step(ckpt), 0)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env(), cwd=REPO)
+    after_step = start + steps
     deadline = time.time() + timeout
     while checkpoint_step(ckpt) < after_step:
         if proc.poll() is not None:
@@ -69,12 +72,12 @@ def test_exact_resume_after_kills(tmp_path, shared_data):
     # SIGKILL mid-epoch 1, again mid-epoch 2 (after resuming), then SIGTERM, which saves before exiting.
     assert run_and_kill(train_cmd(recipe, out, shared_data), ckpt, 6) == -signal.SIGKILL
     resume = train_cmd(recipe, out, shared_data, "--resume", "auto")
-    assert run_and_kill(resume, ckpt, 24) == -signal.SIGKILL
-    assert run_and_kill(resume, ckpt, 27, sig=signal.SIGTERM) == 128 + signal.SIGTERM
+    assert run_and_kill(resume, ckpt, 15) == -signal.SIGKILL  # past the epoch boundary (20 steps per epoch)
+    assert run_and_kill(resume, ckpt, 3, sig=signal.SIGTERM) == 128 + signal.SIGTERM
     final = subprocess.run(resume, check=True, env=env(), cwd=REPO, capture_output=True, text=True)
     assert "resume #3" in final.stdout
     assert (out / "model.safetensors").read_bytes() == (reference / "model.safetensors").read_bytes()
-    assert (out / "metrics.csv").read_text().count("\n") == 3  # header + 2 epochs, no duplicates
+    assert (out / "metrics.csv").read_text().count("\n") == 4  # header + 3 epochs, no duplicates
 
 
 def test_checkpoint_write_killed_midway_keeps_previous(tmp_path):
@@ -161,22 +164,18 @@ def _apply(valid, edits, cut):
     return bytes(data)
 
 
-@FUZZ
-@given(st.one_of(st.binary(max_size=200), mutated(VALID_IDX)))
-def test_idx_reader_fuzz(data):
-    try:
-        parse_idx(data, "fuzz")
-    except VilError:
-        pass
+@pytest.mark.parametrize("reader,valid", [(parse_idx, VALID_IDX), (parse_cifar_batch, VALID_CIFAR)],
+                         ids=["idx", "cifar"])
+def test_dataset_reader_fuzz(reader, valid):
+    @FUZZ
+    @given(st.one_of(st.binary(max_size=300), mutated(valid)))
+    def check(data):
+        try:
+            reader(data, "fuzz")
+        except VilError:
+            pass
 
-
-@FUZZ
-@given(st.one_of(st.binary(max_size=300), mutated(VALID_CIFAR)))
-def test_cifar_reader_fuzz(data):
-    try:
-        parse_cifar_batch(data, "fuzz")
-    except VilError:
-        pass
+    check()
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,9 @@ from .errors import VilError
 from .model import ViLConfig, VisionLSTM
 
 
+_FILE_MODE = 0o644
+
+
 def _fsync_dir(folder: Path) -> None:
     try:
         fd = os.open(folder, os.O_RDONLY)
@@ -38,6 +41,7 @@ def atomic_write(path: str | Path, write) -> None:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, _FILE_MODE)  # mkstemp makes 0600 files; results are meant to be shared
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -82,6 +86,7 @@ def save_weights(model: VisionLSTM, path: str | Path, model_name: str, extra: di
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.fchmod(fd, _FILE_MODE)
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata=metadata)

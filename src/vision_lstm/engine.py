@@ -71,7 +71,14 @@ def setup_distributed(device_type: str) -> DistInfo:
     if world <= 1:
         return DistInfo()
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
+        # The store from torchrun's rendezvous, with a prefix per restart round: after a worker is restarted, the
+        # new round must not read the previous round's peer addresses (seen with gloo: "Connection refused" to a
+        # dead worker's port, then a hang).
+        store, rank, world = next(dist.rendezvous("env://"))
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        dist.init_process_group("nccl" if device_type == "cuda" else "gloo",
+                                store=dist.PrefixStore(f"vision_lstm/attempt_{attempt}", store),
+                                rank=rank, world_size=world)
     return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
 
 
@@ -232,7 +239,9 @@ def plot_curves(path: Path, history: list[dict], eval_split: str) -> None:
     ax_acc.plot(epochs, [100 * h["train_acc"] for h in history], "o-", label="train")
     ax_acc.plot(epochs, [100 * h[f"{eval_split}_acc"] for h in history], "o-", label=eval_split)
     ax_acc.set(xlabel="epoch", ylabel="accuracy (%)", title="accuracy")
+    from matplotlib.ticker import MaxNLocator
     for ax in (ax_loss, ax_acc):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
@@ -527,9 +536,9 @@ class Trainer:
                              f"raise warmup, or set nan_policy: skip")
 
     def run(self) -> dict:
+        self.t_start = time.perf_counter()  # wall clock includes data loading and model setup
         self._setup()
         cfg = self.cfg
-        self.t_start = time.perf_counter()
         n_params = sum(p.numel() for p in self.model.parameters())
         if self.ckpt is None:
             self.log(f"training {cfg.model} ({n_params / 1e6:.3f}M params, {self.model.config.grid[0]}x"
