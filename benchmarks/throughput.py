@@ -93,7 +93,6 @@ def worker_matmul(args) -> dict:
 
 
 def build(config: str, path: str, official: str | None):
-    import torch
     name, overrides, shape = CONFIGS[config]
     if path == "official":
         # Import the official package from the given checkout under another name (ours is also "vision_lstm").

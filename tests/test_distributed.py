@@ -72,7 +72,8 @@ def test_killed_worker_is_restarted_and_resumes(tmp_path, recipe, shared_data): 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--max-restarts=2",
            "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}", str(REPO / "train.py"),
            *map(str, args)]
-    agent = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
+    agent = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO,
+                             start_new_session=True)  # its own process group, so nothing outlives the test
     ckpt = out / "last.ckpt"
     deadline = time.time() + 180
     killed = None
@@ -91,7 +92,10 @@ def test_killed_worker_is_restarted_and_resumes(tmp_path, recipe, shared_data): 
     try:
         stdout, stderr = agent.communicate(timeout=300)
     finally:
-        agent.kill()
+        try:
+            os.killpg(agent.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
     assert killed is not None, "never saw a checkpoint to kill after"
     assert agent.returncode == 0, stdout + stderr
     log = (out / "log.txt").read_text()

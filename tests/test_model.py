@@ -4,7 +4,7 @@ import torch
 
 from vision_lstm import VilError, create_model, list_models, load_official_state_dict
 from vision_lstm.layers import BlockDiagonalLinear, interpolate_pos_embed
-from vision_lstm.model import ViLConfig, VisionLSTM
+from vision_lstm.model import VisionLSTM
 
 
 def small(**kw):

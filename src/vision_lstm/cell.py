@@ -15,7 +15,6 @@ Shapes: B batch, H heads, T tokens, DH head dim. Gate pre-activations are one sc
 """
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import torch

@@ -86,8 +86,6 @@ def train_main(argv: list[str] | None = None) -> dict:
         if args.drop_path is not None:
             base = load_yaml(recipe).get("model_args", {}) if recipe else {}
             overrides["model_args"] = {**base, "drop_path_rate": args.drop_path}
-        if args.data_dir is None:
-            overrides["data_dir"] = None  # the engine falls back to $VIL_DATA_DIR, then ./data
         config = build_config(recipe, overrides)
         explicit = {k for k, v in overrides.items() if v is not None}
         return Trainer(config, explicit=explicit).run()

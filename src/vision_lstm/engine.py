@@ -15,14 +15,14 @@ import os
 import signal
 import sys
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from .checkpoint import load_checkpoint, save_checkpoint, save_weights
+from .checkpoint import atomic_write, load_checkpoint, save_checkpoint, save_weights
 from .config import TrainConfig, save_config
 from .data import ImageDataset, get_spec, load_split, normalize, random_hflip, random_translate
 from .errors import VilError
@@ -222,7 +222,6 @@ def write_metrics_csv(path: Path, history: list[dict]) -> None:
     writer.writeheader()
     for row in history:
         writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
-    from .checkpoint import atomic_write
     atomic_write(path, lambda f: f.write(buffer.getvalue().encode()))
 
 
