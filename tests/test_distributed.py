@@ -20,8 +20,8 @@ def free_port() -> int:
 
 def torchrun(nproc, *args, extra=(), timeout=300):
     env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
-           f"--master_port={free_port()}", *extra, str(REPO / "train.py"), *map(str, args)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--rdzv-backend=c10d",
+           f"--rdzv-endpoint=127.0.0.1:{free_port()}", *extra, str(REPO / "train.py"), *map(str, args)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, cwd=REPO)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return proc
