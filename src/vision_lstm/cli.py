@@ -166,7 +166,7 @@ def predict_main(argv: list[str] | None = None) -> list[dict]:
     import torch
 
     from .checkpoint import load_weights
-    from .data import DatasetSpec, normalize
+    from .data import normalize
 
     args = predict_parser().parse_args(argv)
     try:
@@ -177,10 +177,8 @@ def predict_main(argv: list[str] | None = None) -> list[dict]:
         images = torch.stack([load_image(p, model.config.in_chans, model.config.img_size_hw) for p in args.images])
     except VilError as e:
         _fail(str(e))
-    spec = DatasetSpec("custom", "", tuple(classes), (model.config.in_chans, *model.config.img_size_hw), (), (),
-                       mean, std, ())
     with torch.no_grad():
-        probs = model(normalize(images, spec)).softmax(-1)
+        probs = model(normalize(images, mean, std)).softmax(-1)
     results = []
     k = min(args.topk, probs.shape[1])
     for path, p in zip(args.images, probs):

@@ -422,8 +422,8 @@ def random_hflip(images: torch.Tensor, generator: torch.Generator, p: float = 0.
     return torch.where(flip[:, None, None, None], images.flip(-1), images)
 
 
-def normalize(images: torch.Tensor, spec: DatasetSpec, dtype=torch.float32) -> torch.Tensor:
-    """uint8 (N, C, H, W) -> float, standardised with the training-set statistics."""
-    mean = torch.tensor(spec.mean, dtype=dtype).view(1, -1, 1, 1) * 255
-    std = torch.tensor(spec.std, dtype=dtype).view(1, -1, 1, 1) * 255
+def normalize(images: torch.Tensor, mean, std, dtype=torch.float32) -> torch.Tensor:
+    """uint8 (N, C, H, W) -> float, standardised with per-channel statistics on the [0, 1] scale."""
+    mean = torch.tensor(mean, dtype=dtype).view(1, -1, 1, 1) * 255
+    std = torch.tensor(std, dtype=dtype).view(1, -1, 1, 1) * 255
     return (images.to(dtype) - mean) / std

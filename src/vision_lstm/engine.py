@@ -164,7 +164,7 @@ def evaluate(model: torch.nn.Module, data: ImageDataset, batch_size: int, device
     indices = torch.arange(len(data))[info.rank::info.world]
     for start in range(0, len(indices), batch_size):
         idx = indices[start:start + batch_size]
-        x = normalize(data.images[idx], data.spec).to(device)
+        x = normalize(data.images[idx], data.spec.mean, data.spec.std).to(device)
         y = data.labels[idx]
         with _autocast(device, precision):
             logits = model(x).float().cpu()
@@ -503,7 +503,7 @@ class Trainer:
     # -- training ---------------------------------------------------------------------------------------------
     def _train_step(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[float, int] | None:
         cfg = self.cfg
-        x = normalize(images, self.spec).to(self.device, non_blocking=True)
+        x = normalize(images, self.spec.mean, self.spec.std).to(self.device, non_blocking=True)
         y = labels.to(self.device, non_blocking=True)
         with _autocast(self.device, cfg.precision):
             logits = self.train_model(x)
