@@ -107,6 +107,9 @@ class _ParallelMLSTM(torch.autograd.Function):
         scale = DH ** -0.5
         causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
         decay, m, argmax = _decay_matrix(igate, fgate, causal)  # (B, H, T, T), (B, H, T, 1) x2
+        # Callers often pass head views of a (B, T, H * DH) tensor; one contiguous copy each here replaces the
+        # copies matmul would otherwise make of every operand, forward and backward.
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         weights = (q * scale) @ k.transpose(-2, -1)  # scores S[t, s] = q_t . k_s / sqrt(DH)
         weights.mul_(decay)  # C[t, s]
         row_sum = weights.sum(dim=-1, keepdim=True)  # (B, H, T, 1)
@@ -120,7 +123,7 @@ class _ParallelMLSTM(torch.autograd.Function):
     def backward(ctx, grad_h):
         q, k, v, fgate, decay, weights, m, argmax, row_sum, normaliser, h = ctx.saved_tensors
         denom = normaliser + ctx.eps  # (B, H, T, 1)
-        grad_num = grad_h / denom  # d h / d (C v)
+        grad_num = torch.div(grad_h, denom, out=torch.empty_like(h))  # d h / d (C v); contiguous like h
         grad_norm = -(grad_h * h).sum(dim=-1, keepdim=True) / denom  # (B, H, T, 1)
         use_sum = row_sum.abs() >= torch.exp(-m)  # which side of max(|sum C|, exp(-m)) is active
         grad_row_sum = torch.where(use_sum, grad_norm * torch.sign(row_sum), 0.0)

@@ -43,8 +43,10 @@ class MultiHeadNorm(OffsetLayerNorm):
         return y.view(B, T, C)
 
 
-def block_diagonal_matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """y[..., b, o] = sum_i x[..., b, i] W[b, o, i]. x: (..., nb * bs_in) contiguous; weight: (nb, bs_out, bs_in).
+def block_diagonal_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y[..., b, o] = sum_i x[..., b, i] W[b, o, i] (+ bias[b * bs_out + o]).
+
+    x: (..., nb * bs_in) contiguous; weight: (nb, bs_out, bs_in); bias: (nb * bs_out,) or None.
 
     Run as a grouped 1x1 convolution over a channels-last view of x: no layout copies in or out, and oneDNN's
     grouped kernels beat both a batched matmul over the tiny blocks and a dense (dim x dim) matrix (which would
@@ -55,7 +57,8 @@ def block_diagonal_matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor
     # All tokens as one 1 x N "image": oneDNN is several times faster on a long spatial axis than on N images of
     # 1 x 1 pixels (measured: 1.8 ms vs 7.3 ms forward + backward for 6272 tokens x 128 channels on 2 cores).
     x4 = x.reshape(1, 1, -1, nb * bs_in).permute(0, 3, 1, 2)  # (1, C, 1, N), channels-last strides
-    y = F.conv2d(x4, weight.reshape(nb * bs_out, bs_in, 1, 1), groups=nb)
+    # The bias goes into the convolution: one pass over the output instead of two (measured ~5 % of a step).
+    y = F.conv2d(x4, weight.reshape(nb * bs_out, bs_in, 1, 1), bias, groups=nb)
     return y.permute(0, 2, 3, 1).reshape(*lead, nb * bs_out)
 
 
@@ -81,8 +84,7 @@ class BlockDiagonalLinear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(dim)) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., dim) -> (..., dim)
-        y = block_diagonal_matmul(x, self.weight)
-        return y + self.bias if self.bias is not None else y
+        return block_diagonal_matmul(x, self.weight, self.bias)
 
 
 class DropPath(nn.Module):
