@@ -22,6 +22,13 @@ def test_official_parameter_counts(name, count):
     assert len(model.state_dict()) == 513
 
 
+def test_hybrid_cifar_model_is_registered_with_a_conv_stem():
+    model = create_model("vil_hybrid_cifar")
+    assert model.config.stem == "conv" and model.config.grid == (8, 8)
+    assert sum(p.numel() for p in model.parameters()) == 796_634  # the CIFAR-10 recipe's model
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
 def test_registry_lists_and_rejects():
     assert {"vil_tiny", "vil_small", "vil_base"} <= set(list_models())
     with pytest.raises(ValueError, match="unknown model 'vil_huge'; available: .*vil_tiny"):
