@@ -171,16 +171,13 @@ def worker_seqlen(args) -> dict:
     from vision_lstm.cell import mlstm_chunkwise, mlstm_parallel, mlstm_recurrent, mlstm_step
     torch.manual_seed(0)
     B, H, T, DH = 1, 4, args.tokens, 96
-    if args.form == "streaming":
-        # Token by token: each step's inputs are made when needed and its output consumed, as in a stream;
-        # only the (C, n, m) state lives across steps. Input generation is part of the time.
-        q, k, v = (torch.randn(B, H, 1, DH) for _ in range(3))
-        i, f = torch.randn(B, H, 1), torch.randn(B, H, 1) + 3
-    else:
+    if args.form != "streaming":  # streaming makes its inputs token by token
         q, k, v = (torch.randn(B, H, T, DH) for _ in range(3))
         i, f = torch.randn(B, H, T), torch.randn(B, H, T) + 3
 
     def streaming():
+        # Each step's inputs are made when needed and its output consumed, as in a stream; only the (C, n, m)
+        # state lives across steps. Input generation is part of the time.
         state, checksum = None, 0.0
         for _ in range(T):
             qt, kt, vt = (torch.randn(B, H, DH) for _ in range(3))

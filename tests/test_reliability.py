@@ -80,6 +80,22 @@ def test_exact_resume_after_kills(tmp_path, shared_data):
     assert (out / "metrics.csv").read_text().count("\n") == 4  # header + 3 epochs, no duplicates
 
 
+def test_outputs_are_world_readable(tmp_path):
+    """Checkpoints and weights are meant to be shared: 0644, not the 0600 of a temporary file."""
+    from vision_lstm import create_model
+    from vision_lstm.checkpoint import save_weights
+    old_umask = os.umask(0o022)
+    try:
+        save_checkpoint({"model": {}, "step": 0}, tmp_path / "last.ckpt")
+        save_weights(create_model("vil_tiny", dim=8, depth=1, img_size=8, patch_size=4, num_classes=3),
+                     tmp_path / "model.safetensors", "vil_tiny")
+    finally:
+        os.umask(old_umask)
+    for name in ("last.ckpt", "model.safetensors"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o644, name
+    assert load_weights(tmp_path / "model.safetensors")[0].config.dim == 8
+
+
 def test_checkpoint_write_killed_midway_keeps_previous(tmp_path):
     """A process killed while rewriting the checkpoint leaves the previous one loadable."""
     path = tmp_path / "last.ckpt"

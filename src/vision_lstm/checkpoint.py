@@ -8,7 +8,8 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
 from safetensors import safe_open
 
 from .convert import check_state_dict_fits
@@ -84,18 +85,9 @@ def save_weights(model: VisionLSTM, path: str | Path, model_name: str, extra: di
     info = {"model": model_name, "config": model.config.to_dict(), **(extra or {})}
     metadata = {METADATA_KEY: json.dumps(info, sort_keys=True)}
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.fchmod(fd, _FILE_MODE)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    # Through atomic_write like every other output (same file mode, fsync, rename); safetensors' own save_file
+    # would recreate the temporary file with mode 0600.
+    atomic_write(path, lambda f: f.write(safetensors_bytes(tensors, metadata=metadata)))
 
 
 def read_weights_metadata(path: str | Path) -> dict:
