@@ -75,21 +75,26 @@ def mlstm_parallel_reference(q, k, v, igate, fgate, eps: float = DEFAULT_EPS) ->
     return (scores @ v) / (normaliser + eps)
 
 
-def _decay_matrix(igate, fgate, causal):
+def _decay_matrix(igate, fgate):
     """D[t, s] = exp(log D[t, s] - m_t), m_t and the column of each row's maximum, for the parallel form.
 
     (B, H, T) x2 -> (B, H, T, T), (B, H, T, 1), (B, H, T, 1).
+
+    log D[t, s] = F_t + a_s with a_s = i~_s - F_s, so the row maximum over s <= t is F_t plus the running maximum
+    of a: m_t and its column come from one O(T) cummax instead of a masked max over T x T, and
+    log D[t, s] - m_t = a_s - cummax(a)_t needs no F_t at all.
     """
     cum_log_f = torch.cumsum(F.logsigmoid(fgate), dim=-1)  # (B, H, T)
-    log_d = cum_log_f[..., :, None] - cum_log_f[..., None, :]
-    log_d += igate[..., None, :]
-    log_d.masked_fill_(~causal, float("-inf"))
-    m, argmax = log_d.max(dim=-1, keepdim=True)  # (B, H, T, 1)
+    a = igate - cum_log_f
+    running_max, argmax = torch.cummax(a, dim=-1)  # (B, H, T) each
+    m = (cum_log_f + running_max).unsqueeze(-1)  # (B, H, T, 1)
     # exp() is several times slower on -inf and on arguments whose result is subnormal (measured 3.2 ms vs 0.43 ms
     # for a (128, 4, 49, 49) tensor). Terms below exp(-60) ~ 1e-26 relative to the row maximum are far below
-    # rounding even in float64, so clamp there, and zero the non-causal entries exactly afterwards.
-    decay = log_d.sub_(m).clamp_(min=_LOG_DECAY_FLOOR).exp_().masked_fill_(~causal, 0.0)
-    return decay, m, argmax
+    # rounding even in float64, so clamp there. The upper clamp keeps the non-causal entries (s > t, where
+    # a_s may exceed the running maximum) finite; tril_ then zeroes them exactly.
+    decay = torch.sub(a.unsqueeze(-2), running_max.unsqueeze(-1))  # (B, H, T, T)
+    decay = decay.clamp_(_LOG_DECAY_FLOOR, 0.0).exp_().tril_()
+    return decay, m, argmax.unsqueeze(-1)
 
 
 class _ParallelMLSTM(torch.autograd.Function):
@@ -103,10 +108,8 @@ class _ParallelMLSTM(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, igate, fgate, eps):
-        T, DH = q.shape[-2], q.shape[-1]
-        scale = DH ** -0.5
-        causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
-        decay, m, argmax = _decay_matrix(igate, fgate, causal)  # (B, H, T, T), (B, H, T, 1) x2
+        scale = q.shape[-1] ** -0.5
+        decay, m, argmax = _decay_matrix(igate, fgate)  # (B, H, T, T), (B, H, T, 1) x2
         # Callers often pass head views of a (B, T, H * DH) tensor; one contiguous copy each here replaces the
         # copies matmul would otherwise make of every operand, forward and backward.
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
