@@ -94,9 +94,14 @@ def test_resume_continues_at_the_right_step(tmp_path, recipe, shared_data):
 def test_val_split_keeps_test_set_out(tmp_path, recipe, shared_data):
     out = tmp_path / "run"
     proc = run("train.py", "--dataset", "mnist", "--config", recipe, "--data-dir", shared_data, "--output", out,
-               "--val-split", 300, "--train-subset", 256, "--quiet")
+               "--val-split", 300, "--train-subset", 256, "--quiet", "--mixup", 0.8, "--cutmix", 1.0)
     summary = last_json(proc.stdout)
     assert summary["test_accuracy"] is None and 0 <= summary["val_accuracy"] <= 1
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["mixup"] == 0.8 and saved["cutmix"] == 1.0
+    # Mixed batches credit a prediction by the mixing weight: 256 images give a fractional count of correct ones.
+    train_acc = float((out / "metrics.csv").read_text().splitlines()[1].split(",")[2])
+    assert abs(train_acc * 256 - round(train_acc * 256)) > 1e-3
     assert "300 val images" in proc.stdout
     assert (out / "metrics.csv").read_text().splitlines()[0].split(",")[3:5] == ["val_loss", "val_acc"]
 
@@ -116,6 +121,11 @@ def test_unknown_dataset_and_model():
     assert_clean_error(proc, "invalid choice: 'imagenet'", "mnist", "cifar10")
     proc = run("train.py", "--model", "vil_huge", check=False)
     assert_clean_error(proc, "invalid choice: 'vil_huge'", "vil_tiny")
+
+
+def test_negative_mixing_alpha(recipe):
+    proc = run("train.py", "--dataset", "mnist", "--config", recipe, "--cutmix", -1, check=False)
+    assert_clean_error(proc, "invalid configuration: mixup and cutmix are Beta alphas and must be >= 0")
 
 
 def test_missing_data_offline(tmp_path):
@@ -166,7 +176,7 @@ def test_help_lists_flags():
     proc = run("train.py", "--help")
     for flag in ("--dataset", "--model", "--config", "--epochs", "--batch-size", "--lr", "--weight-decay", "--seed",
                  "--data-dir", "--output", "--resume", "--save-every", "--train-subset", "--precision", "--compile",
-                 "--device"):
+                 "--device", "--mixup", "--cutmix", "--drop-path", "--ema", "--tta", "--val-split"):
         assert flag in proc.stdout
 
 

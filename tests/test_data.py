@@ -14,8 +14,8 @@ import torch
 
 from helpers import cifar_batch_bytes, idx_bytes, serve_directory, write_idx_gz
 from vision_lstm import VilError
-from vision_lstm.data import (CIFAR10, MNIST, cifar_content_sha256, ensure_files, get_spec, load_split, normalize,
-                              parse_cifar_batch, parse_idx, random_hflip, random_translate, read_resource,
+from vision_lstm.data import (CIFAR10, MNIST, cifar_content_sha256, ensure_files, get_spec, load_split, mix_batch,
+                              normalize, parse_cifar_batch, parse_idx, random_hflip, random_translate, read_resource,
                               safe_unpickle)
 
 # --- the real files in ../shared/data --------------------------------------------------------------------------
@@ -250,6 +250,48 @@ def test_translate_and_flip_are_batched_and_deterministic():
     for n in range(2):
         windows = [padded[n, :, y:y + 5, x:x + 5] for y in range(5) for x in range(5)]
         assert any(torch.equal(a[n], w) for w in windows)
+
+
+def test_mixup_is_a_convex_combination_with_the_reversed_batch():
+    images, labels = torch.randn(6, 3, 8, 8), torch.arange(6)
+    mixed, partners, lam = mix_batch(images, labels, torch.Generator().manual_seed(1), mixup=0.8)
+    assert 0.0 < lam < 1.0 and torch.equal(partners, labels.flip(0))
+    assert torch.allclose(mixed, lam * images + (1 - lam) * images.flip(0), atol=1e-6)
+    again = mix_batch(images, labels, torch.Generator().manual_seed(1), mixup=0.8)
+    assert torch.equal(again[0], mixed) and again[2] == lam  # deterministic given the generator
+
+
+def test_cutmix_pastes_one_box_and_weights_by_its_area():
+    images = torch.zeros(4, 2, 16, 16)
+    images[:2] = 1.0  # the partners of samples 2 and 3 (reversed batch) are 1s, of samples 0 and 1 are 0s
+    labels = torch.tensor([0, 1, 2, 3])
+    seen_box = False
+    for seed in range(20):
+        mixed, partners, lam = mix_batch(images, labels, torch.Generator().manual_seed(seed), cutmix=1.0)
+        assert torch.equal(partners, labels.flip(0)) and 0.0 <= lam <= 1.0
+        pasted = mixed[3, 0] == 1.0  # where sample 3 shows its partner
+        assert torch.equal(mixed[3, 1] == 1.0, pasted)
+        assert torch.equal(mixed[0, 0] == 0.0, pasted)  # the same box for every sample: sample 0 shows 0s there
+        assert lam == pytest.approx(1.0 - pasted.float().mean().item())
+        rows, cols = pasted.any(1).nonzero().flatten(), pasted.any(0).nonzero().flatten()
+        if len(rows):  # one axis-aligned rectangle
+            seen_box = True
+            assert pasted.sum() == len(rows) * len(cols) and pasted[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1].all()
+    assert seen_box
+
+
+def test_mixing_switches_between_mixup_and_cutmix_and_can_be_off():
+    images, labels = torch.rand(4, 1, 8, 8) + 1.0, torch.arange(4)
+    out, partners, lam = mix_batch(images, labels, torch.Generator(), 0.0, 0.0)
+    assert out is images and partners is labels and lam == 1.0
+    kinds = set()
+    for seed in range(20):
+        mixed, _, lam = mix_batch(images, labels, torch.Generator().manual_seed(seed), mixup=0.8, cutmix=1.0)
+        exact = (mixed == images) | (mixed == images.flip(0))
+        kinds.add("cutmix" if exact.all() else "mixup")
+    assert kinds == {"mixup", "cutmix"}
+    with pytest.raises(ValueError, match="alphas must be >= 0"):
+        mix_batch(images, labels, torch.Generator(), mixup=-1.0)
 
 
 def test_normalize_uses_training_statistics():

@@ -21,6 +21,7 @@ from vision_lstm.data import parse_cifar_batch, parse_idx
 RESUME_RECIPE = {
     "model": "vil_tiny", "model_args": {"dim": 16, "depth": 1, "patch_size": 7, "drop_path_rate": 0.2},
     "epochs": 3, "batch_size": 16, "lr": 0.003, "warmup_epochs": 0.3, "ema": True, "ema_decay": 0.9,
+    "mixup": 0.8, "cutmix": 1.0,  # random per step: resume must replay the same draws
     "save_every": 3, "train_subset": 320, "test_subset": 200, "threads": 1, "quiet": True,
 }
 

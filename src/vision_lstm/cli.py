@@ -42,6 +42,8 @@ def train_parser() -> argparse.ArgumentParser:
     p.add_argument("--weight-decay", type=float)
     p.add_argument("--warmup-epochs", type=float)
     p.add_argument("--label-smoothing", type=float)
+    p.add_argument("--mixup", type=float, help="mixup Beta alpha, e.g. 0.8 (0: off)")
+    p.add_argument("--cutmix", type=float, help="CutMix Beta alpha, e.g. 1.0 (0: off); with --mixup, one per batch")
     p.add_argument("--drop-path", type=float, help="drop-path rate (model override)")
     p.add_argument("--seed", type=int)
     p.add_argument("--data-dir", help="dataset folder (default: $VIL_DATA_DIR, else ./data)")
@@ -76,7 +78,8 @@ def train_main(argv: list[str] | None = None) -> dict:
         overrides = {
             "dataset": args.dataset, "model": args.model, "epochs": args.epochs, "batch_size": args.batch_size,
             "lr": args.lr, "weight_decay": args.weight_decay, "warmup_epochs": args.warmup_epochs,
-            "label_smoothing": args.label_smoothing, "seed": args.seed, "data_dir": args.data_dir,
+            "label_smoothing": args.label_smoothing, "mixup": args.mixup, "cutmix": args.cutmix,
+            "seed": args.seed, "data_dir": args.data_dir,
             "download": False if args.no_download else None, "output": args.output, "resume": args.resume,
             "save_every": args.save_every, "train_subset": args.train_subset, "test_subset": args.test_subset,
             "val_split": args.val_split, "precision": args.precision, "compile": args.compile, "ema": args.ema,

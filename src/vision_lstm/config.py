@@ -28,6 +28,8 @@ class TrainConfig:
     ema: bool = False
     ema_decay: float = 0.999
     augment: dict = field(default_factory=dict)  # {"translate": pad, "hflip": bool}; default from the dataset
+    mixup: float = 0.0  # Beta alpha of mixup (0: off)
+    cutmix: float = 0.0  # Beta alpha of CutMix (0: off); with both on, one of the two per batch
     seed: int = 0
     data_dir: str | None = None
     download: bool = True
@@ -57,6 +59,8 @@ class TrainConfig:
             (self.save_every >= 0, f"save_every must be >= 0, got {self.save_every}"),
             (self.val_split >= 0, f"val_split must be >= 0, got {self.val_split}"),
             (self.train_subset is None or self.train_subset >= 1, "train_subset must be >= 1"),
+            (self.mixup >= 0 and self.cutmix >= 0,
+             f"mixup and cutmix are Beta alphas and must be >= 0, got {self.mixup} and {self.cutmix}"),
             (0 <= self.label_smoothing < 1, f"label_smoothing must be in [0, 1), got {self.label_smoothing}"),
         ]
         for ok, message in checks:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
+import math
 import os
 import pickle
 import shutil
@@ -420,6 +421,36 @@ def random_translate(images: torch.Tensor, pad: int, generator: torch.Generator)
 def random_hflip(images: torch.Tensor, generator: torch.Generator, p: float = 0.5) -> torch.Tensor:
     flip = torch.rand(images.shape[0], generator=generator) < p
     return torch.where(flip[:, None, None, None], images.flip(-1), images)
+
+
+def mix_batch(images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator, mixup: float = 0.0,
+              cutmix: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Mixup (Zhang et al. 2018) or CutMix (Yun et al. 2019) of each image with its partner in the reversed batch.
+
+    images: (N, C, H, W) float; labels: (N,). ``mixup`` and ``cutmix`` are the alphas of the Beta(alpha, alpha)
+    mixing weight (0 disables one); with both on, each batch uses one of the two, chosen at random.
+    Returns (mixed images, the partners' labels, lam): the loss is lam * CE(labels) + (1 - lam) * CE(partners).
+    For CutMix, lam is the fraction of each image left uncovered by the pasted box (after clipping at the border).
+    """
+    if mixup < 0 or cutmix < 0:
+        raise ValueError(f"mixup and cutmix alphas must be >= 0, got {mixup} and {cutmix}")
+    use_cutmix = cutmix > 0 and (mixup <= 0 or bool(torch.rand((), generator=generator) < 0.5))
+    alpha = cutmix if use_cutmix else mixup
+    if alpha <= 0:
+        return images, labels, 1.0
+    # Beta draws from a numpy stream seeded by the torch generator: deterministic per step, so resume is exact.
+    lam = float(np.random.default_rng(int(torch.randint(0, 2**62, (), generator=generator))).beta(alpha, alpha))
+    partners, partner_labels = images.flip(0), labels.flip(0)
+    if not use_cutmix:
+        return torch.lerp(partners, images, lam), partner_labels, lam
+    H, W = images.shape[-2:]
+    side = math.sqrt(1.0 - lam)  # a box of area (1 - lam) H W, centred anywhere, clipped at the border
+    cy, cx = (int(torch.randint(0, n, (), generator=generator)) for n in (H, W))
+    y0, y1 = max(cy - int(H * side) // 2, 0), min(cy + int(H * side) // 2, H)
+    x0, x1 = max(cx - int(W * side) // 2, 0), min(cx + int(W * side) // 2, W)
+    mixed = images.clone()
+    mixed[..., y0:y1, x0:x1] = partners[..., y0:y1, x0:x1]
+    return mixed, partner_labels, 1.0 - (y1 - y0) * (x1 - x0) / (H * W)
 
 
 def normalize(images: torch.Tensor, mean, std, dtype=torch.float32) -> torch.Tensor:

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from .checkpoint import atomic_write, load_checkpoint, save_checkpoint, save_weights
 from .config import TrainConfig, save_config
-from .data import ImageDataset, get_spec, load_split, normalize, random_hflip, random_translate
+from .data import ImageDataset, get_spec, load_split, mix_batch, normalize, random_hflip, random_translate
 from .errors import VilError
 from .model import VisionLSTM, create_model, list_models
 
@@ -282,7 +282,7 @@ class NonFiniteError(VilError):
 @dataclass
 class _EpochStats:
     loss_sum: float = 0.0
-    correct: int = 0
+    correct: float = 0.0  # fractional under mixup/CutMix (credit by mixing weight)
     seen: int = 0
     skipped: int = 0
 
@@ -501,13 +501,22 @@ class Trainer:
             raise SystemExit(128 + (self._stop_signal or signal.SIGTERM))
 
     # -- training ---------------------------------------------------------------------------------------------
-    def _train_step(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[float, int] | None:
+    def _train_step(self, images: torch.Tensor, labels: torch.Tensor,
+                    gen: torch.Generator | None = None) -> tuple[float, float] | None:
         cfg = self.cfg
-        x = normalize(images, self.spec.mean, self.spec.std).to(self.device, non_blocking=True)
+        x = normalize(images, self.spec.mean, self.spec.std)
+        y_mix, lam = labels, 1.0
+        if cfg.mixup > 0 or cfg.cutmix > 0:
+            x, y_mix, lam = mix_batch(x, labels, gen, cfg.mixup, cfg.cutmix)
+            y_mix = y_mix.to(self.device, non_blocking=True)
+        x = x.to(self.device, non_blocking=True)
         y = labels.to(self.device, non_blocking=True)
         with _autocast(self.device, cfg.precision):
             logits = self.train_model(x)
             loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
+            if lam < 1.0:
+                loss = lam * loss + (1.0 - lam) * F.cross_entropy(logits.float(), y_mix,
+                                                                  label_smoothing=cfg.label_smoothing)
         loss_value = float(loss.detach())
         if not math.isfinite(loss_value) and not self.info.enabled:
             return self._non_finite("loss", loss_value)
@@ -520,7 +529,10 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         if self.ema is not None:
             self.ema.update(self.model, self.step)
-        correct = int((logits.detach().argmax(-1) == y).sum())
+        pred = logits.detach().argmax(-1)
+        correct = int((pred == y).sum())
+        if lam < 1.0:
+            correct = lam * correct + (1.0 - lam) * int((pred == y_mix).sum())
         return loss_value, correct
 
     def _non_finite(self, what: str, value: float):
@@ -573,7 +585,7 @@ class Trainer:
             labels = self.train_data.labels[idx]
             images, labels = images[self.info.rank::self.info.world], labels[self.info.rank::self.info.world]
             torch.manual_seed(derive_seed(cfg.seed, 3, self.step, self.info.rank))  # drop-path draws
-            result = self._train_step(images, labels)
+            result = self._train_step(images, labels, gen)
             self.scheduler.step()
             self.step += 1
             self.step_in_epoch += 1
