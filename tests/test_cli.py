@@ -106,6 +106,15 @@ def test_val_split_keeps_test_set_out(tmp_path, recipe, shared_data):
     assert (out / "metrics.csv").read_text().splitlines()[0].split(",")[3:5] == ["val_loss", "val_acc"]
 
 
+def test_config_alone_uses_the_recipes_dataset(tmp_path, shared_data):
+    recipe = tmp_path / "fashion.yaml"
+    recipe.write_text(yaml.safe_dump({**TINY_RECIPE, "dataset": "fashion-mnist"}))
+    proc = run("train.py", "--config", recipe, "--data-dir", shared_data, "--output", tmp_path / "run",
+               "--train-subset", 64, "--test-subset", 100, "--quiet")
+    assert last_json(proc.stdout)["dataset"] == "fashion-mnist"
+    assert "on fashion-mnist" in proc.stdout
+
+
 # --- bad input: one clear line, non-zero exit, no traceback ----------------------------------------------------
 
 

@@ -33,7 +33,8 @@ def train_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="train.py", description="Train a Vision-LSTM classifier. Flags override the YAML recipe "
         "(default: configs/<dataset>.yaml).")
-    p.add_argument("--dataset", default="mnist", choices=dataset_names(), help="dataset (default: mnist)")
+    p.add_argument("--dataset", choices=dataset_names(),
+                   help="dataset (default: the --config recipe's, else mnist)")
     p.add_argument("--model", choices=list_models(), help="registry name (default: from the recipe)")
     p.add_argument("--config", help="YAML recipe (default: configs/<dataset>.yaml)")
     p.add_argument("--epochs", type=int)
@@ -72,9 +73,11 @@ def train_main(argv: list[str] | None = None) -> dict:
 
     args = train_parser().parse_args(argv)
     try:
-        recipe = args.config or default_recipe(args.dataset)
+        # --config alone trains on the recipe's dataset; --dataset alone picks configs/<dataset>.yaml.
+        recipe = args.config or default_recipe(args.dataset or "mnist")
         if recipe is None:
-            print(f"note: no recipe configs/{args.dataset}.yaml found; using built-in defaults", file=sys.stderr)
+            print(f"note: no recipe configs/{args.dataset or 'mnist'}.yaml found; using built-in defaults",
+                  file=sys.stderr)
         overrides = {
             "dataset": args.dataset, "model": args.model, "epochs": args.epochs, "batch_size": args.batch_size,
             "lr": args.lr, "weight_decay": args.weight_decay, "warmup_epochs": args.warmup_epochs,
