@@ -129,7 +129,9 @@ def worker_model(args) -> dict:
     import torch
     import torch.nn.functional as F
     torch.manual_seed(0)
-    model, shape = build(args.config, args.path, args.official)
+    model, shape = build(args.config, "fast" if args.path == "compiled" else args.path, args.official)
+    if args.path == "compiled":
+        model = torch.compile(model)  # compiled on the first (warm-up) step: its time is reported separately
     x = torch.randn(args.batch, *shape)
     y = torch.randint(0, 10, (args.batch,))
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.precision == "bf16")
@@ -150,8 +152,11 @@ def worker_model(args) -> dict:
         def step():
             with torch.no_grad(), autocast:
                 model(x)
+    first = time.perf_counter()
     for _ in range(args.warmup):
         step()
+        if first is not None:
+            first_step_s, first = time.perf_counter() - first, None
     times = []
     t_end = time.perf_counter() + args.seconds
     while len(times) < args.min_steps or time.perf_counter() < t_end:
@@ -162,7 +167,7 @@ def worker_model(args) -> dict:
             break
     times.sort()
     median = times[len(times) // 2]
-    return {"img_per_s": args.batch / median, "step_s": median, "steps": len(times),
+    return {"img_per_s": args.batch / median, "step_s": median, "steps": len(times), "first_step_s": first_step_s,
             "peak_rss_mb": peak_rss_mb(), "rss_before_mb": rss_before}
 
 
@@ -219,7 +224,8 @@ def run_worker(kind: str, threads: int, **kw) -> dict:
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--configs", default=None, help="comma-separated config names (default: all)")
-    p.add_argument("--paths", default="fast,reference", help="fast,reference[,official]")
+    p.add_argument("--paths", default="fast,reference",
+                   help="fast,reference[,compiled][,official] (compiled: the fast path under torch.compile)")
     p.add_argument("--precisions", default="fp32,bf16")
     p.add_argument("--modes", default="train,infer")
     p.add_argument("--batch", type=int, default=128)
@@ -307,18 +313,18 @@ def markdown(report: dict) -> str:
              f"Command: `{report['command']}`  ", f"Machine: {report['machine']}  ",
              f"Matmul peak: fp32 {peak['gflops_fp32']:.0f} GFLOP/s, bf16 {peak['gflops_bf16']:.0f} GFLOP/s "
              f"(2048x2048 GEMM)  ", f"Batch {report['batch']}; img/s is the median step; memory is the process's "
-             f"peak RSS.", "",
-             "| config | path | precision | mode | GFLOP/img (fwd) | img/s | peak RSS (MB) | MFU (of bf16 peak) |",
-             "|---|---|---|---|---|---|---|---|"] if report["models"] else [f"# Throughput ({report['date']})", "",
+             f"peak RSS; first step: the first warm-up step (on the compiled path it includes compilation).", "",
+             "| config | path | precision | mode | GFLOP/img (fwd) | img/s | peak RSS (MB) | MFU (of bf16 peak) "
+             "| first step (s) |", "|---|---|---|---|---|---|---|---|---|"] if report["models"] else [f"# Throughput ({report['date']})", "",
              f"Command: `{report['command']}`  ", f"Machine: {report['machine']}  "]
     for r in report["models"]:
         if "img_per_s" not in r:
             lines.append(f"| {r['config']} | {r['path']} | {r['precision']} | {r['mode']} | | error: "
-                         f"{r.get('error', '?')} | | |")
+                         f"{r.get('error', '?')} | | | |")
             continue
         lines.append(f"| {r['config']} | {r['path']} | {r['precision']} | {r['mode']} | "
                      f"{r['fwd_gflop_per_img']:.3f} | {r['img_per_s']:.1f} | {r['peak_rss_mb']:.0f} | "
-                     f"{100 * r['mfu_bf16_peak']:.1f}% |")
+                     f"{100 * r['mfu_bf16_peak']:.1f}% | {r.get('first_step_s', float('nan')):.1f} |")
     if report.get("seqlen"):
         lines += ["", "## Sequence length (one mLSTM layer's cell, B=1, 4 heads x 96, forward, no grad)", "",
                   "Memory is the peak RSS above the process's RSS once the inputs exist (so the output counts: 1.5 MB per",

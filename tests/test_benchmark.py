@@ -1,0 +1,24 @@
+"""benchmarks/throughput.py end to end on a tiny setting: it measures, and writes the JSON and markdown it promises."""
+import json
+import subprocess
+import sys
+
+from conftest import REPO
+
+
+def test_throughput_benchmark_writes_json_and_table(tmp_path):
+    cmd = [sys.executable, str(REPO / "benchmarks" / "throughput.py"), "--configs", "recipe_mnist+fashion-mnist",
+           "--paths", "fast,reference", "--precisions", "fp32", "--modes", "train,infer", "--batch", "8",
+           "--seconds", "0.05", "--seqlens", "64", "--output", str(tmp_path), "--tag", "smoke"]
+    subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=300)
+    report = json.loads((tmp_path / "smoke.json").read_text())
+    assert report["matmul_peak"]["gflops_fp32"] > 0 and report["matmul_peak"]["gflops_bf16"] > 0
+    rows = report["models"]
+    assert {(r["path"], r["mode"]) for r in rows} == {("fast", "train"), ("fast", "infer"), ("reference", "train"),
+                                                     ("reference", "infer")}
+    for r in rows:
+        assert r["img_per_s"] > 0 and r["peak_rss_mb"] > 0 and r["first_step_s"] > 0 and 0 < r["mfu_bf16_peak"] < 1
+    assert {r["form"] for r in report["seqlen"]} == {"parallel", "chunkwise", "recurrent", "streaming"}
+    assert all("time_ms" in r for r in report["seqlen"])
+    table = (tmp_path / "smoke.md").read_text()
+    assert "| recipe_mnist+fashion-mnist | fast | fp32 | train |" in table and "## Sequence length" in table
