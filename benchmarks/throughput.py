@@ -152,11 +152,11 @@ def worker_model(args) -> dict:
         def step():
             with torch.no_grad(), autocast:
                 model(x)
-    first = time.perf_counter()
-    for _ in range(args.warmup):
+    t = time.perf_counter()
+    step()  # the first warm-up step, timed on its own (it includes compilation on the compiled path)
+    first_step_s = time.perf_counter() - t
+    for _ in range(args.warmup - 1):
         step()
-        if first is not None:
-            first_step_s, first = time.perf_counter() - first, None
     times = []
     t_end = time.perf_counter() + args.seconds
     while len(times) < args.min_steps or time.perf_counter() < t_end:
@@ -310,13 +310,14 @@ def main():
 def markdown(report: dict) -> str:
     peak = report["matmul_peak"]
     lines = [f"# Throughput ({report['date']})", "",
-             f"Command: `{report['command']}`  ", f"Machine: {report['machine']}  ",
-             f"Matmul peak: fp32 {peak['gflops_fp32']:.0f} GFLOP/s, bf16 {peak['gflops_bf16']:.0f} GFLOP/s "
-             f"(2048x2048 GEMM)  ", f"Batch {report['batch']}; img/s is the median step; memory is the process's "
-             f"peak RSS; first step: the first warm-up step (on the compiled path it includes compilation).", "",
-             "| config | path | precision | mode | GFLOP/img (fwd) | img/s | peak RSS (MB) | MFU (of bf16 peak) "
-             "| first step (s) |", "|---|---|---|---|---|---|---|---|---|"] if report["models"] else [f"# Throughput ({report['date']})", "",
              f"Command: `{report['command']}`  ", f"Machine: {report['machine']}  "]
+    if report["models"]:
+        lines += [f"Matmul peak: fp32 {peak['gflops_fp32']:.0f} GFLOP/s, bf16 {peak['gflops_bf16']:.0f} GFLOP/s "
+                  f"(2048x2048 GEMM)  ", f"Batch {report['batch']}; img/s is the median step; memory is the "
+                  f"process's peak RSS; first step: the first warm-up step (on the compiled path it includes "
+                  f"compilation).", "",
+                  "| config | path | precision | mode | GFLOP/img (fwd) | img/s | peak RSS (MB) | MFU (of bf16 peak) "
+                  "| first step (s) |", "|---|---|---|---|---|---|---|---|---|"]
     for r in report["models"]:
         if "img_per_s" not in r:
             lines.append(f"| {r['config']} | {r['path']} | {r['precision']} | {r['mode']} | | error: "

@@ -502,21 +502,19 @@ class Trainer:
 
     # -- training ---------------------------------------------------------------------------------------------
     def _train_step(self, images: torch.Tensor, labels: torch.Tensor,
-                    gen: torch.Generator | None = None) -> tuple[float, float] | None:
+                    gen: torch.Generator) -> tuple[float, float] | None:
         cfg = self.cfg
-        x = normalize(images, self.spec.mean, self.spec.std)
-        y_mix, lam = labels, 1.0
-        if cfg.mixup > 0 or cfg.cutmix > 0:
-            x, y_mix, lam = mix_batch(x, labels, gen, cfg.mixup, cfg.cutmix)
-            y_mix = y_mix.to(self.device, non_blocking=True)
+        # Mixing on the host batch before the transfer; with both alphas 0 it returns its inputs and lam = 1.
+        x, y_mix, lam = mix_batch(normalize(images, self.spec.mean, self.spec.std), labels, gen, cfg.mixup,
+                                  cfg.cutmix)
         x = x.to(self.device, non_blocking=True)
         y = labels.to(self.device, non_blocking=True)
         with _autocast(self.device, cfg.precision):
-            logits = self.train_model(x)
-            loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
+            logits = self.train_model(x).float()
+            loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
             if lam < 1.0:
-                loss = lam * loss + (1.0 - lam) * F.cross_entropy(logits.float(), y_mix,
-                                                                  label_smoothing=cfg.label_smoothing)
+                y_mix = y_mix.to(self.device, non_blocking=True)
+                loss = lam * loss + (1.0 - lam) * F.cross_entropy(logits, y_mix, label_smoothing=cfg.label_smoothing)
         loss_value = float(loss.detach())
         if not math.isfinite(loss_value) and not self.info.enabled:
             return self._non_finite("loss", loss_value)
