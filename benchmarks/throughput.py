@@ -48,6 +48,16 @@ def load_recipe_configs():
         CONFIGS["recipe_" + "+".join(stems)] = (model, args, shape)
 
 
+def resolve_config(name: str) -> str:
+    """A --configs entry -> its CONFIGS key; ``recipe_<stem>`` also names a group that holds that recipe."""
+    if name in CONFIGS:
+        return name
+    for key in CONFIGS:
+        if name.startswith("recipe_") and name[len("recipe_"):] in key[len("recipe_"):].split("+"):
+            return key
+    raise SystemExit(f"unknown config {name!r}; valid: {', '.join(CONFIGS)} (or recipe_<name of a configs/*.yaml>)")
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Workers (run in subprocesses)
 
@@ -259,7 +269,8 @@ def main():
         return
 
     import torch
-    configs = [] if args.skip_models else (args.configs.split(",") if args.configs else list(CONFIGS))
+    configs = [] if args.skip_models else (
+        [resolve_config(c) for c in args.configs.split(",")] if args.configs else list(CONFIGS))
     paths = args.paths.split(",")
     if args.official:
         paths = paths if "official" in paths else paths + ["official"]

@@ -1,4 +1,5 @@
 """The command-line tools through subprocesses: a short real run, resume, evaluate, predict and bad input."""
+import csv
 import json
 import os
 import subprocess
@@ -74,6 +75,36 @@ def test_one_epoch_run_writes_every_output(tmp_path, recipe, shared_data):
     ranked = last_json(pred.stdout)
     assert [r["image"] for r in ranked] == [str(p) for p in paths]
     assert all(len(r["top"]) == 2 and r["top"][0]["class"] in "0123456789" for r in ranked)
+
+
+def test_evaluate_reproduces_a_bf16_runs_accuracy(tmp_path, recipe, shared_data):
+    # The weights remember the precision they were evaluated in during training; evaluate.py uses it by default,
+    # so the plain command reproduces the reported number exactly (fp32 and bf16 logits can rank images differently).
+    out = tmp_path / "run"
+    proc = run("train.py", "--dataset", "mnist", "--config", recipe, "--data-dir", shared_data, "--output", out,
+               "--train-subset", 256, "--precision", "bf16")
+    reported = last_json(proc.stdout)["test_accuracy"]
+    ev = last_json(run("evaluate.py", "--dataset", "mnist", "--weights", out / "model.safetensors",
+                       "--data-dir", shared_data).stdout)
+    assert ev["precision"] == "bf16" and ev["n"] == 10000
+    assert ev["accuracy"] == pytest.approx(reported, abs=1e-6)
+    forced = last_json(run("evaluate.py", "--dataset", "mnist", "--weights", out / "model.safetensors",
+                           "--data-dir", shared_data, "--precision", "fp32").stdout)
+    assert forced["precision"] == "fp32"
+
+
+def test_eval_raw_is_the_same_run_without_ema(tmp_path, recipe, shared_data):
+    # The EMA never feeds back into training, so the raw weights of an EMA run are the weights of the same run
+    # without EMA: the raw column must match that run's accuracy (the no-EMA ablation for free).
+    common = ("--dataset", "mnist", "--config", recipe, "--data-dir", shared_data, "--train-subset", 512,
+              "--test-subset", 500, "--epochs", 2, "--seed", 3)
+    run("train.py", *common, "--output", tmp_path / "ema", "--ema", "--eval-raw")
+    run("train.py", *common, "--output", tmp_path / "plain")
+    read = lambda name: list(csv.DictReader((tmp_path / name / "metrics.csv").read_text().splitlines()))  # noqa: E731
+    ema_rows, plain_rows = read("ema"), read("plain")
+    assert [r["test_acc_raw"] for r in ema_rows] == [r["test_acc"] for r in plain_rows]
+    assert "test_acc_raw" not in plain_rows[0]  # nothing extra without EMA
+    assert "raw weights" in (tmp_path / "ema" / "log.txt").read_text()
 
 
 def test_resume_continues_at_the_right_step(tmp_path, recipe, shared_data):

@@ -59,6 +59,8 @@ def train_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=["fp32", "bf16"])
     p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
     p.add_argument("--ema", action="store_true", default=None, help="keep an EMA of the weights")
+    p.add_argument("--eval-raw", action="store_true", default=None,
+                   help="with EMA: also evaluate the raw weights each epoch (what the run gives without EMA)")
     p.add_argument("--tta", action="store_true", default=None, help="also report flip-TTA accuracy")
     p.add_argument("--nan-policy", choices=["stop", "skip"])
     p.add_argument("--device", help="auto (default), cpu, cuda, cuda:1, ...")
@@ -86,7 +88,7 @@ def train_main(argv: list[str] | None = None) -> dict:
             "download": False if args.no_download else None, "output": args.output, "resume": args.resume,
             "save_every": args.save_every, "train_subset": args.train_subset, "test_subset": args.test_subset,
             "val_split": args.val_split, "precision": args.precision, "compile": args.compile, "ema": args.ema,
-            "tta": args.tta, "nan_policy": args.nan_policy, "device": args.device, "threads": args.threads,
+            "eval_raw": args.eval_raw, "tta": args.tta, "nan_policy": args.nan_policy, "device": args.device, "threads": args.threads,
             "quiet": args.quiet,
         }
         if args.drop_path is not None:
@@ -108,7 +110,8 @@ def evaluate_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test", choices=["test", "train"])
     p.add_argument("--tta", action="store_true", help="average predictions with the horizontally flipped image")
     p.add_argument("--batch-size", type=int, default=500)
-    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    p.add_argument("--precision", choices=["fp32", "bf16"],
+                   help="default: the precision the weights were trained and evaluated in (fp32 if unknown)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--no-download", action="store_true")
     return p
@@ -130,10 +133,13 @@ def evaluate_main(argv: list[str] | None = None) -> dict:
                            f"{model.config.num_classes} classes (dataset {metadata.get('dataset', '?')}); "
                            f"{spec.name} has {spec.image_shape[0]} channels and {len(spec.classes)} classes")
         data = load_split(args.dataset, args.split, args.data_dir, download=not args.no_download)
-        result = evaluate(model, data, args.batch_size, torch.device(args.device), args.precision, tta=args.tta)
+        # The accuracy a run reports was measured in its own precision; evaluating the same way reproduces it.
+        precision = args.precision or metadata.get("precision", "fp32")
+        result = evaluate(model, data, args.batch_size, torch.device(args.device), precision, tta=args.tta)
     except VilError as e:
         _fail(str(e))
-    out = {"dataset": spec.name, "split": args.split, "n": result["n"], "accuracy": round(result["accuracy"], 6)}
+    out = {"dataset": spec.name, "split": args.split, "n": result["n"], "precision": precision,
+           "accuracy": round(result["accuracy"], 6)}
     if args.tta:
         out["accuracy_tta"] = round(result["accuracy_tta"], 6)
     print(json.dumps(out), flush=True)

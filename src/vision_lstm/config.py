@@ -27,6 +27,7 @@ class TrainConfig:
     grad_clip: float = 1.0  # max global grad norm; 0 disables
     ema: bool = False
     ema_decay: float = 0.999
+    eval_raw: bool = False  # with ema: also evaluate the raw weights each epoch (= the same run without EMA)
     augment: dict = field(default_factory=dict)  # {"translate": pad, "hflip": bool}; default from the dataset
     mixup: float = 0.0  # Beta alpha of mixup (0: off)
     cutmix: float = 0.0  # Beta alpha of CutMix (0: off); with both on, one of the two per batch

@@ -30,7 +30,7 @@ from .model import VisionLSTM, create_model, list_models
 
 # Settings that may change when a run is resumed; everything else is taken from the checkpoint.
 RESUMABLE_OVERRIDES = {"resume", "output", "data_dir", "download", "quiet", "device", "threads", "epochs",
-                       "save_every", "eval_batch_size", "tta"}
+                       "save_every", "eval_batch_size", "tta", "eval_raw"}
 _MASK63 = (1 << 63) - 1
 
 
@@ -237,6 +237,9 @@ def plot_curves(path: Path, history: list[dict], eval_split: str) -> None:
     ax_loss.set(xlabel="epoch", ylabel="loss", title="loss")
     ax_acc.plot(epochs, [100 * h["train_acc"] for h in history], "o-", label="train")
     ax_acc.plot(epochs, [100 * h[f"{eval_split}_acc"] for h in history], "o-", label=eval_split)
+    if all(f"{eval_split}_acc_raw" in h for h in history):
+        ax_acc.plot(epochs, [100 * h[f"{eval_split}_acc_raw"] for h in history], "o--",
+                    label=f"{eval_split} (raw weights, no EMA)")
     ax_acc.set(xlabel="epoch", ylabel="accuracy (%)", title="accuracy")
     from matplotlib.ticker import MaxNLocator
     for ax in (ax_loss, ax_acc):
@@ -631,13 +634,25 @@ class Trainer:
         }
         if cfg.tta:
             row[f"{self.eval_split}_acc_tta"] = result["accuracy_tta"]
+        raw = ""
+        if cfg.eval_raw and self.ema is not None:
+            # The raw weights are trained exactly as without EMA (the average never feeds back), so this column is
+            # the no-EMA ablation of the same run at the cost of one more evaluation per epoch.
+            raw_result = evaluate(self.model, self.eval_data, cfg.eval_batch_size, self.device, cfg.precision,
+                                  tta=cfg.tta, info=self.info)
+            row[f"{self.eval_split}_acc_raw"] = raw_result["accuracy"]
+            raw = f" (raw weights {100 * raw_result['accuracy']:.2f}%"
+            if cfg.tta:
+                row[f"{self.eval_split}_acc_raw_tta"] = raw_result["accuracy_tta"]
+                raw += f", TTA {100 * raw_result['accuracy_tta']:.2f}%"
+            raw += ")"
         if self.stats.skipped:
             row["skipped_steps"] = self.stats.skipped
         self.history.append(row)
         tta = f" (flip-TTA {100 * result['accuracy_tta']:.2f}%)" if cfg.tta else ""
         self.log(f"epoch {row['epoch']:3d}/{cfg.epochs}  train loss {row['train_loss']:.4f} acc "
                  f"{100 * row['train_acc']:.2f}%  {self.eval_split} loss {result['loss']:.4f} acc "
-                 f"{100 * result['accuracy']:.2f}%{tta}  lr {row['lr']:.2e}  {row['img_per_s']:.0f} img/s  "
+                 f"{100 * result['accuracy']:.2f}%{tta}{raw}  lr {row['lr']:.2e}  {row['img_per_s']:.0f} img/s  "
                  f"epoch {epoch_time:.1f}s  elapsed {elapsed:.1f}s")
         self.epoch += 1
         self.step_in_epoch = 0
@@ -667,7 +682,8 @@ class Trainer:
             save_weights(final_model, self.output / "model.safetensors", cfg.model,
                          extra={"dataset": self.spec.name, "classes": list(self.spec.classes),
                                 "mean": list(self.spec.mean), "std": list(self.spec.std),
-                                f"{self.eval_split}_accuracy": self.last_eval["accuracy"], "ema": bool(self.ema)})
+                                f"{self.eval_split}_accuracy": self.last_eval["accuracy"], "ema": bool(self.ema),
+                                "precision": cfg.precision})
             plot_curves(self.output / "curves.png", self.history, self.eval_split)
             plot_confusion(self.output / "confusion.png", self.last_eval["confusion"], self.spec.classes,
                            f"{cfg.model} on {self.spec.name} {self.eval_split} "
