@@ -100,8 +100,8 @@ def test_eval_raw_is_the_same_run_without_ema(tmp_path, recipe, shared_data):
               "--test-subset", 500, "--epochs", 2, "--seed", 3)
     run("train.py", *common, "--output", tmp_path / "ema", "--ema", "--eval-raw")
     run("train.py", *common, "--output", tmp_path / "plain")
-    read = lambda name: list(csv.DictReader((tmp_path / name / "metrics.csv").read_text().splitlines()))  # noqa: E731
-    ema_rows, plain_rows = read("ema"), read("plain")
+    ema_rows, plain_rows = (list(csv.DictReader((tmp_path / name / "metrics.csv").read_text().splitlines()))
+                            for name in ("ema", "plain"))
     assert [r["test_acc_raw"] for r in ema_rows] == [r["test_acc"] for r in plain_rows]
     assert "test_acc_raw" not in plain_rows[0]  # nothing extra without EMA
     assert "raw weights" in (tmp_path / "ema" / "log.txt").read_text()

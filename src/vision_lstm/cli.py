@@ -88,8 +88,8 @@ def train_main(argv: list[str] | None = None) -> dict:
             "download": False if args.no_download else None, "output": args.output, "resume": args.resume,
             "save_every": args.save_every, "train_subset": args.train_subset, "test_subset": args.test_subset,
             "val_split": args.val_split, "precision": args.precision, "compile": args.compile, "ema": args.ema,
-            "eval_raw": args.eval_raw, "tta": args.tta, "nan_policy": args.nan_policy, "device": args.device, "threads": args.threads,
-            "quiet": args.quiet,
+            "eval_raw": args.eval_raw, "tta": args.tta, "nan_policy": args.nan_policy, "device": args.device,
+            "threads": args.threads, "quiet": args.quiet,
         }
         if args.drop_path is not None:
             base = load_yaml(recipe).get("model_args", {}) if recipe else {}

@@ -641,11 +641,11 @@ class Trainer:
             raw_result = evaluate(self.model, self.eval_data, cfg.eval_batch_size, self.device, cfg.precision,
                                   tta=cfg.tta, info=self.info)
             row[f"{self.eval_split}_acc_raw"] = raw_result["accuracy"]
-            raw = f" (raw weights {100 * raw_result['accuracy']:.2f}%"
+            raw_tta = ""
             if cfg.tta:
                 row[f"{self.eval_split}_acc_raw_tta"] = raw_result["accuracy_tta"]
-                raw += f", TTA {100 * raw_result['accuracy_tta']:.2f}%"
-            raw += ")"
+                raw_tta = f", TTA {100 * raw_result['accuracy_tta']:.2f}%"
+            raw = f" (raw weights {100 * raw_result['accuracy']:.2f}%{raw_tta})"
         if self.stats.skipped:
             row["skipped_steps"] = self.stats.skipped
         self.history.append(row)
