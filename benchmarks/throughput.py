@@ -121,6 +121,8 @@ def build(config: str, path: str, official: str | None):
     model = create_model(name, **overrides)
     if path == "reference":
         model.use_reference_path()
+    if path == "checkpointed":  # the fast path with gradient checkpointing (--grad-checkpointing in train.py)
+        model.set_grad_checkpointing()
     return model, shape
 
 
@@ -235,7 +237,8 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--configs", default=None, help="comma-separated config names (default: all)")
     p.add_argument("--paths", default="fast,reference",
-                   help="fast,reference[,compiled][,official] (compiled: the fast path under torch.compile)")
+                   help="fast,reference[,compiled][,checkpointed][,official] (compiled: the fast path under "
+                        "torch.compile; checkpointed: the fast path with gradient checkpointing)")
     p.add_argument("--precisions", default="fp32,bf16")
     p.add_argument("--modes", default="train,infer")
     p.add_argument("--batch", type=int, default=128)
@@ -272,6 +275,10 @@ def main():
     configs = [] if args.skip_models else (
         [resolve_config(c) for c in args.configs.split(",")] if args.configs else list(CONFIGS))
     paths = args.paths.split(",")
+    unknown = sorted(set(paths) - {"fast", "reference", "compiled", "checkpointed", "official"})
+    if unknown:
+        raise SystemExit(f"unknown path(s) {', '.join(unknown)}; valid: fast, reference, compiled, checkpointed, "
+                         f"official")
     if args.official:
         paths = paths if "official" in paths else paths + ["official"]
     report = {"machine": {"cpu": platform.processor() or platform.machine(), "threads": args.threads,

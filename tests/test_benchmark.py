@@ -8,14 +8,14 @@ from conftest import REPO
 
 def test_throughput_benchmark_writes_json_and_table(tmp_path):
     cmd = [sys.executable, str(REPO / "benchmarks" / "throughput.py"), "--configs", "recipe_mnist",
-           "--paths", "fast,reference", "--precisions", "fp32", "--modes", "train,infer", "--batch", "8",
+           "--paths", "fast,reference,checkpointed", "--precisions", "fp32", "--modes", "train,infer", "--batch", "8",
            "--seconds", "0.05", "--seqlens", "64", "--output", str(tmp_path), "--tag", "smoke"]
     subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=300)
     report = json.loads((tmp_path / "smoke.json").read_text())
     assert report["matmul_peak"]["gflops_fp32"] > 0 and report["matmul_peak"]["gflops_bf16"] > 0
     rows = report["models"]
-    assert {(r["path"], r["mode"]) for r in rows} == {("fast", "train"), ("fast", "infer"), ("reference", "train"),
-                                                     ("reference", "infer")}
+    assert {(r["path"], r["mode"]) for r in rows} == {(p, m) for p in ("fast", "reference", "checkpointed")
+                                                     for m in ("train", "infer")}
     for r in rows:
         assert r["img_per_s"] > 0 and r["peak_rss_mb"] > 0 and r["first_step_s"] > 0 and 0 < r["mfu_bf16_peak"] < 1
     assert {r["form"] for r in report["seqlen"]} == {"parallel", "chunkwise", "recurrent", "streaming"}

@@ -168,6 +168,22 @@ def test_negative_mixing_alpha(recipe):
     assert_clean_error(proc, "invalid configuration: mixup and cutmix are Beta alphas and must be >= 0")
 
 
+def test_augment_settings_are_checked_and_erase_joins_the_recipes(tmp_path, recipe, shared_data):
+    bad = tmp_path / "typo.yaml"
+    bad.write_text(yaml.safe_dump({**TINY_RECIPE, "augment": {"tranlsate": 2}}))
+    proc = run("train.py", "--dataset", "mnist", "--config", bad, check=False)
+    assert_clean_error(proc, "invalid configuration: augment must be a mapping with keys among erase, hflip, "
+                             "translate", "tranlsate")
+    proc = run("train.py", "--dataset", "mnist", "--config", recipe, "--erase", 2, check=False)
+    assert_clean_error(proc, "augment.erase is a probability in [0, 1], got 2.0")
+    with_aug = tmp_path / "aug.yaml"
+    with_aug.write_text(yaml.safe_dump({**TINY_RECIPE, "augment": {"translate": 1}}))
+    out = tmp_path / "run"
+    run("train.py", "--dataset", "mnist", "--config", with_aug, "--erase", 0.25, "--data-dir", shared_data,
+        "--output", out, "--train-subset", 64, "--test-subset", 50, "--quiet")
+    assert yaml.safe_load((out / "config.yaml").read_text())["augment"] == {"translate": 1, "erase": 0.25}
+
+
 def test_missing_data_offline(tmp_path):
     proc = run("train.py", "--dataset", "mnist", "--data-dir", tmp_path, "--no-download", check=False)
     assert_clean_error(proc, "error: mnist: missing train-images-idx3-ubyte.gz", str(tmp_path))
@@ -216,7 +232,8 @@ def test_help_lists_flags():
     proc = run("train.py", "--help")
     for flag in ("--dataset", "--model", "--config", "--epochs", "--batch-size", "--lr", "--weight-decay", "--seed",
                  "--data-dir", "--output", "--resume", "--save-every", "--train-subset", "--precision", "--compile",
-                 "--device", "--mixup", "--cutmix", "--drop-path", "--ema", "--tta", "--val-split"):
+                 "--device", "--mixup", "--cutmix", "--drop-path", "--erase", "--ema", "--tta", "--val-split",
+                 "--grad-checkpointing"):
         assert flag in proc.stdout
 
 

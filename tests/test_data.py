@@ -15,8 +15,8 @@ import torch
 from helpers import cifar_batch_bytes, idx_bytes, serve_directory, write_idx_gz
 from vision_lstm import VilError
 from vision_lstm.data import (CIFAR10, MNIST, cifar_content_sha256, ensure_files, get_spec, load_split, mix_batch,
-                              normalize, parse_cifar_batch, parse_idx, random_hflip, random_translate, read_resource,
-                              safe_unpickle)
+                              normalize, parse_cifar_batch, parse_idx, random_erase, random_hflip, random_translate,
+                              read_resource, safe_unpickle)
 
 # --- the real files in ../shared/data --------------------------------------------------------------------------
 
@@ -250,6 +250,43 @@ def test_translate_and_flip_are_batched_and_deterministic():
     for n in range(2):
         windows = [padded[n, :, y:y + 5, x:x + 5] for y in range(5) for x in range(5)]
         assert any(torch.equal(a[n], w) for w in windows)
+
+
+def test_random_erase_blanks_one_rectangle_per_chosen_image():
+    images = torch.full((64, 3, 12, 10), 200, dtype=torch.uint8)
+    fill = (10, 20, 30)
+    out = random_erase(images, torch.Generator().manual_seed(0), p=0.5, fill=fill)
+    assert out.dtype == torch.uint8 and out.shape == images.shape
+    assert torch.equal(out, random_erase(images, torch.Generator().manual_seed(0), p=0.5, fill=fill))
+    erased = out != images  # (N, C, H, W)
+    assert torch.equal(erased[:, 0], erased[:, 2])  # the same box in every channel, each filled with its value
+    for c, value in enumerate(fill):
+        assert (out[:, c][erased[:, c]] == value).all()
+    n_erased = 0
+    for n in range(64):
+        box = erased[n, 0]
+        if not box.any():
+            continue
+        n_erased += 1
+        rows, cols = box.any(1).nonzero().flatten(), box.any(0).nonzero().flatten()
+        assert box.sum() == len(rows) * len(cols)  # one axis-aligned rectangle
+        assert box[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1].all()
+        assert 1 <= box.sum() <= 0.5 * 12 * 10  # at most a third of the area, plus rounding of the sides
+    assert 16 <= n_erased <= 48  # p = 0.5 of 64 images
+    assert (random_erase(images, torch.Generator(), p=1.0, fill=fill) != images).any((1, 2, 3)).all()
+    assert random_erase(images, torch.Generator(), p=0.0, fill=fill) is images
+    with pytest.raises(ValueError, match="erase probability"):
+        random_erase(images, torch.Generator(), p=1.5, fill=fill)
+
+
+def test_augment_batch_adds_erasing_without_changing_the_other_draws():
+    from vision_lstm.engine import augment_batch
+    images = torch.randint(0, 256, (16, 1, 8, 8), dtype=torch.uint8)
+    plain = augment_batch(images, {"translate": 2, "hflip": True}, torch.Generator().manual_seed(5))
+    erased = augment_batch(images, {"translate": 2, "hflip": True, "erase": 1.0}, torch.Generator().manual_seed(5),
+                           mean=[0.5])
+    changed = erased != plain
+    assert changed.any((1, 2, 3)).all() and (erased[changed] == 128).all()  # only the boxes differ, filled with mean
 
 
 def test_mixup_is_a_convex_combination_with_the_reversed_batch():

@@ -46,6 +46,10 @@ def train_parser() -> argparse.ArgumentParser:
     p.add_argument("--mixup", type=float, help="mixup Beta alpha, e.g. 0.8 (0: off)")
     p.add_argument("--cutmix", type=float, help="CutMix Beta alpha, e.g. 1.0 (0: off); with --mixup, one per batch")
     p.add_argument("--drop-path", type=float, help="drop-path rate (model override)")
+    p.add_argument("--grad-checkpointing", action="store_true", default=None,
+                   help="recompute each block pair's activations in backward: much less memory, slower steps")
+    p.add_argument("--erase", type=float, metavar="P",
+                   help="random erasing: probability per image of blanking one random rectangle (0: off)")
     p.add_argument("--seed", type=int)
     p.add_argument("--data-dir", help="dataset folder (default: $VIL_DATA_DIR, else ./data)")
     p.add_argument("--no-download", action="store_true", help="fail instead of downloading missing files")
@@ -89,11 +93,13 @@ def train_main(argv: list[str] | None = None) -> dict:
             "save_every": args.save_every, "train_subset": args.train_subset, "test_subset": args.test_subset,
             "val_split": args.val_split, "precision": args.precision, "compile": args.compile, "ema": args.ema,
             "eval_raw": args.eval_raw, "tta": args.tta, "nan_policy": args.nan_policy, "device": args.device,
-            "threads": args.threads, "quiet": args.quiet,
+            "threads": args.threads, "quiet": args.quiet, "grad_checkpointing": args.grad_checkpointing,
         }
+        recipe_values = load_yaml(recipe) if recipe else {}
         if args.drop_path is not None:
-            base = load_yaml(recipe).get("model_args", {}) if recipe else {}
-            overrides["model_args"] = {**base, "drop_path_rate": args.drop_path}
+            overrides["model_args"] = {**recipe_values.get("model_args", {}), "drop_path_rate": args.drop_path}
+        if args.erase is not None:
+            overrides["augment"] = {**(recipe_values.get("augment") or {}), "erase": args.erase}
         config = build_config(recipe, overrides)
         explicit = {k for k, v in overrides.items() if v is not None}
         return Trainer(config, explicit=explicit).run()

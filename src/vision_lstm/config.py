@@ -10,6 +10,7 @@ import yaml
 from .errors import VilError
 
 RECIPE_DIR_NAME = "configs"
+AUGMENT_KEYS = {"translate", "hflip", "erase"}
 
 
 @dataclass
@@ -28,7 +29,8 @@ class TrainConfig:
     ema: bool = False
     ema_decay: float = 0.999
     eval_raw: bool = False  # with ema: also evaluate the raw weights each epoch (= the same run without EMA)
-    augment: dict = field(default_factory=dict)  # {"translate": pad, "hflip": bool}; default from the dataset
+    # {"translate": pad, "hflip": bool, "erase": probability of random erasing}; keys not given: the dataset's default
+    augment: dict = field(default_factory=dict)
     mixup: float = 0.0  # Beta alpha of mixup (0: off)
     cutmix: float = 0.0  # Beta alpha of CutMix (0: off); with both on, one of the two per batch
     seed: int = 0
@@ -43,6 +45,7 @@ class TrainConfig:
     eval_batch_size: int = 500
     precision: str = "fp32"  # or "bf16" (autocast)
     compile: bool = False
+    grad_checkpointing: bool = False  # recompute each block pair's activations in backward: less memory, ~1/3 slower
     device: str = "auto"
     threads: int | None = None
     nan_policy: str = "stop"  # "stop" or "skip" a step whose loss or gradient is not finite
@@ -50,6 +53,7 @@ class TrainConfig:
     quiet: bool = False
 
     def validate(self) -> "TrainConfig":
+        erase = float((self.augment.get("erase") if isinstance(self.augment, dict) else 0) or 0)
         checks = [
             (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
             (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
@@ -63,6 +67,9 @@ class TrainConfig:
             (self.mixup >= 0 and self.cutmix >= 0,
              f"mixup and cutmix are Beta alphas and must be >= 0, got {self.mixup} and {self.cutmix}"),
             (0 <= self.label_smoothing < 1, f"label_smoothing must be in [0, 1), got {self.label_smoothing}"),
+            (isinstance(self.augment, dict) and set(self.augment) <= AUGMENT_KEYS,
+             f"augment must be a mapping with keys among {', '.join(sorted(AUGMENT_KEYS))}, got {self.augment!r}"),
+            (0 <= erase <= 1, f"augment.erase is a probability in [0, 1], got {erase}"),
         ]
         for ok, message in checks:
             if not ok:

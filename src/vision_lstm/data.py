@@ -423,6 +423,35 @@ def random_hflip(images: torch.Tensor, generator: torch.Generator, p: float = 0.
     return torch.where(flip[:, None, None, None], images.flip(-1), images)
 
 
+def random_erase(images: torch.Tensor, generator: torch.Generator, p: float, fill,
+                 area: tuple[float, float] = (0.02, 1 / 3),
+                 aspect: tuple[float, float] = (0.3, 1 / 0.3)) -> torch.Tensor:
+    """Random erasing (Zhong et al. 2020): with probability ``p`` per image, one rectangle covering a fraction of
+    the image drawn from ``area``, with an aspect ratio (height / width) log-uniform in ``aspect``, is set to
+    ``fill`` (one value per channel, e.g. the dataset mean, which normalisation maps to 0). The box is clipped to
+    the image instead of being redrawn. (N, C, H, W) -> (N, C, H, W), same dtype.
+    """
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"erase probability must be in [0, 1], got {p}")
+    if p == 0.0:
+        return images
+    N, _, H, W = images.shape
+    u = torch.rand(N, 5, generator=generator, dtype=torch.float64)
+    target = H * W * (area[0] + (area[1] - area[0]) * u[:, 0])
+    ratio = torch.exp(math.log(aspect[0]) + (math.log(aspect[1]) - math.log(aspect[0])) * u[:, 1])
+    h = torch.sqrt(target * ratio).round().clamp(1, H).long()
+    w = torch.sqrt(target / ratio).round().clamp(1, W).long()
+    y0 = (u[:, 2] * (H - h + 1)).long()
+    x0 = (u[:, 3] * (W - w + 1)).long()
+    rows = torch.arange(H)[None, :]
+    cols = torch.arange(W)[None, :]
+    inside = (((rows >= y0[:, None]) & (rows < (y0 + h)[:, None]))[:, :, None]
+              & ((cols >= x0[:, None]) & (cols < (x0 + w)[:, None]))[:, None, :])  # (N, H, W)
+    erase = (u[:, 4] < p)[:, None, None] & inside
+    fill = torch.as_tensor(fill, dtype=images.dtype).reshape(1, -1, 1, 1)
+    return torch.where(erase[:, None], fill, images)
+
+
 def mix_batch(images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator, mixup: float = 0.0,
               cutmix: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Mixup (Zhang et al. 2018) or CutMix (Yun et al. 2019) of each image with its partner in the reversed batch.

@@ -24,13 +24,13 @@ import torch.nn.functional as F
 
 from .checkpoint import atomic_write, load_checkpoint, save_checkpoint, save_weights
 from .config import TrainConfig, save_config
-from .data import ImageDataset, get_spec, load_split, mix_batch, normalize, random_hflip, random_translate
+from .data import ImageDataset, get_spec, load_split, mix_batch, normalize, random_erase, random_hflip, random_translate
 from .errors import VilError
 from .model import VisionLSTM, create_model, list_models
 
 # Settings that may change when a run is resumed; everything else is taken from the checkpoint.
 RESUMABLE_OVERRIDES = {"resume", "output", "data_dir", "download", "quiet", "device", "threads", "epochs",
-                       "save_every", "eval_batch_size", "tta", "eval_raw"}
+                       "save_every", "eval_batch_size", "tta", "eval_raw", "grad_checkpointing"}
 _MASK63 = (1 << 63) - 1
 
 
@@ -135,13 +135,19 @@ class EMA:
         self.model.load_state_dict(state)
 
 
-def augment_batch(images: torch.Tensor, spec_augment: dict, gen: torch.Generator) -> torch.Tensor:
-    """uint8 (N, C, H, W) -> augmented uint8, batched."""
+def augment_batch(images: torch.Tensor, spec_augment: dict, gen: torch.Generator, mean=None) -> torch.Tensor:
+    """uint8 (N, C, H, W) -> augmented uint8, batched: shift, flip, then random erasing with the dataset ``mean``
+    (on the [0, 1] scale) as the fill. A disabled step draws nothing from ``gen``, so adding one leaves the others'
+    draws unchanged."""
     pad = int(spec_augment.get("translate", 0) or 0)
     if pad:
         images = random_translate(images, pad, gen)
     if spec_augment.get("hflip"):
         images = random_hflip(images, gen)
+    erase = float(spec_augment.get("erase", 0) or 0)
+    if erase:
+        fill = [round(255 * m) for m in (mean if mean is not None else [0.5] * images.shape[1])]
+        images = random_erase(images, gen, erase, fill)
     return images
 
 
@@ -372,7 +378,7 @@ class Trainer:
         if len(train) < cfg.batch_size:
             raise VilError(f"{len(train)} training images are fewer than one batch of {cfg.batch_size}; "
                            f"lower --batch-size")
-        self.augment = dict(cfg.augment) if cfg.augment else default_augment(cfg.dataset)
+        self.augment = {**default_augment(cfg.dataset), **cfg.augment}  # keys not given: the dataset's default
 
         # Model and optimiser.
         torch.manual_seed(cfg.seed)
@@ -385,6 +391,7 @@ class Trainer:
             self.model = create_model(cfg.model, **model_args).to(self.device)
         except ValueError as e:
             raise VilError(f"cannot build model {cfg.model!r} with {model_args}: {e}") from None
+        self.model.set_grad_checkpointing(cfg.grad_checkpointing)
         self.steps_per_epoch = len(train) // cfg.batch_size
         self.total_steps = self.steps_per_epoch * cfg.epochs
         self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg.weight_decay), lr=cfg.lr,
@@ -582,7 +589,7 @@ class Trainer:
         while self.step_in_epoch < self.steps_per_epoch:
             idx = perm[self.step_in_epoch * B:(self.step_in_epoch + 1) * B]
             gen = generator(cfg.seed, 2, self.epoch, self.step_in_epoch)
-            images = augment_batch(self.train_data.images[idx], self.augment, gen)
+            images = augment_batch(self.train_data.images[idx], self.augment, gen, self.spec.mean)
             labels = self.train_data.labels[idx]
             images, labels = images[self.info.rank::self.info.world], labels[self.info.rank::self.info.world]
             torch.manual_seed(derive_seed(cfg.seed, 3, self.step, self.info.rank))  # drop-path draws

@@ -5,6 +5,7 @@ from dataclasses import asdict, dataclass, fields, replace
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .cell import MODES
 from .layers import ConvStem, OffsetLayerNorm, PatchEmbed, PosEmbed2d, ViLBlockPair
@@ -99,6 +100,15 @@ class VisionLSTM(nn.Module):
         self.head = nn.Linear(feature_dim, c.num_classes)
         nn.init.trunc_normal_(self.head.weight, std=2e-5)
         nn.init.zeros_(self.head.bias)
+        self.grad_checkpointing = False
+
+    def set_grad_checkpointing(self, enable: bool = True) -> VisionLSTM:
+        """Keep only each block pair's input for backward and recompute the pair's activations there: training
+        memory drops to about one pair's activations plus the pair inputs, for one extra forward pass of the
+        blocks. Same math and the same gradients (drop-path draws are replayed); only applies while gradients
+        are being recorded."""
+        self.grad_checkpointing = enable
+        return self
 
     def set_mlstm_mode(self, mode: str, chunk_size: int | None = None) -> "VisionLSTM":
         """Switch every layer to another form of the cell (same weights, same outputs up to rounding)."""
@@ -134,7 +144,10 @@ class VisionLSTM(nn.Module):
         B, h, w, D = x.shape
         x = x.reshape(B, h * w, D)  # raster order
         for block in self.blocks:
-            x = block(x, (h, w))
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(block, x, (h, w), use_reentrant=False)
+            else:
+                x = block(x, (h, w))
         return self.norm(x)
 
     def pool(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, D) -> (B, D') with D' = 2D for bilateral_flatten
