@@ -5,6 +5,7 @@ import pytest
 import torch
 from conftest import REPO
 
+from vision_lstm import VilError
 from vision_lstm.config import build_config
 from vision_lstm.data import get_spec
 from vision_lstm.model import create_model
@@ -36,3 +37,16 @@ def test_plain_cifar_recipe_differs_from_the_hybrid_only_in_the_tokenizer():
     assert model.config.stem == "patch" and model.config.grid == (8, 8)
     same = {k: v for k, v in vars(hybrid).items() if k not in ("model", "model_args")}
     assert same == {k: v for k, v in vars(plain).items() if k not in ("model", "model_args")}
+
+
+def test_augment_settings_in_a_recipe(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("dataset: mnist\naugment:\n")  # left empty: the dataset's default
+    assert build_config(str(recipe), {}).augment == {}
+    recipe.write_text("dataset: mnist\naugment: {erase: 0.25}\n")
+    assert build_config(str(recipe), {}).augment == {"erase": 0.25}
+    for bad, message in (("{flip: true}", "keys among erase, hflip, translate"), ("{erase: -0.1}", "probability"),
+                         ("[translate]", "must be a mapping")):
+        recipe.write_text(f"dataset: mnist\naugment: {bad}\n")
+        with pytest.raises(VilError, match=message):
+            build_config(str(recipe), {})

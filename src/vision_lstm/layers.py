@@ -39,7 +39,8 @@ class MultiHeadNorm(OffsetLayerNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, C = x.shape
         # A layer norm over the last axis of a per-head view, then the affine as one fused multiply-add: on the CPU
-        # this is 2-2.5x faster forward + backward than a group norm with one group per head (measured).
+        # this is 2-2.5x faster forward + backward than a group norm with one group per head (measured for 8192
+        # tokens x 256 channels, 4 heads, 2 cores: 3.4-4.3 ms vs 8.5-9.8 ms; 3-9 % of a whole training step).
         y = F.layer_norm(x.view(B, T, self.num_heads, C // self.num_heads), (C // self.num_heads,), eps=self.eps)
         y = y.view(B, T, C)
         return torch.addcmul(self.bias, y, 1.0 + self.weight) if self.bias is not None else y * (1.0 + self.weight)
