@@ -282,7 +282,7 @@ def test_random_erase_blanks_one_rectangle_per_chosen_image():
 def test_augment_batch_adds_erasing_without_changing_the_other_draws():
     from vision_lstm.engine import augment_batch
     images = torch.randint(0, 256, (16, 1, 8, 8), dtype=torch.uint8)
-    plain = augment_batch(images, {"translate": 2, "hflip": True}, torch.Generator().manual_seed(5))
+    plain = augment_batch(images, {"translate": 2, "hflip": True}, torch.Generator().manual_seed(5), mean=[0.5])
     erased = augment_batch(images, {"translate": 2, "hflip": True, "erase": 1.0}, torch.Generator().manual_seed(5),
                            mean=[0.5])
     changed = erased != plain

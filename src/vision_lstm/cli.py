@@ -74,7 +74,7 @@ def train_parser() -> argparse.ArgumentParser:
 
 
 def train_main(argv: list[str] | None = None) -> dict:
-    from .config import build_config, load_yaml
+    from .config import build_config
     from .engine import Trainer
 
     args = train_parser().parse_args(argv)
@@ -95,11 +95,11 @@ def train_main(argv: list[str] | None = None) -> dict:
             "eval_raw": args.eval_raw, "tta": args.tta, "nan_policy": args.nan_policy, "device": args.device,
             "threads": args.threads, "quiet": args.quiet, "grad_checkpointing": args.grad_checkpointing,
         }
-        recipe_values = load_yaml(recipe) if recipe else {}
+        # Mapping overrides are merged into the recipe's model_args / augment by build_config.
         if args.drop_path is not None:
-            overrides["model_args"] = {**recipe_values.get("model_args", {}), "drop_path_rate": args.drop_path}
+            overrides["model_args"] = {"drop_path_rate": args.drop_path}
         if args.erase is not None:
-            overrides["augment"] = {**(recipe_values.get("augment") or {}), "erase": args.erase}
+            overrides["augment"] = {"erase": args.erase}
         config = build_config(recipe, overrides)
         explicit = {k for k, v in overrides.items() if v is not None}
         return Trainer(config, explicit=explicit).run()

@@ -104,9 +104,14 @@ def load_yaml(path: str | Path) -> dict:
 
 
 def build_config(recipe: str | Path | None, overrides: dict) -> TrainConfig:
-    """Recipe values first, then every override that is not None."""
+    """Recipe values first, then every override that is not None; a mapping override (model_args, augment) is
+    merged into the recipe's mapping key by key, so e.g. --drop-path keeps the recipe's model size."""
     values = load_yaml(recipe) if recipe else {}
-    values.update({k: v for k, v in overrides.items() if v is not None})
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(values.get(key), dict):
+            values[key] = {**values[key], **value}
+        elif value is not None:
+            values[key] = value
     return TrainConfig(**values).validate()
 
 

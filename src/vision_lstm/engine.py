@@ -135,7 +135,7 @@ class EMA:
         self.model.load_state_dict(state)
 
 
-def augment_batch(images: torch.Tensor, spec_augment: dict, gen: torch.Generator, mean=None) -> torch.Tensor:
+def augment_batch(images: torch.Tensor, spec_augment: dict, gen: torch.Generator, mean) -> torch.Tensor:
     """uint8 (N, C, H, W) -> augmented uint8, batched: shift, flip, then random erasing with the dataset ``mean``
     (on the [0, 1] scale) as the fill. A disabled step draws nothing from ``gen``, so adding one leaves the others'
     draws unchanged."""
@@ -146,8 +146,7 @@ def augment_batch(images: torch.Tensor, spec_augment: dict, gen: torch.Generator
         images = random_hflip(images, gen)
     erase = float(spec_augment.get("erase", 0) or 0)
     if erase:
-        fill = [round(255 * m) for m in (mean if mean is not None else [0.5] * images.shape[1])]
-        images = random_erase(images, gen, erase, fill)
+        images = random_erase(images, gen, erase, [round(255 * m) for m in mean])
     return images
 
 
