@@ -12,6 +12,7 @@ Each measurement runs in a fresh subprocess (so peak memory is that measurement'
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -179,8 +180,9 @@ def worker_model(args) -> dict:
             break
     times.sort()
     median = times[len(times) // 2]
+    import vision_lstm
     return {"img_per_s": args.batch / median, "step_s": median, "steps": len(times), "first_step_s": first_step_s,
-            "peak_rss_mb": peak_rss_mb(), "rss_before_mb": rss_before}
+            "peak_rss_mb": peak_rss_mb(), "rss_before_mb": rss_before, "malloc_setting": vision_lstm.MALLOC_SETTING}
 
 
 def worker_seqlen(args) -> dict:
@@ -221,12 +223,17 @@ def worker_seqlen(args) -> dict:
 # Orchestration
 
 
-def run_worker(kind: str, threads: int, **kw) -> dict:
+def run_worker(kind: str, threads: int, malloc: str = "kept", **kw) -> dict:
+    """Run one measurement in a fresh process. malloc: "kept" -- as importing vision_lstm sets glibc up (freed memory
+    kept for reuse, src/vision_lstm/runtime.py); "default" -- glibc's defaults (VIL_MALLOC=default)."""
     cmd = [sys.executable, __file__, "--worker", kind, "--threads", str(threads)]
     for key, value in kw.items():
         if value is not None:
             cmd += [f"--{key.replace('_', '-')}", str(value)]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    env.pop("VIL_MALLOC", None)
+    if malloc == "default":
+        env["VIL_MALLOC"] = "default"
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"}
@@ -250,6 +257,10 @@ def main():
     p.add_argument("--skip-models", action="store_true")
     p.add_argument("--output", default=str(REPO / "results" / "benchmarks"))
     p.add_argument("--tag", default="throughput")
+    p.add_argument("--malloc", choices=("as-shipped", "both"), default="as-shipped",
+                   help="as-shipped: each path as its users get it -- ours with the glibc setting that importing "
+                        "vision_lstm applies (freed memory kept), the official code with glibc's defaults; both: "
+                        "every path under both settings, side by side")
     # worker-only
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--config", help=argparse.SUPPRESS)
@@ -296,17 +307,19 @@ def main():
         for path in paths:
             if path == "official" and (not args.official or not config.startswith("vil_tiny")):
                 continue
-            for precision in args.precisions.split(","):
-                for mode in args.modes.split(","):
-                    r = run_worker("model", args.threads, config=config, path=path, precision=precision, mode=mode,
-                                   batch=args.batch, seconds=args.seconds, official=args.official)
-                    row = {"config": config, "path": path, "precision": precision, "mode": mode,
-                           "fwd_gflop_per_img": flops / 1e9, **r}
-                    if "img_per_s" in r:
-                        factor = 3 if mode == "train" else 1
-                        row["mfu_bf16_peak"] = factor * flops * r["img_per_s"] / 1e9 / peak_bf16
-                    rows.append(row)
-                    print("  " + json.dumps(row), flush=True)
+            mallocs = ("kept", "default") if args.malloc == "both" else ("default" if path == "official" else "kept",)
+            for precision, mode, malloc in itertools.product(args.precisions.split(","), args.modes.split(","),
+                                                             mallocs):
+                r = run_worker("model", args.threads, malloc=malloc, config=config, path=path,
+                               precision=precision, mode=mode, batch=args.batch, seconds=args.seconds,
+                               official=args.official)
+                row = {"config": config, "path": path, "precision": precision, "mode": mode, "malloc": malloc,
+                       "fwd_gflop_per_img": flops / 1e9, **r}
+                if "img_per_s" in r:
+                    factor = 3 if mode == "train" else 1
+                    row["mfu_bf16_peak"] = factor * flops * r["img_per_s"] / 1e9 / peak_bf16
+                rows.append(row)
+                print("  " + json.dumps(row), flush=True)
     report["models"] = rows
 
     seq_rows = []
@@ -334,15 +347,16 @@ def markdown(report: dict) -> str:
                   f"(2048x2048 GEMM)  ", f"Batch {report['batch']}; img/s is the median step; memory is the "
                   f"process's peak RSS; first step: the first warm-up step (on the compiled path it includes "
                   f"compilation).", "",
-                  "| config | path | precision | mode | GFLOP/img (fwd) | img/s | peak RSS (MB) | MFU (of bf16 peak) "
-                  "| first step (s) |", "|---|---|---|---|---|---|---|---|---|"]
+                  "malloc: `kept` is the glibc setting that importing vision_lstm applies (freed memory kept for "
+                  "reuse); `default` is glibc's defaults (the official code as its users run it).", "",
+                  "| config | path | precision | mode | malloc | GFLOP/img (fwd) | img/s | peak RSS (MB) "
+                  "| MFU (of bf16 peak) | first step (s) |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in report["models"]:
+        head = f"| {r['config']} | {r['path']} | {r['precision']} | {r['mode']} | {r.get('malloc', 'default')} | "
         if "img_per_s" not in r:
-            lines.append(f"| {r['config']} | {r['path']} | {r['precision']} | {r['mode']} | | error: "
-                         f"{r.get('error', '?')} | | | |")
+            lines.append(f"{head} | error: {r.get('error', '?')} | | | |")
             continue
-        lines.append(f"| {r['config']} | {r['path']} | {r['precision']} | {r['mode']} | "
-                     f"{r['fwd_gflop_per_img']:.3f} | {r['img_per_s']:.1f} | {r['peak_rss_mb']:.0f} | "
+        lines.append(f"{head}{r['fwd_gflop_per_img']:.3f} | {r['img_per_s']:.1f} | {r['peak_rss_mb']:.0f} | "
                      f"{100 * r['mfu_bf16_peak']:.1f}% | {r.get('first_step_s', float('nan')):.1f} |")
     if report.get("seqlen"):
         lines += ["", "## Sequence length (one mLSTM layer's cell, B=1, 4 heads x 96, forward, no grad)", "",

@@ -17,6 +17,7 @@ def test_throughput_benchmark_writes_json_and_table(tmp_path):
     assert {(r["path"], r["mode"]) for r in rows} == {(p, m) for p in ("fast", "reference", "checkpointed")
                                                      for m in ("train", "infer")}
     for r in rows:
+        assert r["malloc"] == "kept" and r["malloc_setting"] == "on"  # our paths as users get them
         assert r["img_per_s"] > 0 and r["peak_rss_mb"] > 0 and r["first_step_s"] > 0 and 0 < r["mfu_bf16_peak"] < 1
     assert {r["form"] for r in report["seqlen"]} == {"parallel", "chunkwise", "recurrent", "streaming"}
     assert all("time_ms" in r for r in report["seqlen"])
@@ -39,3 +40,14 @@ def test_recipe_names_resolve_inside_groups():
         assert "unknown config 'recipe_b'" in str(e)
     else:
         raise AssertionError("an unknown name must fail")
+
+
+def test_malloc_both_measures_each_path_under_both_settings(tmp_path):
+    cmd = [sys.executable, str(REPO / "benchmarks" / "throughput.py"), "--configs", "recipe_mnist", "--paths", "fast",
+           "--precisions", "fp32", "--modes", "infer", "--batch", "8", "--seconds", "0.05", "--skip-seqlen",
+           "--malloc", "both", "--output", str(tmp_path), "--tag", "malloc"]
+    subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=300)
+    rows = json.loads((tmp_path / "malloc.json").read_text())["models"]
+    assert {(r["malloc"], r["malloc_setting"]) for r in rows} == {("kept", "on"),
+                                                                 ("default", "off (VIL_MALLOC=default)")}
+    assert "| recipe_mnist | fast | fp32 | infer | default |" in (tmp_path / "malloc.md").read_text()

@@ -289,3 +289,26 @@ def test_grad_checkpointing_same_gradients_less_saved_memory():
     assert ckpt_bytes < plain_bytes / 4, (ckpt_bytes, plain_bytes)
     with torch.no_grad():
         torch.testing.assert_close(model.eval()(x), model.set_grad_checkpointing(False)(x))
+
+
+@pytest.mark.parametrize("env, expected", [
+    ({}, "on"),
+    ({"VIL_MALLOC": "default"}, "off (VIL_MALLOC=default)"),
+    ({"MALLOC_TRIM_THRESHOLD_": "131072"}, "off (left to MALLOC_TRIM_THRESHOLD_)"),
+    ({"GLIBC_TUNABLES": "glibc.malloc.trim_threshold=131072"}, "off (left to GLIBC_TUNABLES)"),
+])
+def test_import_keeps_freed_memory_unless_told_otherwise(env, expected):
+    # Importing the package sets glibc up to keep freed memory (runtime.py); a user's own malloc tuning or
+    # VIL_MALLOC=default leaves glibc alone.
+    import os
+    import platform
+    import subprocess
+    import sys
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("glibc only")
+    clean = {k: v for k, v in os.environ.items()
+             if k not in ("VIL_MALLOC", "MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TOP_PAD_",
+                          "GLIBC_TUNABLES")}
+    out = subprocess.run([sys.executable, "-c", "import vision_lstm; print(vision_lstm.MALLOC_SETTING)"],
+                         env={**clean, **env}, capture_output=True, text=True, check=True).stdout.strip()
+    assert out == expected
