@@ -347,8 +347,8 @@ def markdown(report: dict) -> str:
                   f"(2048x2048 GEMM)  ", f"Batch {report['batch']}; img/s is the median step; memory is the "
                   f"process's peak RSS; first step: the first warm-up step (on the compiled path it includes "
                   f"compilation).", "",
-                  "malloc: `kept` is the glibc setting that importing vision_lstm applies (freed memory kept for "
-                  "reuse); `default` is glibc's defaults (the official code as its users run it).", "",
+                  ("malloc: `kept` is the glibc setting that importing vision_lstm applies (freed memory kept for "
+                   "reuse); `default` is glibc's defaults (the official code as its users run it)."), "",
                   "| config | path | precision | mode | malloc | GFLOP/img (fwd) | img/s | peak RSS (MB) "
                   "| MFU (of bf16 peak) | first step (s) |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in report["models"]:
