@@ -173,15 +173,18 @@ def test_augment_settings_are_checked_and_erase_joins_the_recipes(tmp_path, reci
     bad.write_text(yaml.safe_dump({**TINY_RECIPE, "augment": {"tranlsate": 2}}))
     proc = run("train.py", "--dataset", "mnist", "--config", bad, check=False)
     assert_clean_error(proc, "invalid configuration: augment must be a mapping with keys among erase, hflip, "
-                             "translate", "tranlsate")
+                             "rotate, translate, zoom", "tranlsate")
     proc = run("train.py", "--dataset", "mnist", "--config", recipe, "--erase", 2, check=False)
     assert_clean_error(proc, "augment.erase is a probability in [0, 1], got 2.0")
+    proc = run("train.py", "--dataset", "mnist", "--config", recipe, "--zoom", 1, check=False)
+    assert_clean_error(proc, "augment.zoom is a maximum relative scale change in [0, 1), got 1.0")
     with_aug = tmp_path / "aug.yaml"
     with_aug.write_text(yaml.safe_dump({**TINY_RECIPE, "augment": {"translate": 1}}))
     out = tmp_path / "run"
-    run("train.py", "--dataset", "mnist", "--config", with_aug, "--erase", 0.25, "--data-dir", shared_data,
-        "--output", out, "--train-subset", 64, "--test-subset", 50, "--quiet")
-    assert yaml.safe_load((out / "config.yaml").read_text())["augment"] == {"translate": 1, "erase": 0.25}
+    run("train.py", "--dataset", "mnist", "--config", with_aug, "--erase", 0.25, "--rotate", 10, "--zoom", 0.1,
+        "--data-dir", shared_data, "--output", out, "--train-subset", 64, "--test-subset", 50, "--quiet")
+    assert yaml.safe_load((out / "config.yaml").read_text())["augment"] == {"translate": 1, "erase": 0.25,
+                                                                            "rotate": 10.0, "zoom": 0.1}
 
 
 def test_missing_data_offline(tmp_path):
@@ -232,7 +235,7 @@ def test_help_lists_flags():
     proc = run("train.py", "--help")
     for flag in ("--dataset", "--model", "--config", "--epochs", "--batch-size", "--lr", "--weight-decay", "--seed",
                  "--data-dir", "--output", "--resume", "--save-every", "--train-subset", "--precision", "--compile",
-                 "--device", "--mixup", "--cutmix", "--drop-path", "--erase", "--ema", "--tta", "--val-split",
+                 "--device", "--mixup", "--cutmix", "--drop-path", "--erase", "--rotate", "--zoom", "--ema", "--tta", "--val-split",
                  "--grad-checkpointing"):
         assert flag in proc.stdout
 

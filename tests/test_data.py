@@ -15,7 +15,8 @@ import torch
 from helpers import cifar_batch_bytes, idx_bytes, serve_directory, write_idx_gz
 from vision_lstm import VilError
 from vision_lstm.data import (CIFAR10, MNIST, cifar_content_sha256, ensure_files, get_spec, load_split, mix_batch,
-                              normalize, parse_cifar_batch, parse_idx, random_erase, random_hflip, random_translate,
+                              normalize, parse_cifar_batch, parse_idx, random_affine, random_erase, random_hflip,
+                              random_translate,
                               read_resource, safe_unpickle)
 
 # --- the real files in ../shared/data --------------------------------------------------------------------------
@@ -289,6 +290,17 @@ def test_augment_batch_adds_erasing_without_changing_the_other_draws():
     assert changed.any((1, 2, 3)).all() and (erased[changed] == 128).all()  # only the boxes differ, filled with mean
 
 
+def test_augment_batch_rotates_first_when_asked():
+    from vision_lstm.engine import augment_batch
+    images = torch.randint(0, 256, (16, 1, 8, 8), dtype=torch.uint8)
+    settings = {"translate": 1, "rotate": 20, "zoom": 0.1}
+    gen = torch.Generator().manual_seed(3)
+    expected = random_translate(random_affine(images, gen, 20, 0.1), 1, gen)  # one generator, affine draws first
+    assert torch.equal(augment_batch(images, settings, torch.Generator().manual_seed(3), mean=[0.5]), expected)
+    assert not torch.equal(expected, augment_batch(images, {"translate": 1}, torch.Generator().manual_seed(3),
+                                                   mean=[0.5]))
+
+
 def test_mixup_is_a_convex_combination_with_the_reversed_batch():
     images, labels = torch.randn(6, 3, 8, 8), torch.arange(6)
     mixed, partners, lam = mix_batch(images, labels, torch.Generator().manual_seed(1), mixup=0.8)
@@ -335,3 +347,28 @@ def test_normalize_uses_training_statistics():
     images = torch.full((1, 1, 2, 2), 255, dtype=torch.uint8)
     expected = (1.0 - 0.1307) / 0.3081
     assert torch.allclose(normalize(images, MNIST.mean, MNIST.std), torch.full((1, 1, 2, 2), expected))
+
+
+def test_random_affine_rotates_and_zooms_about_the_centre():
+    # A bright dot right of the centre: rotated by up to 30 degrees it stays at the same distance from the centre
+    # within its angle range; zoom moves it radially within the scale range. Disabled: the input itself.
+    images = torch.zeros(200, 1, 29, 29, dtype=torch.uint8)
+    images[:, :, 14, 22] = 255  # 8 pixels right of the centre pixel (14, 14)
+    gen = torch.Generator().manual_seed(0)
+    rotated = random_affine(images, gen, degrees=30)
+    assert rotated.dtype == torch.uint8 and rotated.shape == images.shape
+    ys, xs = (torch.arange(29, dtype=torch.float64) - 14).view(29, 1), (torch.arange(29, dtype=torch.float64) - 14)
+    w = rotated[:, 0].double()
+    mass = w.sum((1, 2))
+    cy, cx = (w * ys).sum((1, 2)) / mass, (w * xs).sum((1, 2)) / mass  # intensity centroid of the dot
+    radius, angle = torch.hypot(cy, cx), torch.rad2deg(torch.atan2(cy, cx))
+    assert torch.allclose(radius, torch.full_like(radius, 8.0), atol=0.6)
+    assert angle.abs().max() <= 31 and angle.abs().max() > 20 and angle.min() < 0 < angle.max()
+    zoomed = random_affine(images, torch.Generator().manual_seed(0), zoom=0.25)[:, 0].double()
+    mass = zoomed.sum((1, 2))
+    cy, cx = (zoomed * ys).sum((1, 2)) / mass, (zoomed * xs).sum((1, 2)) / mass
+    assert cy.abs().max() < 0.3 and 8 * 0.75 - 0.6 <= cx.min() and cx.max() <= 8 * 1.25 + 0.6 and cx.std() > 0.5
+    assert torch.equal(rotated, random_affine(images, torch.Generator().manual_seed(0), degrees=30))
+    assert random_affine(images, gen) is images
+    with pytest.raises(ValueError, match="zoom"):
+        random_affine(images, gen, zoom=1.0)

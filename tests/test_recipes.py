@@ -45,7 +45,8 @@ def test_augment_settings_in_a_recipe(tmp_path):
     assert build_config(str(recipe), {}).augment == {}
     recipe.write_text("dataset: mnist\naugment: {erase: 0.25}\n")
     assert build_config(str(recipe), {}).augment == {"erase": 0.25}
-    for bad, message in (("{flip: true}", "keys among erase, hflip, translate"), ("{erase: -0.1}", "probability"),
+    for bad, message in (("{flip: true}", "keys among erase, hflip, rotate, translate, zoom"),
+                         ("{erase: -0.1}", "probability"), ("{rotate: 200}", "angle in degrees"),
                          ("[translate]", "must be a mapping")):
         recipe.write_text(f"dataset: mnist\naugment: {bad}\n")
         with pytest.raises(VilError, match=message):

@@ -50,6 +50,8 @@ def train_parser() -> argparse.ArgumentParser:
                    help="recompute each block pair's activations in backward: much less memory, slower steps")
     p.add_argument("--erase", type=float, metavar="P",
                    help="random erasing: probability per image of blanking one random rectangle (0: off)")
+    p.add_argument("--rotate", type=float, metavar="DEG", help="random rotation up to +-DEG degrees (0: off)")
+    p.add_argument("--zoom", type=float, metavar="Z", help="random scaling by a factor in [1-Z, 1+Z] (0: off)")
     p.add_argument("--seed", type=int)
     p.add_argument("--data-dir", help="dataset folder (default: $VIL_DATA_DIR, else ./data)")
     p.add_argument("--no-download", action="store_true", help="fail instead of downloading missing files")
@@ -98,8 +100,10 @@ def train_main(argv: list[str] | None = None) -> dict:
         # Mapping overrides are merged into the recipe's model_args / augment by build_config.
         if args.drop_path is not None:
             overrides["model_args"] = {"drop_path_rate": args.drop_path}
-        if args.erase is not None:
-            overrides["augment"] = {"erase": args.erase}
+        augment = {key: value for key, value in (("erase", args.erase), ("rotate", args.rotate), ("zoom", args.zoom))
+                   if value is not None}
+        if augment:
+            overrides["augment"] = augment
         config = build_config(recipe, overrides)
         explicit = {k for k, v in overrides.items() if v is not None}
         return Trainer(config, explicit=explicit).run()

@@ -10,7 +10,7 @@ import yaml
 from .errors import VilError
 
 RECIPE_DIR_NAME = "configs"
-AUGMENT_KEYS = {"translate", "hflip", "erase"}
+AUGMENT_KEYS = {"translate", "hflip", "erase", "rotate", "zoom"}
 
 
 @dataclass
@@ -29,7 +29,8 @@ class TrainConfig:
     ema: bool = False
     ema_decay: float = 0.999
     eval_raw: bool = False  # with ema: also evaluate the raw weights each epoch (= the same run without EMA)
-    # {"translate": pad, "hflip": bool, "erase": probability of random erasing}; keys not given: the dataset's default
+    # {"translate": pad, "hflip": bool, "erase": probability of random erasing, "rotate": max degrees, "zoom": max
+    # relative scale change}; keys not given: the dataset's default
     augment: dict = field(default_factory=dict)
     mixup: float = 0.0  # Beta alpha of mixup (0: off)
     cutmix: float = 0.0  # Beta alpha of CutMix (0: off); with both on, one of the two per batch
@@ -55,7 +56,8 @@ class TrainConfig:
     def validate(self) -> "TrainConfig":
         if self.augment is None:  # `augment:` left empty in a recipe: the dataset's default
             self.augment = {}
-        erase = float((self.augment.get("erase") if isinstance(self.augment, dict) else 0) or 0)
+        aug = self.augment if isinstance(self.augment, dict) else {}
+        erase, rotate, zoom = (float(aug.get(key) or 0) for key in ("erase", "rotate", "zoom"))
         checks = [
             (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
             (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
@@ -72,6 +74,8 @@ class TrainConfig:
             (isinstance(self.augment, dict) and set(self.augment) <= AUGMENT_KEYS,
              f"augment must be a mapping with keys among {', '.join(sorted(AUGMENT_KEYS))}, got {self.augment!r}"),
             (0 <= erase <= 1, f"augment.erase is a probability in [0, 1], got {erase}"),
+            (0 <= rotate <= 180, f"augment.rotate is a maximum angle in degrees in [0, 180], got {rotate}"),
+            (0 <= zoom < 1, f"augment.zoom is a maximum relative scale change in [0, 1), got {zoom}"),
         ]
         for ok, message in checks:
             if not ok:

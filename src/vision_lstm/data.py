@@ -418,6 +418,29 @@ def random_translate(images: torch.Tensor, pad: int, generator: torch.Generator)
     return padded[n, c, rows, cols]
 
 
+def random_affine(images: torch.Tensor, generator: torch.Generator, degrees: float = 0.0,
+                  zoom: float = 0.0) -> torch.Tensor:
+    """Random rotation by an angle uniform in [-degrees, degrees] and scaling by a factor uniform in
+    [1 - zoom, 1 + zoom] about the image centre, per image, bilinear, zeros outside. (N, C, H, W) uint8 or float ->
+    the same shape and dtype (uint8 is rounded back)."""
+    if degrees < 0 or not 0 <= zoom < 1:
+        raise ValueError(f"rotation degrees must be >= 0 and zoom in [0, 1), got {degrees} and {zoom}")
+    if degrees == 0 and zoom == 0:
+        return images
+    N = images.shape[0]
+    u = torch.rand(N, 2, generator=generator, dtype=torch.float64)
+    angle = torch.deg2rad((2 * u[:, 0] - 1) * degrees)
+    scale = 1 + (2 * u[:, 1] - 1) * zoom
+    # affine_grid maps output coordinates to input ones: the inverse transform, rotation by -angle over scale.
+    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+    theta = torch.stack([torch.stack([cos, sin, torch.zeros_like(cos)], -1),
+                         torch.stack([-sin, cos, torch.zeros_like(cos)], -1)], 1).float()  # (N, 2, 3)
+    x = images.float()
+    grid = torch.nn.functional.affine_grid(theta, list(x.shape), align_corners=False)
+    out = torch.nn.functional.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return out.round_().clamp_(0, 255).to(images.dtype) if images.dtype == torch.uint8 else out.to(images.dtype)
+
+
 def random_hflip(images: torch.Tensor, generator: torch.Generator, p: float = 0.5) -> torch.Tensor:
     flip = torch.rand(images.shape[0], generator=generator) < p
     return torch.where(flip[:, None, None, None], images.flip(-1), images)

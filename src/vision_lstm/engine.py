@@ -24,7 +24,17 @@ import torch.nn.functional as F
 
 from .checkpoint import atomic_write, load_checkpoint, save_checkpoint, save_weights
 from .config import TrainConfig, save_config
-from .data import ImageDataset, get_spec, load_split, mix_batch, normalize, random_erase, random_hflip, random_translate
+from .data import (
+    ImageDataset,
+    get_spec,
+    load_split,
+    mix_batch,
+    normalize,
+    random_affine,
+    random_erase,
+    random_hflip,
+    random_translate,
+)
 from .errors import VilError
 from .model import VisionLSTM, create_model, list_models
 
@@ -136,9 +146,12 @@ class EMA:
 
 
 def augment_batch(images: torch.Tensor, spec_augment: dict, gen: torch.Generator, mean) -> torch.Tensor:
-    """uint8 (N, C, H, W) -> augmented uint8, batched: shift, flip, then random erasing with the dataset ``mean``
-    (on the [0, 1] scale) as the fill. A disabled step draws nothing from ``gen``, so adding one leaves the others'
-    draws unchanged."""
+    """uint8 (N, C, H, W) -> augmented uint8, batched: rotation/zoom, shift, flip, then random erasing with the
+    dataset ``mean`` (on the [0, 1] scale) as the fill. A disabled step draws nothing from ``gen``, so adding one
+    leaves the others' draws unchanged."""
+    degrees, zoom = float(spec_augment.get("rotate", 0) or 0), float(spec_augment.get("zoom", 0) or 0)
+    if degrees or zoom:
+        images = random_affine(images, gen, degrees, zoom)
     pad = int(spec_augment.get("translate", 0) or 0)
     if pad:
         images = random_translate(images, pad, gen)
