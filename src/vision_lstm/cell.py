@@ -157,7 +157,8 @@ def mlstm_parallel(q, k, v, igate, fgate, eps: float = DEFAULT_EPS) -> torch.Ten
         # The exponential gating is computed in float32 whatever the autocast dtype (bf16 would lose the
         # stabiliser's precision); the surrounding projections still run in low precision.
         with torch.autocast(device, enabled=False):
-            return _ParallelMLSTM.apply(*(t.float() for t in (q, k, v, igate, fgate)), eps)
+            return _ParallelMLSTM.apply(*(t.to(torch.float32, memory_format=torch.contiguous_format)
+                                          for t in (q, k, v, igate, fgate)), eps)
     return _ParallelMLSTM.apply(q, k, v, igate, fgate, eps)
 
 
