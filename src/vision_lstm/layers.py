@@ -275,8 +275,30 @@ class ViLLayer(nn.Module):
         igate, fgate = gates[:, :H].contiguous(), gates[:, H:].contiguous()  # (B, H, T) each
         q, k, v = (t.view(B, T, H, -1).transpose(1, 2) for t in (q, k, v))  # (B, H, T, DH)
         h = mlstm(q, k, v, igate, fgate, mode=self.mlstm_mode, chunk_size=self.chunk_size)  # (B, H, T, DH)
+        device = x.device.type
+        if torch.is_autocast_enabled(device):
+            return self._output_low_precision(h, c, z, torch.get_autocast_dtype(device))
         h = torch.addcmul(self.outnorm(h.transpose(1, 2).reshape(B, T, inner)), self.learnable_skip, c)
         return self.proj_down(h * F.silu(z))  # (B, T, D)
+
+    def _output_low_precision(self, h: torch.Tensor, c: torch.Tensor, z: torch.Tensor, dtype) -> torch.Tensor:
+        """The output path (per-head norm, skip, output gate) in the autocast dtype. (B, H, T, DH) fp32 -> (B, T, D).
+
+        Autocast would run the norm in fp32 and promote the chain after it to fp32 (c and z are already in low
+        precision), casting back to low precision for the down-projection anyway: four fp32 passes over (B, T, inner)
+        and two casts. Here the cell output is cast once, in the token layout, and everything stays in ``dtype``;
+        the norm's statistics are still accumulated in fp32 by the kernel.
+        """
+        B, H, T, DH = h.shape
+        h = h.transpose(1, 2).to(dtype, memory_format=torch.contiguous_format).view(B, T, H * DH)
+        norm = self.outnorm
+        with torch.autocast(h.device.type, enabled=False):
+            y = F.layer_norm(h.view(B, T, H, DH), (DH,), eps=norm.eps).view(B, T, H * DH)
+            scale = (1.0 + norm.weight).to(dtype)
+            y = torch.addcmul(norm.bias.to(dtype), y, scale) if norm.bias is not None else y * scale
+            y = torch.addcmul(y, self.learnable_skip.to(dtype), c)
+            y = y * F.silu(z)
+        return self.proj_down(y)  # autocast again: (B, T, D)
 
     def forward_reference(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         """The same layer written plainly, as in the paper and the official code (unfused projections, the
