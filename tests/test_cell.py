@@ -1,6 +1,7 @@
 """The three forms of the mLSTM cell agree with each other and with an independent implementation."""
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from vision_lstm.cell import (init_state, mlstm, mlstm_chunkwise, mlstm_parallel, mlstm_parallel_reference,
                               mlstm_recurrent, mlstm_step)
@@ -85,6 +86,47 @@ def test_fast_parallel_respects_autocast():
     assert out.dtype == torch.float32
     assert rel_err(out, ref) <= 1e-4
 
+
+class _CountCopies(TorchDispatchMode):
+    """Counts the copying ops (casts, clones, copy_) that write a tensor of ``numel`` elements."""
+
+    def __init__(self, numel):
+        super().__init__()
+        self.numel, self.count = numel, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        copying = (torch.ops.aten._to_copy.default, torch.ops.aten.clone.default, torch.ops.aten.copy_.default)
+        if func in copying and out.numel() == self.numel:
+            self.count += 1
+        return out
+
+
+def test_autocast_gradients_keep_the_token_layout():
+    """Under autocast the cell's inputs are head views of token-major bf16 tensors; their gradients must come back
+    in bf16, in that token-major layout (no extra copy in the projection's backward), with the values plain
+    autograd gives."""
+    B, T, H, DH = 2, 11, 3, 4
+    leaves = [torch.randn(B, T, H * DH, dtype=torch.bfloat16, requires_grad=True) for _ in range(3)]
+    leaves += [torch.randn(B, H, T, dtype=torch.bfloat16, requires_grad=True) for _ in range(2)]
+    # Leaf gradients are always re-laid out by autograd, so look at what reaches a non-leaf (the projection).
+    produced = [t * 1 for t in leaves]
+    arrived = {}
+    for n, t in enumerate(produced):
+        t.register_hook(lambda g, n=n: arrived.__setitem__(n, g))
+    heads = [t.view(B, T, H, DH).transpose(1, 2) for t in produced[:3]]  # (B, H, T, DH) views
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = mlstm_parallel(*heads, *produced[3:])
+    weight = torch.randn_like(out)
+    with _CountCopies(numel=B * T * H * DH) as copies:
+        (out * weight).sum().backward()
+    assert copies.count == 3  # one cast-and-relayout per q, k, v gradient (plain .to() + view: two each)
+    ref_leaves = [t.detach().float().requires_grad_() for t in leaves]
+    ref = mlstm_parallel_reference(*[t.view(B, T, H, DH).transpose(1, 2) for t in ref_leaves[:3]], *ref_leaves[3:])
+    (ref * weight).sum().backward()
+    for n, want in enumerate(ref_leaves):
+        assert arrived[n].dtype == torch.bfloat16 and arrived[n].is_contiguous()
+        assert rel_err(arrived[n].float(), want.grad) <= 1e-2
 
 def test_streaming_matches_parallel_token_by_token():
     q, k, v, i, f = (t.detach() for t in make_inputs(T=23))

@@ -108,18 +108,20 @@ class _ParallelMLSTM(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, igate, fgate, eps):
-        scale = q.shape[-1] ** -0.5
         decay, m, argmax = _decay_matrix(igate, fgate)  # (B, H, T, T), (B, H, T, 1) x2
+        # The 1/sqrt(DH) of the scores goes into the decay matrix (T x T) rather than into q (T x DH, DH > T in
+        # ViL): one pass fewer forward and backward. D * scale is what the backward needs anyway.
+        decay.mul_(q.shape[-1] ** -0.5)
         # Callers often pass head views of a (B, T, H * DH) tensor; one contiguous copy each here replaces the
         # copies matmul would otherwise make of every operand, forward and backward.
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        weights = (q * scale) @ k.transpose(-2, -1)  # scores S[t, s] = q_t . k_s / sqrt(DH)
-        weights.mul_(decay)  # C[t, s]
+        weights = q @ k.transpose(-2, -1)  # q_t . k_s
+        weights.mul_(decay)  # C[t, s] = S[t, s] D[t, s] with S = q_t . k_s / sqrt(DH)
         row_sum = weights.sum(dim=-1, keepdim=True)  # (B, H, T, 1)
         normaliser = torch.maximum(row_sum.abs(), torch.exp(-m))
         h = (weights @ v).div_(normaliser + eps)  # (B, H, T, DH)
         ctx.save_for_backward(q, k, v, fgate, decay, weights, m, argmax, row_sum, normaliser, h)
-        ctx.eps, ctx.scale = eps, scale
+        ctx.eps = eps
         return h
 
     @staticmethod
@@ -127,7 +129,9 @@ class _ParallelMLSTM(torch.autograd.Function):
         q, k, v, fgate, decay, weights, m, argmax, row_sum, normaliser, h = ctx.saved_tensors
         denom = normaliser + ctx.eps  # (B, H, T, 1)
         grad_num = torch.div(grad_h, denom, out=torch.empty_like(h))  # d h / d (C v); contiguous like h
-        grad_norm = -(grad_h * h).sum(dim=-1, keepdim=True) / denom  # (B, H, T, 1)
+        # -(dh . h) / denom, from grad_num = dh / denom: grad_h often arrives strided (the transpose into the token
+        # layout), grad_num is contiguous, and the product is then one fast pass.
+        grad_norm = -(grad_num * h).sum(dim=-1, keepdim=True)  # (B, H, T, 1)
         use_sum = row_sum.abs() >= torch.exp(-m)  # which side of max(|sum C|, exp(-m)) is active
         grad_row_sum = torch.where(use_sum, grad_norm * torch.sign(row_sum), 0.0)
         grad_m = torch.where(use_sum, 0.0, -grad_norm * torch.exp(-m))  # (B, H, T, 1)
@@ -135,7 +139,7 @@ class _ParallelMLSTM(torch.autograd.Function):
         grad_v = weights.transpose(-2, -1) @ grad_num  # C^T dN
         grad_weights = grad_num @ v.transpose(-2, -1)  # (B, H, T, T)
         grad_weights += grad_row_sum
-        grad_scores = (grad_weights * decay).mul_(ctx.scale)
+        grad_scores = grad_weights * decay  # decay holds D / sqrt(DH)
         grad_log_d = grad_weights.mul_(weights)  # d/d log D of C = S exp(log D - m): dC * C
         grad_m -= grad_log_d.sum(dim=-1, keepdim=True)
         grad_log_d.scatter_add_(-1, argmax, grad_m)  # m_t = max_s log D[t, s] takes its gradient at the argmax
@@ -149,6 +153,25 @@ class _ParallelMLSTM(torch.autograd.Function):
         return grad_q, grad_k, grad_v, grad_igate, grad_fgate, None
 
 
+class _ToFloat32(torch.autograd.Function):
+    """x.to(float32), contiguous; the gradient comes back in x's dtype *and memory layout*.
+
+    The cell's inputs are usually head views (B, H, T, DH) of a token-major (B, T, H * DH) low-precision tensor.
+    Plain ``.to()`` returns a (B, H, T, DH)-contiguous gradient, which the projection that made x then copies
+    again into its token-major layout; here the cast back writes that layout directly: one pass instead of two.
+    """
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.like = torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device="meta")  # layout only, no data
+        return x.to(torch.float32, memory_format=torch.contiguous_format)
+
+    @staticmethod
+    def backward(ctx, grad):
+        # empty_like keeps x's strides when they are dense (the head view case), else falls back to contiguous
+        return torch.empty_like(ctx.like, device=grad.device).copy_(grad)
+
+
 def mlstm_parallel(q, k, v, igate, fgate, eps: float = DEFAULT_EPS) -> torch.Tensor:
     """Parallel form, fast path (hand-written backward). Shapes and math as :func:`mlstm_parallel_reference`."""
     _check_inputs(q, k, v, igate, fgate)
@@ -157,7 +180,7 @@ def mlstm_parallel(q, k, v, igate, fgate, eps: float = DEFAULT_EPS) -> torch.Ten
         # The exponential gating is computed in float32 whatever the autocast dtype (bf16 would lose the
         # stabiliser's precision); the surrounding projections still run in low precision.
         with torch.autocast(device, enabled=False):
-            return _ParallelMLSTM.apply(*(t.to(torch.float32, memory_format=torch.contiguous_format)
+            return _ParallelMLSTM.apply(*(_ToFloat32.apply(t) if t.dtype != torch.float32 else t.contiguous()
                                           for t in (q, k, v, igate, fgate)), eps)
     return _ParallelMLSTM.apply(q, k, v, igate, fgate, eps)
 
