@@ -67,18 +67,21 @@ def _grouped_pointwise_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.T
 def _block_outer_sum(a: torch.Tensor, b: torch.Tensor, block_size: int, group: int = 32) -> torch.Tensor:
     """sum_n a[n, j*bs + o] b[n, j*bs + i] for every block j: the weight gradient of a block-diagonal product.
 
-    a: (N, C), b: (N, C) contiguous -> (C / bs, bs, bs). One batched matmul over super-blocks of ``group``
-    channels (the diagonal bs x bs blocks of each group x group product are kept): group / bs times the FLOPs of
-    the blocks alone, but a matmul with a long inner axis, read straight from the token-major layout. For 8192
-    tokens x 384 channels in bf16 on 2 cores this takes 2.2 ms where oneDNN's grouped-convolution weight gradient
-    takes 16 ms.
+    a: (N, C), b: (N, C) contiguous -> (C / bs, bs, bs). One matmul per super-block of ``group`` channels (the
+    diagonal bs x bs blocks of each group x group product are kept): group / bs times the FLOPs of the blocks
+    alone, but a matmul with a long inner axis. Each operand is a column slice of the token-major tensor, which
+    BLAS reads in place (a transposed operand with leading dimension C); a single batched matmul over all groups
+    would first copy both operands into a group-major layout, and those copies cost more than the products.
     """
-    N, C = a.shape
+    C = a.shape[1]
     group = max(g for g in range(block_size, min(group, C) + 1, block_size) if C % g == 0)
-    groups, k = C // group, group // block_size
-    full = torch.bmm(a.view(N, groups, group).permute(1, 2, 0), b.view(N, groups, group).permute(1, 0, 2))
-    blocks = full.view(groups, k, block_size, k, block_size).diagonal(dim1=1, dim2=3)  # (groups, bs, bs, k)
-    return blocks.permute(0, 3, 1, 2).reshape(C // block_size, block_size, block_size)
+    k = group // block_size
+    out = a.new_empty(C // block_size, block_size, block_size)
+    for start in range(0, C, group):
+        full = a[:, start:start + group].t() @ b[:, start:start + group]  # (group, group)
+        blocks = full.view(k, block_size, k, block_size).diagonal(dim1=0, dim2=2)  # (bs, bs, k)
+        out[start // block_size:(start + group) // block_size] = blocks.permute(2, 0, 1)
+    return out
 
 
 class _BlockDiagonalMatmul(torch.autograd.Function):
