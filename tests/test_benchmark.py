@@ -51,3 +51,20 @@ def test_malloc_both_measures_each_path_under_both_settings(tmp_path):
     assert {(r["malloc"], r["malloc_setting"]) for r in rows} == {("kept", "on"),
                                                                  ("default", "off (VIL_MALLOC=default)")}
     assert "| recipe_mnist | fast | fp32 | infer | default |" in (tmp_path / "malloc.md").read_text()
+
+
+def test_floor_benchmark_records_the_products_of_a_training_step(tmp_path):
+    # Tiny model (MNIST recipe), batch 8: every product of one bf16-autocast step is recorded as the kernels see it.
+    cmd = [sys.executable, str(REPO / "benchmarks" / "floor.py"), "--config", "recipe_mnist", "--batch", "8",
+           "--seconds", "0.02", "--steps", "2", "--output", str(tmp_path)]
+    subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=300)
+    report = json.loads((tmp_path / "floor.json").read_text())
+    rows = report["rows"]
+    # The cell's T x T products (49 tokens, 4 heads x batch 8, head dim 32) in fp32: 2 forward + 4 backward per
+    # layer, 6 layers; the projections in bf16.
+    cell = [r for r in rows if r["op"] == "bmm" and r["dtype"] == "float32"]
+    assert sum(r["count"] for r in cell) == 6 * 6
+    assert all(49 in r["shapes"][0] and r["shapes"][0][0] == 8 * 4 for r in cell)
+    assert any(r["op"] in ("mm", "addmm") and r["dtype"] == "bfloat16" for r in rows)
+    assert abs(report["floor_ms"] - sum(r["ms"] for r in rows)) < 1e-6 and report["step_ms"] > 0
+    assert "Floor:" in (tmp_path / "floor.md").read_text()
