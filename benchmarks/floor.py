@@ -21,6 +21,7 @@ import sys
 import time
 from collections import Counter
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -46,6 +47,13 @@ def best_ms(fn, seconds: float) -> float:
 MATMULS = ("mm", "addmm", "bmm", "baddbmm")
 
 
+class TensorSig(NamedTuple):
+    """A recorded tensor argument: enough to remake one like it."""
+    shape: tuple
+    stride: tuple
+    dtype: str
+
+
 def record_products(config: str, batch: int) -> Counter:
     """Every matrix product of one bf16-autocast training step of the fast path, as the kernels receive them:
     (op, ((shape, stride, dtype) of each tensor argument), scalars) -> how often. Convolutions are not counted."""
@@ -57,7 +65,7 @@ def record_products(config: str, batch: int) -> Counter:
     class Recorder(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             if func.overloadpacket.__name__ in MATMULS and not kwargs:
-                sig = tuple((tuple(a.shape), a.stride(), str(a.dtype)[6:]) if torch.is_tensor(a) else a
+                sig = tuple(TensorSig(tuple(a.shape), a.stride(), str(a.dtype)[6:]) if torch.is_tensor(a) else a
                             for a in args)
                 seen[(func.overloadpacket.__name__, sig)] += 1
             return func(*args, **(kwargs or {}))
@@ -73,9 +81,8 @@ def time_product(op: str, sig: tuple, seconds: float) -> tuple[float, float]:
     """(ms, GFLOP) of one recorded product, re-run alone on random tensors with the recorded strides."""
     args = []
     for a in sig:
-        if isinstance(a, tuple) and len(a) == 3 and isinstance(a[0], tuple):
-            shape, stride, dtype = a
-            t = torch.empty_strided(shape, stride, dtype=getattr(torch, dtype))
+        if isinstance(a, TensorSig):
+            t = torch.empty_strided(a.shape, a.stride, dtype=getattr(torch, a.dtype))
             args.append(t.normal_() if t.numel() else t)
         else:
             args.append(a)
@@ -88,25 +95,11 @@ def time_product(op: str, sig: tuple, seconds: float) -> tuple[float, float]:
 
 
 def measured_step_ms(config: str, batch: int, steps: int) -> float:
-    """Fastest of ``steps`` training steps (forward, backward, AdamW) on the fast path under bf16 autocast. ms."""
-    model, shape = throughput.build(config, "fast", None)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    x, y = torch.randn(batch, *shape), torch.randint(0, 10, (batch,))
-
-    def step():
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = nn.functional.cross_entropy(model(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    for _ in range(2):
-        step()
-    times = []
-    for _ in range(steps):
-        t = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t)
-    return 1000 * min(times)
+    """Fastest of ``steps`` training steps (forward, backward, AdamW) on the fast path under bf16 autocast, timed by
+    the throughput benchmark's own step loop. ms."""
+    run = argparse.Namespace(config=config, path="fast", official=None, batch=batch, precision="bf16", mode="train",
+                             warmup=2, seconds=0.0, min_steps=steps, max_steps=steps)
+    return 1000 * throughput.worker_model(run)["best_step_s"]
 
 
 def official_best(config: str) -> float | None:
@@ -135,8 +128,8 @@ def main() -> None:
     rows = []
     for (op, sig), count in sorted(record_products(config, args.batch).items(), key=lambda kv: str(kv[0])):
         ms, gflop = time_product(op, sig, args.seconds)
-        tensors = [a for a in sig if isinstance(a, tuple) and len(a) == 3 and isinstance(a[0], tuple)]
-        rows.append({"op": op, "shapes": [list(t[0]) for t in tensors], "dtype": tensors[-1][2], "count": count,
+        tensors = [a for a in sig if isinstance(a, TensorSig)]
+        rows.append({"op": op, "shapes": [list(t.shape) for t in tensors], "dtype": tensors[-1].dtype, "count": count,
                      "gflop": gflop * count, "ms": ms * count})
     floor_ms = sum(r["ms"] for r in rows)
     step_ms = measured_step_ms(config, args.batch, args.steps)

@@ -274,9 +274,10 @@ class ViLLayer(nn.Module):
         H, inner = self.num_heads, self.inner
         w_m, b_m, zg_w, zg_b, gate_c = self._folded_projections()
         device = x.device.type
-        if torch.is_autocast_enabled(device):
+        low_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+        if low_dtype is not None:
             # Both products below read x: cast it once (autocast would cast it for each, forward and backward).
-            x = x.to(torch.get_autocast_dtype(device))
+            x = x.to(low_dtype)
         x_m = F.linear(x, w_m, b_m)  # (B, T, inner); its own product so the conv gets a contiguous input
         z, gates_x = F.linear(x, zg_w, zg_b).split([inner, 2 * H], dim=-1)  # (B, T, inner), (B, T, 2H)
         c = F.silu(self._conv_on_grid(x_m, grid))  # (B, T, inner)
@@ -285,8 +286,8 @@ class ViLLayer(nn.Module):
         igate, fgate = gates[:, :H].contiguous(), gates[:, H:].contiguous()  # (B, H, T) each
         q, k, v = (t.view(B, T, H, -1).transpose(1, 2) for t in (q, k, v))  # (B, H, T, DH)
         h = mlstm(q, k, v, igate, fgate, mode=self.mlstm_mode, chunk_size=self.chunk_size)  # (B, H, T, DH)
-        if torch.is_autocast_enabled(device):
-            return self._output_low_precision(h, c, z, torch.get_autocast_dtype(device))
+        if low_dtype is not None:
+            return self._output_low_precision(h, c, z, low_dtype)
         h = torch.addcmul(self.outnorm(h.transpose(1, 2).reshape(B, T, inner)), self.learnable_skip, c)
         return self.proj_down(h * F.silu(z))  # (B, T, D)
 
