@@ -77,12 +77,55 @@ def test_fast_parallel_gradcheck():
     assert torch.autograd.gradcheck(lambda *a: mlstm_parallel(*a), inputs)
 
 
-def test_fast_parallel_respects_autocast():
+def _norm_err(a, b):
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).norm() / b.norm())
+
+
+def _output_and_grads(fn, inputs, grad_out):
+    leaves = [t.detach().clone().requires_grad_() for t in inputs]
+    out = fn(*leaves)
+    out.backward(grad_out.to(out.dtype))
+    return [out] + [t.grad for t in leaves]
+
+
+# The fast cell's stated tolerance under bf16 autocast: output and every gradient within 1 % (relative norm) of the
+# float64 reference fed the same bf16-rounded inputs. Measured ~0.3-0.4 % at ViL-T's head shape (T 64, DH 96).
+BF16_TOLERANCE = 1e-2
+
+
+def test_fast_parallel_under_bf16_autocast_within_stated_tolerance():
+    """Under bf16 autocast, five of the six T x T products run in bf16 and h comes back in bf16; the scores q k^T
+    stay fp32. The tolerance is tight enough to catch the scores being rounded to bf16 (the official code's
+    autocast path does that, and lands at 14-28 % here)."""
+    inputs = [t.detach().float().bfloat16() for t in make_inputs(B=2, H=2, T=64, DH=96, seed=3)]
+    inputs[4] = inputs[4] + 3.0  # forget gates mostly open, as in a trained ViL: long-range terms matter
+    grad_out = torch.randn(2, 2, 64, 96, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    want = _output_and_grads(mlstm_parallel_reference, [t.double() for t in inputs], grad_out)
+
+    def fast(*args):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return mlstm_parallel(*args)
+
+    got = _output_and_grads(fast, inputs, grad_out)
+    assert all(t.dtype == torch.bfloat16 for t in got)  # h and the gradients in the inputs' dtype
+    errors = [_norm_err(g, w) for g, w in zip(got, want)]
+    assert max(errors) <= BF16_TOLERANCE, errors
+
+    def scores_in_bf16(*args):  # what the plain form does under autocast: every product, scores included
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return mlstm_parallel_reference(*args)
+
+    rounded = _output_and_grads(scores_in_bf16, [t.float() for t in inputs], grad_out)
+    assert max(_norm_err(g, w) for g, w in zip(rounded, want)) > 3 * BF16_TOLERANCE
+
+
+def test_fast_parallel_fp16_autocast_runs_in_fp32():
+    """fp16 (CUDA autocast's default) has too little range for C = S D, so the cell takes fp32 under it."""
     inputs = [t.detach().float() for t in make_inputs(T=20)]
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = mlstm_parallel(*[t.bfloat16() for t in inputs])
-    # The cell runs in float32 under autocast; inputs rounded to bf16 make the only difference.
-    ref = mlstm_parallel_reference(*[t.bfloat16().float() for t in inputs])
+    ref = mlstm_parallel_reference(*[t.half().float() for t in inputs])
+    with torch.autocast("cpu", dtype=torch.float16):
+        out = mlstm_parallel(*[t.half() for t in inputs])
     assert out.dtype == torch.float32
     assert rel_err(out, ref) <= 1e-4
 
@@ -105,7 +148,7 @@ class _CountCopies(TorchDispatchMode):
 def test_autocast_gradients_keep_the_token_layout():
     """Under autocast the cell's inputs are head views of token-major bf16 tensors; their gradients must come back
     in bf16, in that token-major layout (no extra copy in the projection's backward), with the values plain
-    autograd gives."""
+    autograd gives (to bf16 accuracy)."""
     B, T, H, DH = 2, 11, 3, 4
     leaves = [torch.randn(B, T, H * DH, dtype=torch.bfloat16, requires_grad=True) for _ in range(3)]
     leaves += [torch.randn(B, H, T, dtype=torch.bfloat16, requires_grad=True) for _ in range(2)]
@@ -126,7 +169,7 @@ def test_autocast_gradients_keep_the_token_layout():
     (ref * weight).sum().backward()
     for n, want in enumerate(ref_leaves):
         assert arrived[n].dtype == torch.bfloat16 and arrived[n].is_contiguous()
-        assert rel_err(arrived[n].float(), want.grad) <= 1e-2
+        assert _norm_err(arrived[n], want.grad) <= 2 * BF16_TOLERANCE  # bf16 products: ~1 % at these tiny shapes
 
 def test_streaming_matches_parallel_token_by_token():
     q, k, v, i, f = (t.detach() for t in make_inputs(T=23))

@@ -292,7 +292,7 @@ class ViLLayer(nn.Module):
         return self.proj_down(h * F.silu(z))  # (B, T, D)
 
     def _output_low_precision(self, h: torch.Tensor, c: torch.Tensor, z: torch.Tensor, dtype) -> torch.Tensor:
-        """The output path (per-head norm, skip, output gate) in the autocast dtype. (B, H, T, DH) fp32 -> (B, T, D).
+        """The output path (per-head norm, skip, output gate) in the autocast dtype. (B, H, T, DH) -> (B, T, D).
 
         Autocast would run the norm in fp32 and promote the chain after it to fp32 (c and z are already in low
         precision), casting back to low precision for the down-projection anyway: four fp32 passes over (B, T, inner)
@@ -300,7 +300,7 @@ class ViLLayer(nn.Module):
         the norm's statistics are still accumulated in fp32 by the kernel.
         """
         B, H, T, DH = h.shape
-        h = h.transpose(1, 2).to(dtype, memory_format=torch.contiguous_format).view(B, T, H * DH)
+        h = h.new_empty((B, T, H, DH), dtype=dtype).copy_(h.transpose(1, 2)).view(B, T, H * DH)  # one pass
         with torch.autocast(h.device.type, enabled=False):
             y = torch.addcmul(self.outnorm(h), self.learnable_skip.to(dtype), c)
             y = y * F.silu(z)
