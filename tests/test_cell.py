@@ -171,6 +171,19 @@ def test_autocast_gradients_keep_the_token_layout():
         assert arrived[n].dtype == torch.bfloat16 and arrived[n].is_contiguous()
         assert _norm_err(arrived[n], want.grad) <= 2 * BF16_TOLERANCE  # bf16 products: ~1 % at these tiny shapes
 
+def test_autocast_inference_copies_each_input_once():
+    """Without gradients, q and k are cast to fp32 straight from the head views (one pass each, no bf16 copy
+    first) and v is made contiguous once."""
+    B, T, H, DH = 2, 11, 3, 4
+    qkv = [torch.randn(B, T, H * DH, dtype=torch.bfloat16).view(B, T, H, DH).transpose(1, 2) for _ in range(3)]
+    gates = [torch.randn(B, H, T, dtype=torch.bfloat16) for _ in range(2)]
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16), _CountCopies(numel=B * T * H * DH) as copies:
+        out = mlstm_parallel(*qkv, *gates)
+    assert copies.count == 3
+    want = mlstm_parallel_reference(*[t.double() for t in qkv + gates])
+    assert _norm_err(out, want) <= BF16_TOLERANCE
+
+
 def test_streaming_matches_parallel_token_by_token():
     q, k, v, i, f = (t.detach() for t in make_inputs(T=23))
     parallel = mlstm_parallel(q, k, v, i, f)

@@ -123,11 +123,16 @@ class _ParallelMLSTM(torch.autograd.Function):
         # copies matmul would otherwise make of every operand, forward and backward. The gradients go back in
         # the callers' layouts (see backward), so the projections that made q, k, v need no copy of their own.
         ctx.layouts = tuple(None if t.is_contiguous() else _layout_of(t) for t in (q, k, v))
-        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         if low_dtype is None:
+            q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
             weights = q @ k.transpose(-2, -1)  # q_t . k_s
-        else:
+        elif any(ctx.needs_input_grad[:2]):  # (forward itself runs with grad mode off: ask ctx)
+            # backward needs q, k in low precision: copy those (half the bytes), then cast them for the scores
+            q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
             weights = q.float() @ k.float().transpose(-2, -1)  # the scores in fp32 (see the class docstring)
+        else:  # inference: one cast-and-copy pass each
+            weights = _contiguous_fp32(q) @ _contiguous_fp32(k).transpose(-2, -1)
+            v = v.contiguous()
         weights.mul_(decay)  # C[t, s] = S[t, s] D[t, s] with S = q_t . k_s / sqrt(DH)
         row_sum = weights.sum(dim=-1, keepdim=True)  # (B, H, T, 1)
         normaliser = torch.maximum(row_sum.abs(), torch.exp(-m))
@@ -175,6 +180,10 @@ class _ParallelMLSTM(torch.autograd.Function):
         grad_q, grad_k, grad_v = (grad if like is None else torch.empty_like(like, device=grad.device).copy_(grad)
                                   for grad, like in zip((grad_q, grad_k, grad_v), ctx.layouts))
         return grad_q, grad_k, grad_v, grad_igate, grad_fgate, None, None
+
+
+def _contiguous_fp32(x: torch.Tensor) -> torch.Tensor:
+    return x.to(torch.float32, memory_format=torch.contiguous_format)
 
 
 def _layout_of(x: torch.Tensor) -> torch.Tensor:
