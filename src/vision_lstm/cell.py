@@ -110,7 +110,7 @@ class _ParallelMLSTM(torch.autograd.Function):
     about 5x faster than fp32 on a CPU with bf16 matrix units. The scores q k^T stay fp32, as do the gates, the
     stabiliser, the normaliser and every elementwise pass: rounding the scores to bf16 moves the gradients of q,
     k and the gates by 14-25 % (relative norm, measured against float64 on ViL-T's shapes), rounding any of the
-    other five products by at most 0.3 %, the size of bf16's own rounding (tests/test_cell.py pins this).
+    other five products by at most 0.34 %, the size of bf16's own rounding (tests/test_cell.py pins this).
     """
 
     @staticmethod
