@@ -171,6 +171,7 @@ def test_autocast_gradients_keep_the_token_layout():
         assert arrived[n].dtype == torch.bfloat16 and arrived[n].is_contiguous()
         assert _norm_err(arrived[n], want.grad) <= 2 * BF16_TOLERANCE  # bf16 products: ~1 % at these tiny shapes
 
+
 def test_autocast_inference_copies_each_input_once():
     """Without gradients, q and k are cast to fp32 straight from the head views (one pass each, no bf16 copy
     first) and v is made contiguous once."""

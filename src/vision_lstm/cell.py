@@ -156,7 +156,7 @@ class _ParallelMLSTM(torch.autograd.Function):
         grad_row_sum = torch.where(use_sum, grad_norm * torch.sign(row_sum), 0.0)
         grad_m = torch.where(use_sum, 0.0, -grad_norm * torch.exp(-m))  # (B, H, T, 1)
 
-        mm_dtype = weights.dtype if low_dtype is None else low_dtype
+        mm_dtype = low_dtype or weights.dtype
         weights_mm = weights.to(mm_dtype)
         grad_v = weights_mm.transpose(-2, -1) @ grad_num  # C^T dN
         del weights_mm
