@@ -135,7 +135,9 @@ def main() -> None:
     floor_ms = sum(r["ms"] for r in rows)
     step_ms = measured_step_ms(config, args.batch, args.steps)
     official = official_best(config)
+    from vision_lstm.runtime import device_name
     report = {"config": config, "batch": args.batch, "threads": args.threads, "torch": torch.__version__,
+              "cpu": device_name("cpu"),
               "python": platform.python_version(), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
               "command": "python benchmarks/floor.py " + " ".join(sys.argv[1:]), "rows": rows,
               "floor_ms": floor_ms, "step_ms": step_ms,
@@ -154,7 +156,8 @@ def markdown(r: dict) -> str:
         by_dtype[x["dtype"]] += x["ms"]
     lines = [f"# Matrix-product floor of a training step ({r['date']})", "",
              f"Command: `{r['command']}`  ",
-             (f"Config {r['config']}, batch {B}, {r['threads']} threads, torch {r['torch']}. Every matrix product of "
+             (f"Config {r['config']}, batch {B}, {r['threads']} threads, CPU {r.get('cpu', 'not recorded')}, "
+              f"torch {r['torch']}. Every matrix product of "
               "one fast-path training step under bf16 autocast, recorded as the kernels receive it (shapes, strides, "
               "dtype) and re-timed alone (fastest call). Convolutions are not counted."), "",
              "| op | operand shapes | dtype | per step | GFLOP per step | ms per step | GFLOP/s |",

@@ -293,7 +293,8 @@ def main():
                          f"official")
     if args.official:
         paths = paths if "official" in paths else paths + ["official"]
-    report = {"machine": {"cpu": platform.processor() or platform.machine(), "threads": args.threads,
+    from vision_lstm.runtime import device_name
+    report = {"machine": {"cpu": device_name("cpu"), "threads": args.threads,
                           "torch": torch.__version__, "python": platform.python_version()},
               "command": " ".join([Path(sys.executable).name] + sys.argv), "batch": args.batch,
               "date": time.strftime("%Y-%m-%d %H:%M:%S")}

@@ -13,6 +13,8 @@ def test_throughput_benchmark_writes_json_and_table(tmp_path):
     subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=300)
     report = json.loads((tmp_path / "smoke.json").read_text())
     assert report["matmul_peak"]["gflops_fp32"] > 0 and report["matmul_peak"]["gflops_bf16"] > 0
+    from vision_lstm.runtime import device_name
+    assert report["machine"]["cpu"] == device_name("cpu")  # figures from different CPUs must not be confused
     rows = report["models"]
     assert {(r["path"], r["mode"]) for r in rows} == {(p, m) for p in ("fast", "reference", "checkpointed")
                                                      for m in ("train", "infer")}
@@ -68,3 +70,5 @@ def test_floor_benchmark_records_the_products_of_a_training_step(tmp_path):
     assert any(r["op"] in ("mm", "addmm") and r["dtype"] == "bfloat16" for r in rows)
     assert abs(report["floor_ms"] - sum(r["ms"] for r in rows)) < 1e-6 and report["step_ms"] > 0
     assert "Floor:" in (tmp_path / "floor.md").read_text()
+    from vision_lstm.runtime import device_name
+    assert report["cpu"] == device_name("cpu") and f"CPU {device_name('cpu')}" in (tmp_path / "floor.md").read_text()

@@ -111,11 +111,16 @@ def test_resume_continues_at_the_right_step(tmp_path, recipe, shared_data):
     out = tmp_path / "run"
     args = ["--dataset", "mnist", "--config", recipe, "--data-dir", shared_data, "--output", out,
             "--train-subset", 256, "--test-subset", 200, "--quiet"]
-    run("train.py", *args, "--epochs", 1)
+    first = run("train.py", *args, "--epochs", 1)
     state = torch.load(out / "last.ckpt", weights_only=True)
     assert (state["step"], state["epoch"]) == (8, 1)
     proc = run("train.py", *args, "--epochs", 2, "--resume", "auto")
     assert "resumed from checkpoint at step 8 (epoch 2, batch 0)" in proc.stdout
+    # Both the start and every resume name the processor: a resumed run may land on another machine.
+    from vision_lstm.runtime import device_name
+    cpu = f"device cpu ({device_name('cpu')})"
+    assert cpu in first.stdout.splitlines()[0]
+    assert cpu in next(line for line in proc.stdout.splitlines() if line.startswith("resumed from checkpoint"))
     state = torch.load(out / "last.ckpt", weights_only=True)
     assert (state["step"], state["epoch"]) == (16, 2)
     rows = (out / "metrics.csv").read_text().splitlines()

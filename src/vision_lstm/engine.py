@@ -37,6 +37,7 @@ from .data import (
 )
 from .errors import VilError
 from .model import VisionLSTM, create_model, list_models
+from .runtime import device_name
 
 # Settings that may change when a run is resumed; everything else is taken from the checkpoint.
 RESUMABLE_OVERRIDES = {"resume", "output", "data_dir", "download", "quiet", "device", "threads", "epochs",
@@ -576,11 +577,12 @@ class Trainer:
                      f"{self.model.config.grid[1]} tokens) on {self.spec.name}: {len(self.train_data)} train / "
                      f"{len(self.eval_data)} {self.eval_split} images, {cfg.epochs} epochs x "
                      f"{self.steps_per_epoch} steps, batch {cfg.batch_size}, {cfg.precision}, "
-                     f"{self.info.world} process(es), {torch.get_num_threads()} threads, device {self.device}")
+                     f"{self.info.world} process(es), {torch.get_num_threads()} threads, device {self.device} ({device_name(self.device)})")
             self.log(f"output: {self.output}")
         else:
             self.log(f"resumed from checkpoint at step {self.step} (epoch {self.epoch + 1}, batch "
-                     f"{self.step_in_epoch}) -- resume #{self.resumes}")
+                     f"{self.step_in_epoch}) -- resume #{self.resumes}; {torch.get_num_threads()} threads, device {self.device} "
+                     f"({device_name(self.device)})")
         with self._signals():
             while self.epoch < cfg.epochs:
                 self._run_epoch()

@@ -16,6 +16,7 @@ from __future__ import annotations
 import ctypes
 import os
 import platform
+from pathlib import Path
 
 # mallopt parameter numbers from glibc's malloc.h
 _M_TRIM_THRESHOLD = -1
@@ -46,3 +47,18 @@ def keep_freed_memory() -> str:
 
 
 MALLOC_SETTING = keep_freed_memory()
+
+
+def device_name(device: str = "cpu") -> str:
+    """The processor's model name, for logs and benchmark reports: speed figures compare only on the same chip, and
+    a run resumed on another machine should say so."""
+    if str(device).startswith("cuda"):
+        import torch
+        return torch.cuda.get_device_name(torch.device(device))
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
