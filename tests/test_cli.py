@@ -118,6 +118,7 @@ def test_resume_continues_at_the_right_step(tmp_path, recipe, shared_data):
     assert "resumed from checkpoint at step 8 (epoch 2, batch 0)" in proc.stdout
     # Both the start and every resume name the processor: a resumed run may land on another machine.
     from vision_lstm.runtime import device_name
+    assert device_name("cpu").strip()  # a name, not an empty pair of brackets
     cpu = f"device cpu ({device_name('cpu')})"
     assert cpu in first.stdout.splitlines()[0]
     assert cpu in next(line for line in proc.stdout.splitlines() if line.startswith("resumed from checkpoint"))

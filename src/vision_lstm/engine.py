@@ -572,17 +572,18 @@ class Trainer:
         self._setup()
         cfg = self.cfg
         n_params = sum(p.numel() for p in self.model.parameters())
+        # the start and every resume name the processor: a resumed run may land on another machine
+        where = f"{torch.get_num_threads()} threads, device {self.device} ({device_name(self.device)})"
         if self.ckpt is None:
             self.log(f"training {cfg.model} ({n_params / 1e6:.3f}M params, {self.model.config.grid[0]}x"
                      f"{self.model.config.grid[1]} tokens) on {self.spec.name}: {len(self.train_data)} train / "
                      f"{len(self.eval_data)} {self.eval_split} images, {cfg.epochs} epochs x "
                      f"{self.steps_per_epoch} steps, batch {cfg.batch_size}, {cfg.precision}, "
-                     f"{self.info.world} process(es), {torch.get_num_threads()} threads, device {self.device} ({device_name(self.device)})")
+                     f"{self.info.world} process(es), {where}")
             self.log(f"output: {self.output}")
         else:
             self.log(f"resumed from checkpoint at step {self.step} (epoch {self.epoch + 1}, batch "
-                     f"{self.step_in_epoch}) -- resume #{self.resumes}; {torch.get_num_threads()} threads, device {self.device} "
-                     f"({device_name(self.device)})")
+                     f"{self.step_in_epoch}) -- resume #{self.resumes}; {where}")
         with self._signals():
             while self.epoch < cfg.epochs:
                 self._run_epoch()
