@@ -315,6 +315,51 @@ def test_grad_checkpointing_same_gradients_less_saved_memory():
         torch.testing.assert_close(model.eval()(x), model.set_grad_checkpointing(False)(x))
 
 
+def _unique_saved_bytes(model, x, autocast: bool) -> int:
+    """Bytes of the distinct storages autograd keeps for backward during one forward."""
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast), \
+            torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(x)
+    return sum(storages.values())
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_fast_path_keeps_less_for_backward_than_the_plain_path(autocast):
+    # The fast path saves only the inputs of the output path (norm, skip, gate: recomputed in backward), reads the
+    # cell's output in place, and under autocast keeps the T x T matrices in bf16. Measured for this model: 0.56x
+    # of the plain path's bytes in fp32, 0.51x under bf16 autocast; before those changes 0.71x and 0.76x.
+    torch.manual_seed(0)
+    model = small(dim=64, depth=2, img_size=32)
+    x = torch.randn(8, 3, 32, 32)
+    fast = _unique_saved_bytes(model, x, autocast)
+    plain = _unique_saved_bytes(model.use_reference_path(), x, autocast)
+    assert fast < 0.65 * plain, fast / plain
+
+
+def test_gated_head_norm_output_gradients():
+    from vision_lstm.layers import MultiHeadNorm, _GatedHeadNormOutput, gated_head_norm_output
+    torch.manual_seed(0)
+    B, T, H, DH = 2, 5, 3, 4
+    norm = MultiHeadNorm(H * DH, H).double()
+    args = [torch.randn(B, T, H, DH), torch.randn(B, T, H * DH), torch.randn(B, T, H * DH), torch.randn(H * DH),
+            torch.randn(H * DH), torch.randn(H * DH)]
+    args = [a.double().requires_grad_() for a in args]
+    assert torch.autograd.gradcheck(lambda *a: _GatedHeadNormOutput.apply(*a, norm.eps), args)
+    h, c, z, weight, bias, skip = args
+    norm.weight.data.copy_(weight)
+    norm.bias.data.copy_(bias)
+    plain = (norm(h.reshape(B, T, H * DH)) + skip * c) * torch.nn.functional.silu(z)
+    torch.testing.assert_close(gated_head_norm_output(h, c, z, norm, skip), plain)
+    with pytest.raises(ValueError, match="expected"):
+        gated_head_norm_output(h.reshape(B, T, 2, -1), c, z, norm, skip)
+
+
 @pytest.mark.parametrize("env, expected", [
     ({}, "on"),
     ({"VIL_MALLOC": "default"}, "off (VIL_MALLOC=default)"),

@@ -49,6 +49,69 @@ class MultiHeadNorm(OffsetLayerNorm):
         return torch.addcmul(self.bias.to(y.dtype), y, scale) if self.bias is not None else y * scale
 
 
+class _GatedHeadNormOutput(torch.autograd.Function):
+    """y = (HeadNorm(h) * (1 + w) + b + skip * c) * SiLU(z): the ViL layer's output path, saving only its inputs.
+
+    Autograd would keep four (B, T, inner) intermediates per layer for backward (the normalised h, the sum before
+    the gate, SiLU(z) and a relaid copy of h); here backward recomputes the two cheap ones from h, c and z, which
+    the layer keeps anyway (h by the cell, c by the q/k projections). About a fifth of a training step's saved
+    activations, for one extra norm and SiLU pass in backward. All elementwise work runs in h's dtype (bf16 under
+    autocast); the norm's statistics and the parameter gradients accumulate in fp32.
+    """
+
+    @staticmethod
+    def forward(ctx, h, c, z, weight, bias, skip, eps):
+        # h: (B, T, H, DH) contiguous; c, z: (B, T, H * DH) in h's dtype; weight, bias (or None), skip: (H * DH,)
+        B, T, H, DH = h.shape
+        dtype = h.dtype
+        normed, mean, rstd = torch.native_layer_norm(h, (DH,), None, None, eps)  # stats in fp32 for bf16 h
+        y = _head_norm_affine(normed.view(B, T, H * DH), weight, bias)
+        y.addcmul_(skip.to(dtype), c)
+        ctx.save_for_backward(h, c, z, weight, bias, skip, mean, rstd)
+        ctx.eps = eps
+        return y.mul_(F.silu(z))  # (B, T, H * DH)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        h, c, z, weight, bias, skip, mean, rstd = ctx.saved_tensors
+        B, T, H, DH = h.shape
+        dtype = h.dtype
+        grad_y = grad_y.contiguous()
+        eps = ctx.eps
+        normed = torch.native_layer_norm(h, (DH,), None, None, eps)[0].view(B, T, H * DH)  # as in forward
+        pre_gate = _head_norm_affine(normed, weight, bias).addcmul_(skip.to(dtype), c)
+        grad_z = torch.ops.aten.silu_backward(grad_y * pre_gate, z)  # d/dz of pre_gate * SiLU(z)
+        del pre_gate
+        grad_pre = grad_y.mul_(F.silu(z))  # (B, T, H * DH); grad_y is not needed any more
+        rows = grad_pre.view(-1, H * DH)
+        grad_skip = (rows * c.view(-1, H * DH)).sum(0, dtype=torch.float32)
+        grad_weight = (rows * normed.view(-1, H * DH)).sum(0, dtype=torch.float32)
+        grad_bias = rows.sum(0, dtype=torch.float32) if bias is not None else None
+        grad_c = grad_pre * skip.to(dtype)
+        grad_normed = grad_pre.mul_((1.0 + weight).to(dtype)).view(B, T, H, DH)
+        grad_h = torch.ops.aten.native_layer_norm_backward(grad_normed, h, (DH,), mean, rstd, None, None,
+                                                            (True, False, False))[0]
+        return grad_h, grad_c, grad_z, grad_weight.to(weight.dtype), \
+            grad_bias.to(bias.dtype) if bias is not None else None, grad_skip.to(skip.dtype), None
+
+
+def _head_norm_affine(normed: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """normed * (1 + weight) + bias in normed's dtype: the offset scale of :class:`MultiHeadNorm`."""
+    scale = (1.0 + weight).to(normed.dtype)
+    return torch.addcmul(bias.to(normed.dtype), normed, scale) if bias is not None else normed * scale
+
+
+def gated_head_norm_output(h: torch.Tensor, c: torch.Tensor, z: torch.Tensor, norm: "MultiHeadNorm",
+                           skip: torch.Tensor) -> torch.Tensor:
+    """(norm(h) + skip * c) * SiLU(z) for h (B, T, H, DH) and c, z (B, T, H * DH), in h's dtype. -> (B, T, H * DH)."""
+    B, T, H, DH = h.shape
+    if H != norm.num_heads or H * DH != norm.dim:
+        raise ValueError(f"h has shape {tuple(h.shape)}, expected (B, T, {norm.num_heads}, "
+                         f"{norm.dim // norm.num_heads}) for this norm")
+    return _GatedHeadNormOutput.apply(h.contiguous(), c.to(h.dtype), z.to(h.dtype), norm.weight, norm.bias,
+                                      skip, norm.eps)
+
+
 def _grouped_pointwise_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """x: (N, nb * bs_in) contiguous; weight: (nb, bs_out, bs_in) -> (N, nb * bs_out).
 
@@ -286,25 +349,15 @@ class ViLLayer(nn.Module):
         igate, fgate = gates[:, :H].contiguous(), gates[:, H:].contiguous()  # (B, H, T) each
         q, k, v = (t.view(B, T, H, -1).transpose(1, 2) for t in (q, k, v))  # (B, H, T, DH)
         h = mlstm(q, k, v, igate, fgate, mode=self.mlstm_mode, chunk_size=self.chunk_size)  # (B, H, T, DH)
+        # The output path (per-head norm, skip, output gate) runs in h's dtype: under autocast the low dtype, where
+        # autocast itself would run the norm and the chain after it in fp32 (four fp32 passes and two casts); the
+        # norm's statistics still accumulate in fp32. The parallel cell returns h in the token layout of q.
+        h = h.transpose(1, 2)  # (B, T, H, DH)
         if low_dtype is not None:
-            return self._output_low_precision(h, c, z, low_dtype)
-        h = torch.addcmul(self.outnorm(h.transpose(1, 2).reshape(B, T, inner)), self.learnable_skip, c)
-        return self.proj_down(h * F.silu(z))  # (B, T, D)
-
-    def _output_low_precision(self, h: torch.Tensor, c: torch.Tensor, z: torch.Tensor, dtype) -> torch.Tensor:
-        """The output path (per-head norm, skip, output gate) in the autocast dtype. (B, H, T, DH) -> (B, T, D).
-
-        Autocast would run the norm in fp32 and promote the chain after it to fp32 (c and z are already in low
-        precision), casting back to low precision for the down-projection anyway: four fp32 passes over (B, T, inner)
-        and two casts. Here the cell output is cast once, in the token layout, and everything stays in ``dtype``;
-        the norm's statistics are still accumulated in fp32 by the kernel.
-        """
-        B, H, T, DH = h.shape
-        h = h.new_empty((B, T, H, DH), dtype=dtype).copy_(h.transpose(1, 2)).view(B, T, H * DH)  # one pass
-        with torch.autocast(h.device.type, enabled=False):
-            y = torch.addcmul(self.outnorm(h), self.learnable_skip.to(dtype), c)
-            y = y * F.silu(z)
-        return self.proj_down(y)  # autocast again: (B, T, D)
+            h = h.to(low_dtype)
+        with torch.autocast(device, enabled=False):
+            y = gated_head_norm_output(h, c, z, self.outnorm, self.learnable_skip)  # (B, T, inner)
+        return self.proj_down(y)  # (B, T, D); autocast again
 
     def forward_reference(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         """The same layer written plainly, as in the paper and the official code (unfused projections, the
