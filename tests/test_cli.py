@@ -143,6 +143,31 @@ def test_val_split_keeps_test_set_out(tmp_path, recipe, shared_data):
     assert (out / "metrics.csv").read_text().splitlines()[0].split(",")[3:5] == ["val_loss", "val_acc"]
 
 
+def test_shift_tta_on_the_last_epoch_and_evaluate_on_the_val_split(tmp_path, recipe, shared_data):
+    # tta: shift with tta_epochs: last evaluates the 9-view prediction only after the last epoch (it costs 9
+    # forward passes); evaluate.py --val-split N evaluates the same held-out images and reproduces both numbers.
+    out = tmp_path / "run"
+    proc = run("train.py", "--dataset", "mnist", "--config", recipe, "--data-dir", shared_data, "--output", out,
+               "--val-split", 300, "--train-subset", 256, "--epochs", 2, "--tta", "shift", "--tta-epochs", "last",
+               "--quiet")
+    summary = last_json(proc.stdout)
+    epoch_lines = [line for line in proc.stdout.splitlines() if line.startswith("epoch ")]
+    assert "shift-TTA" not in epoch_lines[0] and "shift-TTA" in epoch_lines[1]
+    rows = list(csv.DictReader((out / "metrics.csv").read_text().splitlines()))
+    assert rows[0]["val_acc_tta"] == "" and float(rows[1]["val_acc_tta"]) == pytest.approx(
+        summary["val_accuracy_tta"], abs=1e-6)
+    ev = last_json(run("evaluate.py", "--dataset", "mnist", "--weights", out / "model.safetensors", "--data-dir",
+                       shared_data, "--val-split", 300, "--tta", "shift").stdout)
+    assert (ev["split"], ev["n"], ev["tta"]) == ("val", 300, "shift")
+    assert ev["accuracy"] == pytest.approx(summary["val_accuracy"], abs=1e-6)
+    assert ev["accuracy_tta"] == pytest.approx(summary["val_accuracy_tta"], abs=1e-6)
+    proc = run("evaluate.py", "--dataset", "mnist", "--weights", out / "model.safetensors", "--data-dir",
+               shared_data, "--val-split", 60000, check=False)
+    assert_clean_error(proc, "--val-split 60000 leaves no training images")
+    proc = run("train.py", "--dataset", "mnist", "--config", recipe, "--tta-epochs", "some", check=False)
+    assert proc.returncode != 0 and "invalid choice" in proc.stderr
+
+
 def test_config_alone_uses_the_recipes_dataset(tmp_path, shared_data):
     recipe = tmp_path / "fashion.yaml"
     recipe.write_text(yaml.safe_dump({**TINY_RECIPE, "dataset": "fashion-mnist"}))
@@ -241,7 +266,7 @@ def test_help_lists_flags():
     proc = run("train.py", "--help")
     for flag in ("--dataset", "--model", "--config", "--epochs", "--batch-size", "--lr", "--weight-decay", "--seed",
                  "--data-dir", "--output", "--resume", "--save-every", "--train-subset", "--precision", "--compile",
-                 "--device", "--mixup", "--cutmix", "--drop-path", "--erase", "--rotate", "--zoom", "--ema", "--tta", "--val-split",
+                 "--device", "--mixup", "--cutmix", "--drop-path", "--erase", "--rotate", "--zoom", "--ema", "--tta", "--tta-epochs", "--val-split",
                  "--grad-checkpointing"):
         assert flag in proc.stdout
 

@@ -16,8 +16,7 @@ from helpers import cifar_batch_bytes, idx_bytes, serve_directory, write_idx_gz
 from vision_lstm import VilError
 from vision_lstm.data import (CIFAR10, MNIST, cifar_content_sha256, ensure_files, get_spec, load_split, mix_batch,
                               normalize, parse_cifar_batch, parse_idx, random_affine, random_erase, random_hflip,
-                              random_translate,
-                              read_resource, safe_unpickle)
+                              random_translate, read_resource, safe_unpickle, shift_images, tta_views)
 
 # --- the real files in ../shared/data --------------------------------------------------------------------------
 
@@ -372,3 +371,28 @@ def test_random_affine_rotates_and_zooms_about_the_centre():
     assert random_affine(images, gen) is images
     with pytest.raises(ValueError, match="zoom"):
         random_affine(images, gen, zoom=1.0)
+
+
+def test_shift_images_moves_content_and_fills_black():
+    images = torch.arange(1, 17, dtype=torch.uint8).view(1, 1, 4, 4)
+    down_right = shift_images(images, 1, 1)
+    assert torch.equal(down_right[0, 0, 1:, 1:], images[0, 0, :3, :3])
+    assert down_right[0, 0, 0].sum() == 0 and down_right[0, 0, :, 0].sum() == 0
+    up_left = shift_images(images, -1, -2)
+    assert torch.equal(up_left[0, 0, :3, :2], images[0, 0, 1:, 2:])
+    assert up_left[0, 0, 3].sum() == 0 and up_left[0, 0, :, 2:].sum() == 0
+    assert torch.equal(shift_images(images, 0, 0), images)
+    with pytest.raises(ValueError, match="not smaller than the image"):
+        shift_images(images, 4, 0)
+
+
+def test_tta_views():
+    images = torch.randint(0, 256, (3, 1, 6, 6), dtype=torch.uint8)
+    assert len(tta_views(images, None)) == 1
+    flip = tta_views(images, "flip")
+    assert torch.equal(flip[0], images) and torch.equal(flip[1], images.flip(-1))
+    shifts = tta_views(images, "shift")
+    assert len(shifts) == 9 and torch.equal(shifts[0], images)
+    assert len({tuple(v.flatten().tolist()) for v in shifts}) == 9  # all nine distinct
+    with pytest.raises(ValueError, match="expected flip or shift"):
+        tta_views(images, "rotate")

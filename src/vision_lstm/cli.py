@@ -67,7 +67,9 @@ def train_parser() -> argparse.ArgumentParser:
     p.add_argument("--ema", action="store_true", default=None, help="keep an EMA of the weights")
     p.add_argument("--eval-raw", action="store_true", default=None,
                    help="with EMA: also evaluate the raw weights each epoch (what the run gives without EMA)")
-    p.add_argument("--tta", action="store_true", default=None, help="also report flip-TTA accuracy")
+    p.add_argument("--tta", nargs="?", const="flip", choices=["flip", "shift", "none"],
+                   help="also report test-time-augmented accuracy: flip (default) or shift (8 one-pixel shifts)")
+    p.add_argument("--tta-epochs", choices=["all", "last"], help="evaluate TTA after all epochs or the last only")
     p.add_argument("--nan-policy", choices=["stop", "skip"])
     p.add_argument("--device", help="auto (default), cpu, cuda, cuda:1, ...")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
@@ -94,7 +96,7 @@ def train_main(argv: list[str] | None = None) -> dict:
             "download": False if args.no_download else None, "output": args.output, "resume": args.resume,
             "save_every": args.save_every, "train_subset": args.train_subset, "test_subset": args.test_subset,
             "val_split": args.val_split, "precision": args.precision, "compile": args.compile, "ema": args.ema,
-            "eval_raw": args.eval_raw, "tta": args.tta, "nan_policy": args.nan_policy, "device": args.device,
+            "eval_raw": args.eval_raw, "tta": args.tta, "tta_epochs": args.tta_epochs, "nan_policy": args.nan_policy, "device": args.device,
             "threads": args.threads, "quiet": args.quiet, "grad_checkpointing": args.grad_checkpointing,
         }
         # Mapping overrides are merged into the recipe's model_args / augment by build_config.
@@ -118,7 +120,11 @@ def evaluate_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", required=True, help="model.safetensors written by train.py")
     p.add_argument("--data-dir", help="dataset folder (default: $VIL_DATA_DIR, else ./data)")
     p.add_argument("--split", default="test", choices=["test", "train"])
-    p.add_argument("--tta", action="store_true", help="average predictions with the horizontally flipped image")
+    p.add_argument("--val-split", type=int, metavar="N",
+                   help="evaluate on the last N training images (the validation split of train.py --val-split N)")
+    p.add_argument("--tta", nargs="?", const="flip", choices=["flip", "shift"],
+                   help="also report the accuracy of predictions averaged over the image and its mirror image "
+                        "(flip, the default) or its 8 one-pixel shifts (shift)")
     p.add_argument("--batch-size", type=int, default=500)
     p.add_argument("--precision", choices=["fp32", "bf16"],
                    help="default: the precision the weights were trained and evaluated in (fp32 if unknown)")
@@ -142,15 +148,26 @@ def evaluate_main(argv: list[str] | None = None) -> dict:
             raise VilError(f"weights {args.weights} were trained for {model.config.in_chans}-channel images and "
                            f"{model.config.num_classes} classes (dataset {metadata.get('dataset', '?')}); "
                            f"{spec.name} has {spec.image_shape[0]} channels and {len(spec.classes)} classes")
-        data = load_split(args.dataset, args.split, args.data_dir, download=not args.no_download)
+        split = args.split
+        if args.val_split is not None:
+            if args.val_split < 1:
+                raise VilError(f"--val-split must be >= 1, got {args.val_split}")
+            split = "val"
+            data = load_split(args.dataset, "train", args.data_dir, download=not args.no_download)
+            if args.val_split >= len(data):
+                raise VilError(f"--val-split {args.val_split} leaves no training images ({len(data)} in all)")
+            data = data.subset(len(data) - args.val_split)
+        else:
+            data = load_split(args.dataset, args.split, args.data_dir, download=not args.no_download)
         # The accuracy a run reports was measured in its own precision; evaluating the same way reproduces it.
         precision = args.precision or metadata.get("precision", "fp32")
         result = evaluate(model, data, args.batch_size, torch.device(args.device), precision, tta=args.tta)
     except VilError as e:
         _fail(str(e))
-    out = {"dataset": spec.name, "split": args.split, "n": result["n"], "precision": precision,
+    out = {"dataset": spec.name, "split": split, "n": result["n"], "precision": precision,
            "accuracy": round(result["accuracy"], 6)}
     if args.tta:
+        out["tta"] = args.tta
         out["accuracy_tta"] = round(result["accuracy_tta"], 6)
     print(json.dumps(out), flush=True)
     return out

@@ -50,7 +50,10 @@ class TrainConfig:
     device: str = "auto"
     threads: int | None = None
     nan_policy: str = "stop"  # "stop" or "skip" a step whose loss or gradient is not finite
-    tta: bool = False  # also report accuracy with horizontal-flip test-time augmentation
+    # also report accuracy with test-time augmentation: "flip" (the image and its mirror image) or "shift" (the image
+    # and its 8 one-pixel shifts); true means "flip"
+    tta: str | bool | None = None
+    tta_epochs: str = "all"  # evaluate the TTA accuracy after "all" epochs or only after the "last" (shift: 9x cost)
     quiet: bool = False
 
     def validate(self) -> "TrainConfig":
@@ -58,7 +61,13 @@ class TrainConfig:
             self.augment = {}
         aug = self.augment if isinstance(self.augment, dict) else {}
         erase, rotate, zoom = (float(aug.get(key) or 0) for key in ("erase", "rotate", "zoom"))
+        if self.tta is True or self.tta in ("true", "True"):
+            self.tta = "flip"
+        elif self.tta is False or self.tta in ("none", "false", "False"):
+            self.tta = None
         checks = [
+            (self.tta in (None, "flip", "shift"), f"tta must be flip, shift, true or false, got {self.tta!r}"),
+            (self.tta_epochs in ("all", "last"), f"tta_epochs must be all or last, got {self.tta_epochs!r}"),
             (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
             (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
             (self.lr > 0, f"lr must be > 0, got {self.lr}"),

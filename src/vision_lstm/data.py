@@ -418,6 +418,33 @@ def random_translate(images: torch.Tensor, pad: int, generator: torch.Generator)
     return padded[n, c, rows, cols]
 
 
+def shift_images(images: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
+    """Move the content by (dy, dx) pixels (down, right), zero-filling what comes in (as :func:`random_translate`
+    pads). (N, C, H, W) -> (N, C, H, W)."""
+    N, C, H, W = images.shape
+    if abs(dy) >= H or abs(dx) >= W:
+        raise ValueError(f"shift ({dy}, {dx}) is not smaller than the image ({H}x{W})")
+    out = torch.zeros_like(images)
+    out[:, :, max(dy, 0):H + min(dy, 0), max(dx, 0):W + min(dx, 0)] = \
+        images[:, :, max(-dy, 0):H + min(-dy, 0), max(-dx, 0):W + min(-dx, 0)]
+    return out
+
+
+def tta_views(images: torch.Tensor, kind: str | None) -> list[torch.Tensor]:
+    """The images a test-time-augmented prediction averages over, the original first. (N, C, H, W) each.
+
+    "flip": the image and its mirror image; "shift": the image and its 8 shifts by one pixel (the 3x3
+    neighbourhood), for digits, which a mirror image would change into other symbols; None: the image alone.
+    """
+    if kind is None:
+        return [images]
+    if kind == "flip":
+        return [images, images.flip(-1)]
+    if kind == "shift":
+        return [images] + [shift_images(images, dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if dy or dx]
+    raise ValueError(f"unknown test-time augmentation {kind!r}; expected flip or shift")
+
+
 def random_affine(images: torch.Tensor, generator: torch.Generator, degrees: float = 0.0,
                   zoom: float = 0.0) -> torch.Tensor:
     """Random rotation by an angle uniform in [-degrees, degrees] and scaling by a factor uniform in

@@ -34,6 +34,7 @@ from .data import (
     random_erase,
     random_hflip,
     random_translate,
+    tta_views,
 )
 from .errors import VilError
 from .model import VisionLSTM, create_model, list_models
@@ -41,7 +42,7 @@ from .runtime import device_name
 
 # Settings that may change when a run is resumed; everything else is taken from the checkpoint.
 RESUMABLE_OVERRIDES = {"resume", "output", "data_dir", "download", "quiet", "device", "threads", "epochs",
-                       "save_every", "eval_batch_size", "tta", "eval_raw", "grad_checkpointing"}
+                       "save_every", "eval_batch_size", "tta", "tta_epochs", "eval_raw", "grad_checkpointing"}
 _MASK63 = (1 << 63) - 1
 
 
@@ -172,8 +173,11 @@ def default_augment(dataset: str) -> dict:
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, data: ImageDataset, batch_size: int, device: torch.device,
-             precision: str = "fp32", tta: bool = False, info: DistInfo | None = None) -> dict:
-    """Loss, accuracy and confusion matrix of ``model`` on ``data`` (sharded over processes under torchrun)."""
+             precision: str = "fp32", tta: str | None = None, info: DistInfo | None = None) -> dict:
+    """Loss, accuracy and confusion matrix of ``model`` on ``data`` (sharded over processes under torchrun).
+
+    tta: "flip" or "shift" adds ``accuracy_tta``, the accuracy of the softmax averaged over :func:`tta_views`.
+    """
     info = info or DistInfo()
     model.eval()
     n_classes = len(data.spec.classes)
@@ -183,12 +187,15 @@ def evaluate(model: torch.nn.Module, data: ImageDataset, batch_size: int, device
     indices = torch.arange(len(data))[info.rank::info.world]
     for start in range(0, len(indices), batch_size):
         idx = indices[start:start + batch_size]
-        x = normalize(data.images[idx], data.spec.mean, data.spec.std).to(device)
+        views = tta_views(data.images[idx], tta)  # uint8, so shifts fill in black as the training shifts do
         y = data.labels[idx]
         with _autocast(device, precision):
-            logits = model(x).float().cpu()
+            logits = model(normalize(views[0], data.spec.mean, data.spec.std).to(device)).float().cpu()
             if tta:
-                logits_tta = (logits.softmax(-1) + model(x.flip(-1)).float().cpu().softmax(-1))
+                logits_tta = logits.softmax(-1)
+                for view in views[1:]:
+                    x = normalize(view, data.spec.mean, data.spec.std).to(device)
+                    logits_tta += model(x).float().cpu().softmax(-1)
         loss_sum += F.cross_entropy(logits, y, reduction="sum").double()
         pred = logits.argmax(-1)
         confusion += torch.bincount(y * n_classes + pred, minlength=n_classes ** 2).view(n_classes, n_classes)
@@ -259,6 +266,10 @@ def plot_curves(path: Path, history: list[dict], eval_split: str) -> None:
     if all(f"{eval_split}_acc_raw" in h for h in history):
         ax_acc.plot(epochs, [100 * h[f"{eval_split}_acc_raw"] for h in history], "o--",
                     label=f"{eval_split} (raw weights, no EMA)")
+    tta = [(h["epoch"], 100 * h[f"{eval_split}_acc_tta"]) for h in history
+           if isinstance(h.get(f"{eval_split}_acc_tta"), float)]
+    if tta:
+        ax_acc.plot(*zip(*tta), "s", label=f"{eval_split} (test-time augmentation)")
     ax_acc.set(xlabel="epoch", ylabel="accuracy (%)", title="accuracy")
     from matplotlib.ticker import MaxNLocator
     for ax in (ax_loss, ax_acc):
@@ -639,8 +650,10 @@ class Trainer:
         totals = torch.tensor([self.stats.loss_sum, self.stats.correct, self.stats.seen], dtype=torch.float64)
         all_reduce_sum(totals, self.info)
         eval_model = self.ema.model if self.ema is not None else self.model
+        last = self.epoch + 1 == cfg.epochs
+        tta = cfg.tta if cfg.tta_epochs == "all" or last else None
         result = evaluate(eval_model, self.eval_data, cfg.eval_batch_size, self.device, cfg.precision,
-                          tta=cfg.tta, info=self.info)
+                          tta=tta, info=self.info)
         self.last_eval = result
         elapsed = self.elapsed_before + (time.perf_counter() - self.t_start)
         row = {
@@ -654,27 +667,27 @@ class Trainer:
             "elapsed_s": elapsed,
             "img_per_s": images / max(epoch_time, 1e-9),
         }
-        if cfg.tta:
+        if tta:
             row[f"{self.eval_split}_acc_tta"] = result["accuracy_tta"]
         raw = ""
         if cfg.eval_raw and self.ema is not None:
             # The raw weights are trained exactly as without EMA (the average never feeds back), so this column is
             # the no-EMA ablation of the same run at the cost of one more evaluation per epoch.
             raw_result = evaluate(self.model, self.eval_data, cfg.eval_batch_size, self.device, cfg.precision,
-                                  tta=cfg.tta, info=self.info)
+                                  tta=tta, info=self.info)
             row[f"{self.eval_split}_acc_raw"] = raw_result["accuracy"]
             raw_tta = ""
-            if cfg.tta:
+            if tta:
                 row[f"{self.eval_split}_acc_raw_tta"] = raw_result["accuracy_tta"]
                 raw_tta = f", TTA {100 * raw_result['accuracy_tta']:.2f}%"
             raw = f" (raw weights {100 * raw_result['accuracy']:.2f}%{raw_tta})"
         if self.stats.skipped:
             row["skipped_steps"] = self.stats.skipped
         self.history.append(row)
-        tta = f" (flip-TTA {100 * result['accuracy_tta']:.2f}%)" if cfg.tta else ""
+        tta_note = f" ({tta}-TTA {100 * result['accuracy_tta']:.2f}%)" if tta else ""
         self.log(f"epoch {row['epoch']:3d}/{cfg.epochs}  train loss {row['train_loss']:.4f} acc "
                  f"{100 * row['train_acc']:.2f}%  {self.eval_split} loss {result['loss']:.4f} acc "
-                 f"{100 * result['accuracy']:.2f}%{tta}{raw}  lr {row['lr']:.2e}  {row['img_per_s']:.0f} img/s  "
+                 f"{100 * result['accuracy']:.2f}%{tta_note}{raw}  lr {row['lr']:.2e}  {row['img_per_s']:.0f} img/s  "
                  f"epoch {epoch_time:.1f}s  elapsed {elapsed:.1f}s")
         self.epoch += 1
         self.step_in_epoch = 0
