@@ -396,3 +396,18 @@ def test_tta_views():
     assert len({tuple(v.flatten().tolist()) for v in shifts}) == 9  # all nine distinct
     with pytest.raises(ValueError, match="expected flip or shift"):
         tta_views(images, "rotate")
+
+
+def test_evaluate_takes_tta_true_as_flip():
+    from vision_lstm import create_model
+    from vision_lstm.data import ImageDataset
+    from vision_lstm.engine import evaluate
+    torch.manual_seed(0)
+    data = ImageDataset(torch.randint(0, 256, (12, 1, 28, 28), dtype=torch.uint8), torch.randint(0, 10, (12,)),
+                        get_spec("mnist"))
+    model = create_model("vil_tiny", dim=16, depth=1, img_size=28, in_chans=1, patch_size=7, num_classes=10)
+    model.head.weight.data.normal_()  # the official init makes all logits nearly equal
+    cpu = torch.device("cpu")
+    assert "accuracy_tta" not in evaluate(model, data, 8, cpu, tta=False)
+    assert evaluate(model, data, 8, cpu, tta=True)["accuracy_tta"] == evaluate(model, data, 8, cpu, tta="flip")[
+        "accuracy_tta"]

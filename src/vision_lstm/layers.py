@@ -53,10 +53,10 @@ class _GatedHeadNormOutput(torch.autograd.Function):
     """y = (HeadNorm(h) * (1 + w) + b + skip * c) * SiLU(z): the ViL layer's output path, saving only its inputs.
 
     Autograd would keep four (B, T, inner) intermediates per layer for backward (the normalised h, the sum before
-    the gate, SiLU(z) and a relaid copy of h); here backward recomputes the two cheap ones from h, c and z, which
-    the layer keeps anyway (h by the cell, c by the q/k projections). About a fifth of a training step's saved
-    activations, for one extra norm and SiLU pass in backward. All elementwise work runs in h's dtype (bf16 under
-    autocast); the norm's statistics and the parameter gradients accumulate in fp32.
+    the gate, SiLU(z) and a relaid copy of h); here the cell's h is read in place, and backward recomputes the other
+    three from h, c and z, which the layer keeps anyway (h by the cell, c by the q/k projections): about a fifth of
+    a training step's saved activations, for four extra elementwise passes in backward. All elementwise work runs
+    in h's dtype (bf16 under autocast); the norm's statistics and the parameter gradients accumulate in fp32.
     """
 
     @staticmethod
