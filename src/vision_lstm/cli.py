@@ -96,8 +96,8 @@ def train_main(argv: list[str] | None = None) -> dict:
             "download": False if args.no_download else None, "output": args.output, "resume": args.resume,
             "save_every": args.save_every, "train_subset": args.train_subset, "test_subset": args.test_subset,
             "val_split": args.val_split, "precision": args.precision, "compile": args.compile, "ema": args.ema,
-            "eval_raw": args.eval_raw, "tta": args.tta, "tta_epochs": args.tta_epochs, "nan_policy": args.nan_policy, "device": args.device,
-            "threads": args.threads, "quiet": args.quiet, "grad_checkpointing": args.grad_checkpointing,
+            "eval_raw": args.eval_raw, "tta": args.tta, "tta_epochs": args.tta_epochs, "nan_policy": args.nan_policy,
+            "device": args.device, "threads": args.threads, "quiet": args.quiet, "grad_checkpointing": args.grad_checkpointing,
         }
         # Mapping overrides are merged into the recipe's model_args / augment by build_config.
         if args.drop_path is not None:
@@ -137,7 +137,7 @@ def evaluate_main(argv: list[str] | None = None) -> dict:
     import torch
 
     from .checkpoint import load_weights
-    from .data import get_spec, load_split
+    from .data import get_spec, load_split, split_off_validation
     from .engine import evaluate
 
     args = evaluate_parser().parse_args(argv)
@@ -154,9 +154,7 @@ def evaluate_main(argv: list[str] | None = None) -> dict:
                 raise VilError(f"--val-split must be >= 1, got {args.val_split}")
             split = "val"
             data = load_split(args.dataset, "train", args.data_dir, download=not args.no_download)
-            if args.val_split >= len(data):
-                raise VilError(f"--val-split {args.val_split} leaves no training images ({len(data)} in all)")
-            data = data.subset(len(data) - args.val_split)
+            data = split_off_validation(data, args.val_split, "--val-split")[1]
         else:
             data = load_split(args.dataset, args.split, args.data_dir, download=not args.no_download)
         # The accuracy a run reports was measured in its own precision; evaluating the same way reproduces it.

@@ -61,9 +61,9 @@ class TrainConfig:
             self.augment = {}
         aug = self.augment if isinstance(self.augment, dict) else {}
         erase, rotate, zoom = (float(aug.get(key) or 0) for key in ("erase", "rotate", "zoom"))
-        if self.tta is True or self.tta in ("true", "True"):
+        if self.tta is True:
             self.tta = "flip"
-        elif self.tta is False or self.tta in ("none", "false", "False"):
+        elif self.tta is False or self.tta == "none":
             self.tta = None
         checks = [
             (self.tta in (None, "flip", "shift"), f"tta must be flip, shift, true or false, got {self.tta!r}"),

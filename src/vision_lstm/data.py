@@ -399,6 +399,14 @@ def load_split(name: str, split: str, data_dir: str | Path | None = None, downlo
     return ImageDataset(torch.from_numpy(images.copy()), torch.from_numpy(labels), spec)
 
 
+def split_off_validation(data: ImageDataset, n: int, setting: str = "val_split") -> tuple[ImageDataset, ImageDataset]:
+    """(the first len - n images, the last n): the validation split of ``--val-split n``. ``setting`` names the
+    option in the error message."""
+    if n >= len(data):
+        raise VilError(f"{setting} {n} leaves no training images (of {len(data)})")
+    return data.subset(0, len(data) - n), data.subset(len(data) - n)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Batched augmentation and normalisation (on tensors, whole batch at once)
 

@@ -34,6 +34,7 @@ from .data import (
     random_erase,
     random_hflip,
     random_translate,
+    split_off_validation,
     tta_views,
 )
 from .errors import VilError
@@ -389,10 +390,8 @@ class Trainer:
         if self.info.enabled:
             dist.barrier()
         if cfg.val_split:
-            if cfg.val_split >= len(train):
-                raise VilError(f"val_split {cfg.val_split} leaves no training images (of {len(train)})")
-            self.eval_data, self.eval_split = train.subset(len(train) - cfg.val_split), "val"
-            train = train.subset(0, len(train) - cfg.val_split)
+            train, self.eval_data = split_off_validation(train, cfg.val_split)
+            self.eval_split = "val"
         else:
             self.eval_data = load_split(cfg.dataset, "test", cfg.data_dir, download=False)
             self.eval_split = "test"

@@ -44,9 +44,7 @@ class MultiHeadNorm(OffsetLayerNorm):
         # The affine follows the norm's output dtype: fp32 under autocast (which runs layer_norm in fp32), bf16 when
         # called on bf16 outside autocast (the kernel still accumulates the statistics in fp32).
         y = F.layer_norm(x.view(B, T, self.num_heads, C // self.num_heads), (C // self.num_heads,), eps=self.eps)
-        y = y.view(B, T, C)
-        scale = (1.0 + self.weight).to(y.dtype)
-        return torch.addcmul(self.bias.to(y.dtype), y, scale) if self.bias is not None else y * scale
+        return _head_norm_affine(y.view(B, T, C), self.weight, self.bias)
 
 
 class _GatedHeadNormOutput(torch.autograd.Function):
@@ -64,21 +62,21 @@ class _GatedHeadNormOutput(torch.autograd.Function):
         # h: (B, T, H, DH) contiguous; c, z: (B, T, H * DH) in h's dtype; weight, bias (or None), skip: (H * DH,)
         B, T, H, DH = h.shape
         dtype = h.dtype
-        normed, mean, rstd = torch.native_layer_norm(h, (DH,), None, None, eps)  # stats in fp32 for bf16 h
+        normed = F.layer_norm(h, (DH,), eps=eps)  # statistics in fp32 for bf16 h
         y = _head_norm_affine(normed.view(B, T, H * DH), weight, bias)
         y.addcmul_(skip.to(dtype), c)
-        ctx.save_for_backward(h, c, z, weight, bias, skip, mean, rstd)
+        ctx.save_for_backward(h, c, z, weight, bias, skip)
         ctx.eps = eps
         return y.mul_(F.silu(z))  # (B, T, H * DH)
 
     @staticmethod
     def backward(ctx, grad_y):
-        h, c, z, weight, bias, skip, mean, rstd = ctx.saved_tensors
+        h, c, z, weight, bias, skip = ctx.saved_tensors
         B, T, H, DH = h.shape
         dtype = h.dtype
         grad_y = grad_y.contiguous()
-        eps = ctx.eps
-        normed = torch.native_layer_norm(h, (DH,), None, None, eps)[0].view(B, T, H * DH)  # as in forward
+        normed, mean, rstd = torch.native_layer_norm(h, (DH,), None, None, ctx.eps)  # as in forward, with its stats
+        normed = normed.view(B, T, H * DH)
         pre_gate = _head_norm_affine(normed, weight, bias).addcmul_(skip.to(dtype), c)
         grad_z = torch.ops.aten.silu_backward(grad_y * pre_gate, z)  # d/dz of pre_gate * SiLU(z)
         del pre_gate
