@@ -161,6 +161,11 @@ def test_shift_tta_on_the_last_epoch_and_evaluate_on_the_val_split(tmp_path, rec
     assert (ev["split"], ev["n"], ev["tta"]) == ("val", 300, "shift")
     assert ev["accuracy"] == pytest.approx(summary["val_accuracy"], abs=1e-6)
     assert ev["accuracy_tta"] == pytest.approx(summary["val_accuracy_tta"], abs=1e-6)
+    # The run's training checkpoint evaluates the same (a run in progress can be evaluated the same way).
+    ev = last_json(run("evaluate.py", "--dataset", "mnist", "--weights", out / "last.ckpt", "--data-dir",
+                       shared_data, "--val-split", 300, "--tta", "flip-shift").stdout)
+    assert ev["accuracy"] == pytest.approx(summary["val_accuracy"], abs=1e-6)
+    assert ev["tta"] == "flip-shift" and 0 < ev["accuracy_tta"] <= 1 and ev["epochs_done"] == 2
     proc = run("evaluate.py", "--dataset", "mnist", "--weights", out / "model.safetensors", "--data-dir",
                shared_data, "--val-split", 60000, check=False)
     assert_clean_error(proc, "--val-split 60000 leaves no training images")

@@ -394,7 +394,12 @@ def test_tta_views():
     shifts = tta_views(images, "shift")
     assert len(shifts) == 9 and torch.equal(shifts[0], images)
     assert len({tuple(v.flatten().tolist()) for v in shifts}) == 9  # all nine distinct
-    with pytest.raises(ValueError, match="expected flip or shift"):
+    both = tta_views(images, "flip-shift")
+    assert len(both) == 18 and torch.equal(both[0], images) and torch.equal(both[9], images.flip(-1))
+    assert len({tuple(v.flatten().tolist()) for v in both}) == 18
+    # The mirror image's shifts are the mirror images of the shifts (a shift by (dy, dx) mirrored is one by (dy, -dx)).
+    assert {tuple(v.flatten().tolist()) for v in both[9:]} == {tuple(v.flip(-1).flatten().tolist()) for v in shifts}
+    with pytest.raises(ValueError, match="expected flip, shift or flip-shift"):
         tta_views(images, "rotate")
 
 

@@ -161,6 +161,28 @@ def test_corrupt_and_foreign_checkpoints(tmp_path):
         load_checkpoint(bad)
 
 
+def test_load_weights_from_a_training_checkpoint_takes_the_ema_weights(tmp_path):
+    # evaluate.py / load_weights accept a run's last.ckpt: the weights a run evaluates (EMA if kept), with the
+    # dataset's classes and normalisation in the metadata as a model.safetensors would have them.
+    from vision_lstm import create_model
+    model = create_model("vil_tiny", dim=8, depth=1, img_size=8, patch_size=4, num_classes=10)
+    ema = create_model("vil_tiny", dim=8, depth=1, img_size=8, patch_size=4, num_classes=10)
+    state = {"model": model.state_dict(), "ema": ema.state_dict(), "step": 7, "epoch": 1, "model_name": "vil_tiny",
+             "model_config": model.config.to_dict(), "config": {"dataset": "cifar", "precision": "bf16"}}
+    save_checkpoint(state, tmp_path / "last.ckpt")
+    loaded, metadata = load_weights(tmp_path / "last.ckpt")
+    for name, tensor in loaded.state_dict().items():
+        assert torch.equal(tensor, ema.state_dict()[name]), name
+    assert not torch.equal(loaded.head.weight, model.head.weight)
+    assert metadata["dataset"] == "cifar10" and metadata["precision"] == "bf16" and metadata["epochs_done"] == 1
+    assert len(metadata["classes"]) == 10 and len(metadata["mean"]) == 3
+    save_checkpoint({**state, "ema": None}, tmp_path / "last.ckpt")  # no EMA: the trained weights
+    assert torch.equal(load_weights(tmp_path / "last.ckpt")[0].head.weight, model.head.weight)
+    save_checkpoint({"model": {}, "step": 0}, tmp_path / "last.ckpt")
+    with pytest.raises(VilError, match="no usable model config"):
+        load_weights(tmp_path / "last.ckpt")
+
+
 # --- property-based: random and mutated bytes ------------------------------------------------------------------
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])

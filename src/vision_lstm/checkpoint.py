@@ -111,17 +111,49 @@ def read_weights_metadata(path: str | Path) -> dict:
 
 
 def load_weights(path: str | Path, device: str | torch.device = "cpu") -> tuple[VisionLSTM, dict]:
-    """Rebuild the model described by a weights file's metadata and load the weights. Returns (model, metadata)."""
-    metadata = read_weights_metadata(path)
-    try:
-        config = ViLConfig(**metadata["config"])
-    except (TypeError, ValueError) as e:
-        raise VilError(f"weights file {path}: invalid model config in metadata ({e})") from None
+    """Rebuild the model described by a weights file's metadata and load the weights. Returns (model, metadata).
+
+    ``path`` is a ``model.safetensors`` written at the end of a run, or a run's training checkpoint ``last.ckpt``
+    (a run in progress): then the weights are the ones the run evaluates (the EMA weights if it keeps an EMA), and
+    the metadata is rebuilt from the checkpoint's config in the same form.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise VilError(f"weights file {path} not found")
+    with open(path, "rb") as f:
+        is_checkpoint = f.read(2) == b"PK"  # torch.save writes a zip archive; safetensors starts with a length
+    if is_checkpoint:
+        config, tensors, metadata = _weights_from_checkpoint(path)
+    else:
+        metadata = read_weights_metadata(path)
+        try:
+            config = ViLConfig(**metadata["config"])
+        except (TypeError, ValueError) as e:
+            raise VilError(f"weights file {path}: invalid model config in metadata ({e})") from None
+        try:
+            tensors = load_file(str(path), device="cpu")
+        except (SafetensorError, OSError, ValueError) as e:
+            raise VilError(f"weights file {path} is corrupt ({e})") from None
     model = VisionLSTM(config)
-    try:
-        tensors = load_file(str(path), device="cpu")
-    except (SafetensorError, OSError, ValueError) as e:
-        raise VilError(f"weights file {path} is corrupt ({e})") from None
     check_state_dict_fits(model.state_dict(), tensors, source=f"the weights in {path}")
     model.load_state_dict(tensors)
     return model.to(device).eval(), metadata
+
+
+def _weights_from_checkpoint(path: Path) -> tuple[ViLConfig, dict, dict]:
+    """(model config, state dict, metadata as save_weights writes it) of a training checkpoint."""
+    from .data import get_spec
+
+    state = load_checkpoint(path)
+    run = state.get("config") if isinstance(state.get("config"), dict) else {}
+    try:
+        config = ViLConfig(**state["model_config"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise VilError(f"checkpoint {path} has no usable model config ({type(e).__name__}: {e})") from None
+    ema = state.get("ema") is not None
+    metadata = {"model": state.get("model_name", run.get("model")), "config": config.to_dict(), "ema": ema,
+                "precision": run.get("precision", "fp32"), "epochs_done": state.get("epoch"), "step": state.get("step")}
+    if run.get("dataset"):
+        spec = get_spec(run["dataset"])
+        metadata.update(dataset=spec.name, classes=list(spec.classes), mean=list(spec.mean), std=list(spec.std))
+    return config, state["ema"] if ema else state["model"], metadata

@@ -6,6 +6,7 @@ import json
 import sys
 from pathlib import Path
 
+from .config import TTA_KINDS
 from .errors import VilError
 
 REPO_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
@@ -67,8 +68,9 @@ def train_parser() -> argparse.ArgumentParser:
     p.add_argument("--ema", action="store_true", default=None, help="keep an EMA of the weights")
     p.add_argument("--eval-raw", action="store_true", default=None,
                    help="with EMA: also evaluate the raw weights each epoch (what the run gives without EMA)")
-    p.add_argument("--tta", nargs="?", const="flip", choices=["flip", "shift", "none"],
-                   help="also report test-time-augmented accuracy: flip (default) or shift (8 one-pixel shifts)")
+    p.add_argument("--tta", nargs="?", const="flip", choices=[*TTA_KINDS, "none"],
+                   help="also report test-time-augmented accuracy: flip (default), shift (8 one-pixel shifts) or "
+                        "flip-shift (both, 18 views)")
     p.add_argument("--tta-epochs", choices=["all", "last"], help="evaluate TTA after all epochs or the last only")
     p.add_argument("--nan-policy", choices=["stop", "skip"])
     p.add_argument("--device", help="auto (default), cpu, cuda, cuda:1, ...")
@@ -117,14 +119,15 @@ def evaluate_parser() -> argparse.ArgumentParser:
     from .data import dataset_names
     p = argparse.ArgumentParser(prog="evaluate.py", description="Evaluate saved weights on a dataset split.")
     p.add_argument("--dataset", required=True, choices=dataset_names())
-    p.add_argument("--weights", required=True, help="model.safetensors written by train.py")
+    p.add_argument("--weights", required=True,
+                   help="model.safetensors written by train.py, or a run's last.ckpt (its EMA weights if it keeps one)")
     p.add_argument("--data-dir", help="dataset folder (default: $VIL_DATA_DIR, else ./data)")
     p.add_argument("--split", default="test", choices=["test", "train"])
     p.add_argument("--val-split", type=int, metavar="N",
                    help="evaluate on the last N training images (the validation split of train.py --val-split N)")
-    p.add_argument("--tta", nargs="?", const="flip", choices=["flip", "shift"],
+    p.add_argument("--tta", nargs="?", const="flip", choices=TTA_KINDS,
                    help="also report the accuracy of predictions averaged over the image and its mirror image "
-                        "(flip, the default) or its 8 one-pixel shifts (shift)")
+                        "(flip, the default), its 8 one-pixel shifts (shift) or both (flip-shift, 18 views)")
     p.add_argument("--batch-size", type=int, default=500)
     p.add_argument("--precision", choices=["fp32", "bf16"],
                    help="default: the precision the weights were trained and evaluated in (fp32 if unknown)")
@@ -167,6 +170,8 @@ def evaluate_main(argv: list[str] | None = None) -> dict:
     if args.tta:
         out["tta"] = args.tta
         out["accuracy_tta"] = round(result["accuracy_tta"], 6)
+    if metadata.get("epochs_done") is not None:  # a training checkpoint: say how far its run had got
+        out["epochs_done"] = metadata["epochs_done"]
     print(json.dumps(out), flush=True)
     return out
 

@@ -9,6 +9,9 @@ import yaml
 
 from .errors import VilError
 
+# Test-time augmentations (data.tta_views): mirror image; 8 one-pixel shifts; both (18 views).
+TTA_KINDS = ("flip", "shift", "flip-shift")
+
 RECIPE_DIR_NAME = "configs"
 AUGMENT_KEYS = {"translate", "hflip", "erase", "rotate", "zoom"}
 
@@ -66,7 +69,8 @@ class TrainConfig:
         elif self.tta is False or self.tta == "none":
             self.tta = None
         checks = [
-            (self.tta in (None, "flip", "shift"), f"tta must be flip, shift, true or false, got {self.tta!r}"),
+            (self.tta in (None, *TTA_KINDS), f"tta must be one of {', '.join(TTA_KINDS)}, true or false, "
+                                             f"got {self.tta!r}"),
             (self.tta_epochs in ("all", "last"), f"tta_epochs must be all or last, got {self.tta_epochs!r}"),
             (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
             (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),

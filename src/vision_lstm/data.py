@@ -442,15 +442,21 @@ def tta_views(images: torch.Tensor, kind: str | None) -> list[torch.Tensor]:
     """The images a test-time-augmented prediction averages over, the original first. (N, C, H, W) each.
 
     "flip": the image and its mirror image; "shift": the image and its 8 shifts by one pixel (the 3x3
-    neighbourhood), for digits, which a mirror image would change into other symbols; None: the image alone.
+    neighbourhood), for digits, which a mirror image would change into other symbols; "flip-shift": both, the
+    9 shifts of the image and the 9 of its mirror image (18 views); None: the image alone.
     """
+    def shifts(x: torch.Tensor) -> list[torch.Tensor]:
+        return [x] + [shift_images(x, dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if dy or dx]
+
     if kind is None:
         return [images]
     if kind == "flip":
         return [images, images.flip(-1)]
     if kind == "shift":
-        return [images] + [shift_images(images, dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if dy or dx]
-    raise ValueError(f"unknown test-time augmentation {kind!r}; expected flip or shift")
+        return shifts(images)
+    if kind == "flip-shift":
+        return shifts(images) + shifts(images.flip(-1))
+    raise ValueError(f"unknown test-time augmentation {kind!r}; expected flip, shift or flip-shift")
 
 
 def random_affine(images: torch.Tensor, generator: torch.Generator, degrees: float = 0.0,
