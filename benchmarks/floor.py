@@ -98,8 +98,8 @@ def time_product(op: str, sig: tuple, seconds: float) -> tuple[float, float]:
 def measured_step_ms(config: str, batch: int, steps: int) -> float:
     """Fastest of ``steps`` training steps (forward, backward, AdamW) on the fast path under bf16 autocast, timed by
     the throughput benchmark's own step loop. ms."""
-    run = argparse.Namespace(config=config, path="fast", official=None, batch=batch, precision="bf16", mode="train",
-                             warmup=2, seconds=0.0, min_steps=steps, max_steps=steps)
+    run = argparse.Namespace(config=config, path="fast", official=None, device="cpu", kernel=None, batch=batch,
+                             precision="bf16", mode="train", warmup=2, seconds=0.0, min_steps=steps, max_steps=steps)
     return 1000 * throughput.worker_model(run)["best_step_s"]
 
 

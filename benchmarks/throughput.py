@@ -6,6 +6,8 @@ paths timed side by side here.
     python benchmarks/throughput.py                       # all configs, writes results/benchmarks/
     python benchmarks/throughput.py --configs vil_tiny_cifar --paths fast,reference
     python benchmarks/throughput.py --official /path/to/NX-AI/vision-lstm   # adds the official code, same run
+    python benchmarks/throughput.py --device cuda --paths fast,kernels --skip-seqlen   # a GPU; kernels: the
+        # fast path with an mlstm_kernels kernel as the cell (--kernel, default the Triton chunkwise one)
 
 Each measurement runs in a fresh subprocess (so peak memory is that measurement's own) with --threads threads.
 """
@@ -87,23 +89,34 @@ def reset_peak_rss() -> float:
     return peak_rss_mb()
 
 
+def synchronize(device: str) -> None:
+    """Wait for queued GPU work (a no-op on the CPU), so wall-clock times cover the work itself."""
+    import torch
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
 def worker_matmul(args) -> dict:
     import torch
     out = {}
-    n = 2048
+    n = 2048 if args.device == "cpu" else 8192
     for dtype in (torch.float32, torch.bfloat16):
-        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+        a, b = (torch.randn(n, n, dtype=dtype, device=args.device) for _ in range(2))
         for _ in range(3):
             a @ b
+        synchronize(args.device)
         reps, t = 0, time.perf_counter()
         while time.perf_counter() - t < 2.0:
             a @ b
             reps += 1
+            if reps % 10 == 0:
+                synchronize(args.device)
+        synchronize(args.device)
         out[str(dtype).split(".")[-1]] = 2 * n ** 3 * reps / (time.perf_counter() - t) / 1e9
     return {"gflops_fp32": out["float32"], "gflops_bf16": out["bfloat16"]}
 
 
-def build(config: str, path: str, official: str | None):
+def build(config: str, path: str, official: str | None, kernel: str | None = None):
     name, overrides, shape = CONFIGS[config]
     if path == "official":
         # Import the official package from the given checkout under another name (ours is also "vision_lstm").
@@ -124,6 +137,8 @@ def build(config: str, path: str, official: str | None):
         model.use_reference_path()
     if path == "checkpointed":  # the fast path with gradient checkpointing (--grad-checkpointing in train.py)
         model.set_grad_checkpointing()
+    if path == "kernels":  # the fast path with an mlstm_kernels kernel as the cell
+        model.set_mlstm_mode(f"kernels:{kernel}")
     return model, shape
 
 
@@ -142,13 +157,17 @@ def worker_model(args) -> dict:
     import torch
     import torch.nn.functional as F
     torch.manual_seed(0)
-    model, shape = build(args.config, "fast" if args.path == "compiled" else args.path, args.official)
+    device = args.device
+    model, shape = build(args.config, "fast" if args.path == "compiled" else args.path, args.official, args.kernel)
+    model = model.to(device)
     if args.path == "compiled":
         model = torch.compile(model)  # compiled on the first (warm-up) step: its time is reported separately
-    x = torch.randn(args.batch, *shape)
-    y = torch.randint(0, 10, (args.batch,))
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.precision == "bf16")
+    x = torch.randn(args.batch, *shape, device=device)
+    y = torch.randint(0, 10, (args.batch,), device=device)
+    autocast = torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=args.precision == "bf16")
     rss_before = reset_peak_rss()
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
     if args.mode == "train":
         model.train()
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -167,23 +186,29 @@ def worker_model(args) -> dict:
                 model(x)
     t = time.perf_counter()
     step()  # the first warm-up step, timed on its own (it includes compilation on the compiled path)
+    synchronize(device)
     first_step_s = time.perf_counter() - t
     for _ in range(args.warmup - 1):
         step()
+    synchronize(device)
     times = []
     t_end = time.perf_counter() + args.seconds
     while len(times) < args.min_steps or time.perf_counter() < t_end:
         t = time.perf_counter()
         step()
+        synchronize(device)
         times.append(time.perf_counter() - t)
         if len(times) >= args.max_steps:
             break
     times.sort()
     median = times[len(times) // 2]
     import vision_lstm
-    return {"img_per_s": args.batch / median, "step_s": median, "best_step_s": times[0], "steps": len(times),
-            "first_step_s": first_step_s,
-            "peak_rss_mb": peak_rss_mb(), "rss_before_mb": rss_before, "malloc_setting": vision_lstm.MALLOC_SETTING}
+    result = {"img_per_s": args.batch / median, "step_s": median, "best_step_s": times[0], "steps": len(times),
+              "first_step_s": first_step_s, "peak_rss_mb": peak_rss_mb(), "rss_before_mb": rss_before,
+              "malloc_setting": vision_lstm.MALLOC_SETTING}
+    if device.startswith("cuda"):
+        result["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2 ** 20
+    return result
 
 
 def worker_seqlen(args) -> dict:
@@ -245,8 +270,12 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--configs", default=None, help="comma-separated config names (default: all)")
     p.add_argument("--paths", default="fast,reference",
-                   help="fast,reference[,compiled][,checkpointed][,official] (compiled: the fast path under "
-                        "torch.compile; checkpointed: the fast path with gradient checkpointing)")
+                   help="fast,reference[,compiled][,checkpointed][,kernels][,official] (compiled: the fast path "
+                        "under torch.compile; checkpointed: the fast path with gradient checkpointing; kernels: the "
+                        "fast path with the mlstm_kernels kernel --kernel as the cell)")
+    p.add_argument("--kernel", default="chunkwise--triton_xl_chunk",
+                   help="the mlstm_kernels kernel of the kernels path (the Triton ones need a CUDA GPU)")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda: where the models run")
     p.add_argument("--precisions", default="fp32,bf16")
     p.add_argument("--modes", default="train,infer")
     p.add_argument("--batch", type=int, default=128)
@@ -287,19 +316,22 @@ def main():
     configs = [] if args.skip_models else (
         [resolve_config(c) for c in args.configs.split(",")] if args.configs else list(CONFIGS))
     paths = args.paths.split(",")
-    unknown = sorted(set(paths) - {"fast", "reference", "compiled", "checkpointed", "official"})
+    unknown = sorted(set(paths) - {"fast", "reference", "compiled", "checkpointed", "kernels", "official"})
     if unknown:
         raise SystemExit(f"unknown path(s) {', '.join(unknown)}; valid: fast, reference, compiled, checkpointed, "
-                         f"official")
+                         f"kernels, official")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: CUDA is not available here")
     if args.official:
         paths = paths if "official" in paths else paths + ["official"]
     from vision_lstm.runtime import device_name
     report = {"machine": {"cpu": device_name("cpu"), "threads": args.threads,
                           "torch": torch.__version__, "python": platform.python_version()},
+              "device": args.device if args.device == "cpu" else f"{args.device} ({device_name(args.device)})",
               "command": " ".join([Path(sys.executable).name] + sys.argv), "batch": args.batch,
               "date": time.strftime("%Y-%m-%d %H:%M:%S")}
-    print(f"measuring matmul peak ({args.threads} threads) ...", flush=True)
-    report["matmul_peak"] = run_worker("matmul", args.threads)
+    print(f"measuring matmul peak ({args.device}, {args.threads} threads) ...", flush=True)
+    report["matmul_peak"] = run_worker("matmul", args.threads, device=args.device)
     peak_bf16 = report["matmul_peak"]["gflops_bf16"]
     print(f"  fp32 {report['matmul_peak']['gflops_fp32']:.0f} GFLOP/s, bf16 {peak_bf16:.0f} GFLOP/s", flush=True)
 
@@ -314,9 +346,12 @@ def main():
                                                              mallocs):
                 r = run_worker("model", args.threads, malloc=malloc, config=config, path=path,
                                precision=precision, mode=mode, batch=args.batch, seconds=args.seconds,
-                               official=args.official)
+                               official=args.official, device=args.device,
+                               kernel=args.kernel if path == "kernels" else None)
                 row = {"config": config, "path": path, "precision": precision, "mode": mode, "malloc": malloc,
                        "fwd_gflop_per_img": flops / 1e9, **r}
+                if path == "kernels":
+                    row["kernel"] = args.kernel
                 if "img_per_s" in r:
                     factor = 3 if mode == "train" else 1
                     row["mfu_bf16_peak"] = factor * flops * r["img_per_s"] / 1e9 / peak_bf16
@@ -344,6 +379,9 @@ def markdown(report: dict) -> str:
     peak = report["matmul_peak"]
     lines = [f"# Throughput ({report['date']})", "",
              f"Command: `{report['command']}`  ", f"Machine: {report['machine']}  "]
+    if report.get("device", "cpu") != "cpu":
+        lines += [f"Device: {report['device']}; memory is torch.cuda.max_memory_allocated, the matmul peak an "
+                  f"8192x8192 GEMM  "]
     if report["models"]:
         lines += [f"Matmul peak: fp32 {peak['gflops_fp32']:.0f} GFLOP/s, bf16 {peak['gflops_bf16']:.0f} GFLOP/s "
                   f"(2048x2048 GEMM)  ", f"Batch {report['batch']}; img/s is the median step; memory is the "
@@ -351,14 +389,15 @@ def markdown(report: dict) -> str:
                   f"compilation).", "",
                   ("malloc: `kept` is the glibc setting that importing vision_lstm applies (freed memory kept for "
                    "reuse); `default` is glibc's defaults (the official code as its users run it)."), "",
-                  "| config | path | precision | mode | malloc | GFLOP/img (fwd) | img/s | peak RSS (MB) "
+                  "| config | path | precision | mode | malloc | GFLOP/img (fwd) | img/s | peak memory (MB) "
                   "| MFU (of bf16 peak) | first step (s) |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in report["models"]:
         head = f"| {r['config']} | {r['path']} | {r['precision']} | {r['mode']} | {r.get('malloc', 'default')} | "
         if "img_per_s" not in r:
             lines.append(f"{head} | error: {r.get('error', '?')} | | | |")
             continue
-        lines.append(f"{head}{r['fwd_gflop_per_img']:.3f} | {r['img_per_s']:.1f} | {r['peak_rss_mb']:.0f} | "
+        memory = r.get("peak_cuda_mb", r["peak_rss_mb"])
+        lines.append(f"{head}{r['fwd_gflop_per_img']:.3f} | {r['img_per_s']:.1f} | {memory:.0f} | "
                      f"{100 * r['mfu_bf16_peak']:.1f}% | {r.get('first_step_s', float('nan')):.1f} |")
     if report.get("seqlen"):
         lines += ["", "## Sequence length (one mLSTM layer's cell, B=1, 4 heads x 96, forward, no grad)", "",

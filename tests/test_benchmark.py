@@ -55,6 +55,23 @@ def test_malloc_both_measures_each_path_under_both_settings(tmp_path):
     assert "| recipe_mnist | fast | fp32 | infer | default |" in (tmp_path / "malloc.md").read_text()
 
 
+def test_kernels_path_times_an_mlstm_kernels_kernel(tmp_path):
+    # The kernels path (meant for the Triton kernels on a GPU) runs here with the plain-PyTorch chunkwise kernel.
+    cmd = [sys.executable, str(REPO / "benchmarks" / "throughput.py"), "--configs", "recipe_mnist", "--paths",
+           "kernels", "--kernel", "chunkwise--native_autograd", "--precisions", "fp32", "--modes", "train,infer",
+           "--batch", "8", "--seconds", "0.05", "--skip-seqlen", "--output", str(tmp_path), "--tag", "kernels"]
+    subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=300)
+    report = json.loads((tmp_path / "kernels.json").read_text())
+    assert report["device"] == "cpu" and len(report["models"]) == 2
+    for r in report["models"]:
+        assert r["kernel"] == "chunkwise--native_autograd" and r["img_per_s"] > 0, r
+    bad = subprocess.run(cmd[:-2] + ["--tag", "bad", "--kernel", "chunkwise--nope"], capture_output=True, text=True,
+                         timeout=300)
+    assert bad.returncode == 0  # one failed measurement is a row with its error, not a crash
+    rows = json.loads((tmp_path / "bad.json").read_text())["models"]
+    assert all("no kernel 'chunkwise--nope'" in r["error"] for r in rows)
+
+
 def test_floor_benchmark_records_the_products_of_a_training_step(tmp_path):
     # Tiny model (MNIST recipe), batch 8: every product of one bf16-autocast step is recorded as the kernels see it.
     cmd = [sys.executable, str(REPO / "benchmarks" / "floor.py"), "--config", "recipe_mnist", "--batch", "8",

@@ -1,9 +1,10 @@
 """The three forms of the mLSTM cell agree with each other and with an independent implementation."""
 import pytest
 import torch
+import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from vision_lstm.cell import (init_state, mlstm, mlstm_chunkwise, mlstm_parallel, mlstm_parallel_reference,
+from vision_lstm.cell import (DEFAULT_EPS, init_state, mlstm, mlstm_chunkwise, mlstm_parallel, mlstm_parallel_reference,
                               mlstm_recurrent, mlstm_step)
 
 
@@ -211,6 +212,8 @@ def test_dispatch_rejects_unknown_mode():
     q, k, v, i, f = make_inputs(T=4)
     with pytest.raises(ValueError, match="unknown mLSTM mode 'fast'.*parallel, chunkwise, recurrent"):
         mlstm(q, k, v, i, f, mode="fast")
+    with pytest.raises(ValueError, match="unknown mLSTM mode 'kernels:'"):
+        mlstm(q, k, v, i, f, mode="kernels:")
 
 
 def test_shape_errors_are_clear():
@@ -239,6 +242,52 @@ def test_against_mlstm_kernels_parallel(form, dtype):
     assert rel_err(ours, theirs) <= tol
     for name, a, b in zip("q k v i f".split(), our_grads, their_grads):
         assert rel_err(a, b) <= max(tol, 1e-9), name
+
+
+@pytest.mark.parametrize("kernel", ["chunkwise--native_autograd", "parallel--native_autograd"])
+def test_mlstm_kernels_as_a_backend(kernel):
+    # mode "kernels:<name>" runs the xLSTM authors' kernel in place of our forms (on a GPU: the Triton ones); T = 33
+    # is padded to 5 chunks of 8 at its end, which must change no output (the cell is causal).
+    inputs = [t.detach().requires_grad_() for t in make_inputs(T=33, gate_scale=3.0)]  # float64
+    grad_out = torch.randn(inputs[0].shape, dtype=inputs[0].dtype)
+    theirs = mlstm(*inputs, mode=f"kernels:{kernel}", chunk_size=8)
+    ours = mlstm(*inputs, mode="parallel")
+    assert theirs.shape == ours.shape and rel_err(theirs, ours) <= 1e-9
+    for name, a, b in zip("q k v i f".split(), torch.autograd.grad(theirs, inputs, grad_out),
+                          torch.autograd.grad(ours, inputs, grad_out)):
+        assert rel_err(a, b) <= 1e-8, name
+    with pytest.raises(ValueError, match="no kernel 'chunkwise--nope' here; available: .*chunkwise--native_autograd"):
+        mlstm(*inputs, mode="kernels:chunkwise--nope")
+
+
+def _parallel_with_fixed_normaliser(q, k, v, igate, fgate, eps=DEFAULT_EPS):
+    """The parallel form with the stabiliser m and the normaliser held constant in backward (stop-gradient)."""
+    T, DH = q.shape[-2], q.shape[-1]
+    cum_log_f = torch.cumsum(F.logsigmoid(fgate), dim=-1)
+    log_d = (cum_log_f[..., :, None] - cum_log_f[..., None, :] + igate[..., None, :]).masked_fill(
+        ~torch.ones(T, T, dtype=torch.bool).tril(), float("-inf"))
+    m = log_d.amax(dim=-1, keepdim=True).detach()
+    scores = (q @ k.transpose(-2, -1)) * DH ** -0.5 * torch.exp(log_d - m)
+    normaliser = torch.maximum(scores.sum(dim=-1, keepdim=True).abs(), torch.exp(-m)).detach()
+    return (scores @ v) / (normaliser + eps)
+
+
+def test_mlstm_kernels_custom_backward_holds_the_normaliser_fixed():
+    # A finding worth pinning: the kernels of mlstm_kernels with a hand-written backward (here the plain-PyTorch
+    # chunkwise--native_custbw) compute the same h, but their q, k and gate gradients are those of h with the
+    # normaliser max(|n^T q|, exp(-m)) and the stabiliser m held constant -- not the gradient of h, which our forms
+    # and the autograd kernels compute. Training through such a kernel therefore follows another direction.
+    inputs = [t.detach().requires_grad_() for t in make_inputs(T=16, gate_scale=1.0)]  # float64
+    grad_out = torch.randn(inputs[0].shape, dtype=inputs[0].dtype)
+    theirs = mlstm(*inputs, mode="kernels:chunkwise--native_custbw", chunk_size=8)
+    assert rel_err(theirs, mlstm(*inputs)) <= 1e-9
+    their_grads = torch.autograd.grad(theirs, inputs, grad_out)
+    fixed_grads = torch.autograd.grad(_parallel_with_fixed_normaliser(*inputs), inputs, grad_out)
+    our_grads = torch.autograd.grad(mlstm(*inputs), inputs, grad_out)
+    for name, a, b, c in zip("q k v i f".split(), their_grads, fixed_grads, our_grads):
+        assert rel_err(a, b) <= 1e-9, name
+        if name != "v":  # v does not enter the normaliser
+            assert rel_err(a, c) >= 0.1, name
 
 
 def test_against_mlstm_kernels_recurrent_step():

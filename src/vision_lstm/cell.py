@@ -335,12 +335,55 @@ def mlstm_chunkwise(q, k, v, igate, fgate, chunk_size: int = 64, state: MLSTMSta
     return (h, final_state) if return_state else h
 
 
+KERNELS_PREFIX = "kernels:"
+
+
+def check_mode(mode: str, what: str = "mLSTM mode") -> None:
+    """Raise ValueError unless ``mode`` is one of :data:`MODES` or ``"kernels:<name>"`` (an ``mlstm_kernels``
+    sequence kernel; whether it is available is checked when it first runs, where it runs)."""
+    if mode in MODES or (isinstance(mode, str) and mode.startswith(KERNELS_PREFIX) and len(mode) > len(KERNELS_PREFIX)):
+        return
+    raise ValueError(f"unknown {what} {mode!r}; expected one of {', '.join(MODES)} or "
+                     f"'{KERNELS_PREFIX}<name>' with the name of an mlstm_kernels kernel")
+
+
+def mlstm_external(q, k, v, igate, fgate, name: str, chunk_size: int = 64, eps: float = DEFAULT_EPS) -> torch.Tensor:
+    """The same cell computed by a sequence kernel of the xLSTM authors' ``mlstm_kernels`` package, for example
+    ``chunkwise--triton_xl_chunk`` (Triton, CUDA GPUs) or ``chunkwise--native_autograd`` (plain PyTorch).
+
+    An optional backend: the package is imported only here. Chunkwise kernels need a whole number of chunks, so
+    the sequence is padded at its end with zero tokens; the cell is causal, so they change no earlier output.
+    Shapes as :func:`mlstm_parallel`.
+    """
+    try:
+        from mlstm_kernels.torch import get_available_mlstm_kernels, get_mlstm_kernel
+    except ImportError:
+        raise ValueError(f"mLSTM mode '{KERNELS_PREFIX}{name}' needs the mlstm_kernels package: "
+                         f"pip install mlstm_kernels (or use mode parallel or chunkwise)") from None
+    available = get_available_mlstm_kernels()
+    if name not in available:
+        raise ValueError(f"mlstm_kernels has no kernel {name!r} here; available: {', '.join(available)} "
+                         f"(the Triton kernels need a CUDA GPU and the triton package)")
+    kernel = get_mlstm_kernel(name)
+    T = q.shape[2]
+    pad = (-T) % chunk_size if name.startswith("chunkwise") else 0
+    if pad:
+        q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
+        igate, fgate = F.pad(igate, (0, pad)), F.pad(fgate, (0, pad))
+    kwargs = {"chunk_size": chunk_size} if name.startswith("chunkwise") else {}
+    h = kernel(q.contiguous(), k.contiguous(), v.contiguous(), igate.contiguous(), fgate.contiguous(), eps=eps,
+               **kwargs)
+    return h[:, :, :T] if pad else h
+
+
 def mlstm(q, k, v, igate, fgate, mode: str = "parallel", chunk_size: int = 64, eps: float = DEFAULT_EPS):
-    """Dispatch to one of the three forms. Shapes as :func:`mlstm_parallel`."""
+    """Dispatch to one of the three forms, or to an ``mlstm_kernels`` kernel (mode ``"kernels:<name>"``,
+    :func:`mlstm_external`). Shapes as :func:`mlstm_parallel`."""
     if mode == "parallel":
         return mlstm_parallel(q, k, v, igate, fgate, eps=eps)
     if mode == "chunkwise":
         return mlstm_chunkwise(q, k, v, igate, fgate, chunk_size=chunk_size, eps=eps)
     if mode == "recurrent":
         return mlstm_recurrent(q, k, v, igate, fgate, eps=eps)
-    raise ValueError(f"unknown mLSTM mode {mode!r}; expected one of {', '.join(MODES)}")
+    check_mode(mode)
+    return mlstm_external(q, k, v, igate, fgate, mode[len(KERNELS_PREFIX):], chunk_size=chunk_size, eps=eps)

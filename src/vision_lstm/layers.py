@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .cell import MODES, mlstm, mlstm_parallel_reference
+from .cell import check_mode, mlstm, mlstm_parallel_reference
 
 
 class OffsetLayerNorm(nn.Module):
@@ -258,8 +258,7 @@ class ViLLayer(nn.Module):
     def __init__(self, dim: int, expansion: int = 2, num_heads: int = 4, qkv_block_size: int = 4,
                  conv_kernel_size: int = 3, mlstm_mode: str = "parallel", chunk_size: int = 64):
         super().__init__()
-        if mlstm_mode not in MODES:
-            raise ValueError(f"unknown mlstm_mode {mlstm_mode!r}; expected one of {', '.join(MODES)}")
+        check_mode(mlstm_mode, "mlstm_mode")
         if conv_kernel_size % 2 == 0:
             raise ValueError(f"conv_kernel_size must be odd to keep the grid size, got {conv_kernel_size}")
         inner = expansion * dim

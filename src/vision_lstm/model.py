@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .cell import MODES
+from .cell import check_mode
 from .layers import ConvStem, OffsetLayerNorm, PatchEmbed, PosEmbed2d, ViLBlockPair
 
 POOLINGS = ("bilateral_flatten", "bilateral_avg", "mean")
@@ -31,7 +31,7 @@ class ViLConfig:
     pooling: str = "bilateral_flatten"
     head_norm: bool = True  # LayerNorm on the pooled feature (the official pretrained models have it)
     drop_path_rate: float = 0.0
-    mlstm_mode: str = "parallel"
+    mlstm_mode: str = "parallel"  # parallel | chunkwise | recurrent (same math), or "kernels:<mlstm_kernels name>"
     chunk_size: int = 64
 
     def __post_init__(self):
@@ -45,8 +45,7 @@ class ViLConfig:
             raise ValueError(f"unknown pooling {self.pooling!r}; expected one of {', '.join(POOLINGS)}")
         if self.stem not in ("patch", "conv"):
             raise ValueError(f"unknown stem {self.stem!r}; expected 'patch' or 'conv'")
-        if self.mlstm_mode not in MODES:
-            raise ValueError(f"unknown mlstm_mode {self.mlstm_mode!r}; expected one of {', '.join(MODES)}")
+        check_mode(self.mlstm_mode, "mlstm_mode")
         for name in ("patch_size", "in_chans", "num_classes", "dim", "depth", "num_heads", "chunk_size"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
@@ -112,8 +111,7 @@ class VisionLSTM(nn.Module):
 
     def set_mlstm_mode(self, mode: str, chunk_size: int | None = None) -> "VisionLSTM":
         """Switch every layer to another form of the cell (same weights, same outputs up to rounding)."""
-        if mode not in MODES:
-            raise ValueError(f"unknown mlstm_mode {mode!r}; expected one of {', '.join(MODES)}")
+        check_mode(mode, "mlstm_mode")
         self.config = replace(self.config, mlstm_mode=mode, chunk_size=chunk_size or self.config.chunk_size)
         for module in self.modules():
             if hasattr(module, "mlstm_mode"):
