@@ -176,6 +176,7 @@ def test_load_weights_from_a_training_checkpoint_takes_the_ema_weights(tmp_path)
     assert not torch.equal(loaded.head.weight, model.head.weight)
     assert metadata["dataset"] == "cifar10" and metadata["precision"] == "bf16" and metadata["epochs_done"] == 1
     assert len(metadata["classes"]) == 10 and len(metadata["mean"]) == 3
+    assert load_weights(tmp_path / "last.ckpt", mlstm_mode="chunkwise")[0].config.mlstm_mode == "chunkwise"
     save_checkpoint({**state, "ema": None}, tmp_path / "last.ckpt")  # no EMA: the trained weights
     assert torch.equal(load_weights(tmp_path / "last.ckpt")[0].head.weight, model.head.weight)
     save_checkpoint({"model": {}, "step": 0}, tmp_path / "last.ckpt")

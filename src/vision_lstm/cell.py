@@ -341,7 +341,8 @@ KERNELS_PREFIX = "kernels:"
 def check_mode(mode: str, what: str = "mLSTM mode") -> None:
     """Raise ValueError unless ``mode`` is one of :data:`MODES` or ``"kernels:<name>"`` (an ``mlstm_kernels``
     sequence kernel; whether it is available is checked when it first runs, where it runs)."""
-    if mode in MODES or (isinstance(mode, str) and mode.startswith(KERNELS_PREFIX) and len(mode) > len(KERNELS_PREFIX)):
+    is_kernel = isinstance(mode, str) and mode.startswith(KERNELS_PREFIX) and len(mode) > len(KERNELS_PREFIX)
+    if mode in MODES or is_kernel:
         return
     raise ValueError(f"unknown {what} {mode!r}; expected one of {', '.join(MODES)} or "
                      f"'{KERNELS_PREFIX}<name>' with the name of an mlstm_kernels kernel")
@@ -363,7 +364,8 @@ def mlstm_external(q, k, v, igate, fgate, name: str, chunk_size: int = 64, eps: 
     available = get_available_mlstm_kernels()
     if name not in available:
         raise ValueError(f"mlstm_kernels has no kernel {name!r} here; available: {', '.join(available)} "
-                         f"(the Triton kernels need a CUDA GPU and the triton package)")
+                         f"(the Triton kernels need a CUDA GPU and the triton package). A model can switch to "
+                         f"another form with the same weights: model.set_mlstm_mode('parallel')")
     kernel = get_mlstm_kernel(name)
     T = q.shape[2]
     pad = (-T) % chunk_size if name.startswith("chunkwise") else 0

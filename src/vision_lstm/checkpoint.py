@@ -1,6 +1,7 @@
 """Atomic checkpoints (temporary file, fsync, rename) and self-describing safetensors weights."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import tempfile
@@ -110,8 +111,12 @@ def read_weights_metadata(path: str | Path) -> dict:
     return metadata
 
 
-def load_weights(path: str | Path, device: str | torch.device = "cpu") -> tuple[VisionLSTM, dict]:
+def load_weights(path: str | Path, device: str | torch.device = "cpu",
+                 mlstm_mode: str | None = None) -> tuple[VisionLSTM, dict]:
     """Rebuild the model described by a weights file's metadata and load the weights. Returns (model, metadata).
+
+    ``mlstm_mode`` replaces the form of the cell the weights were saved with (the same function: for example
+    "parallel" for weights trained with a GPU-only ``kernels:`` backend).
 
     ``path`` is a ``model.safetensors`` written at the end of a run, or a run's training checkpoint ``last.ckpt``
     (a run in progress): then the weights are the ones the run evaluates (the EMA weights if it keeps an EMA), and
@@ -134,6 +139,11 @@ def load_weights(path: str | Path, device: str | torch.device = "cpu") -> tuple[
             tensors = load_file(str(path), device="cpu")
         except (SafetensorError, OSError, ValueError) as e:
             raise VilError(f"weights file {path} is corrupt ({e})") from None
+    if mlstm_mode is not None:
+        try:
+            config = dataclasses.replace(config, mlstm_mode=mlstm_mode)
+        except ValueError as e:
+            raise VilError(str(e)) from None
     model = VisionLSTM(config)
     check_state_dict_fits(model.state_dict(), tensors, source=f"the weights in {path}")
     model.load_state_dict(tensors)
@@ -152,7 +162,8 @@ def _weights_from_checkpoint(path: Path) -> tuple[ViLConfig, dict, dict]:
         raise VilError(f"checkpoint {path} has no usable model config ({type(e).__name__}: {e})") from None
     ema = state.get("ema") is not None
     metadata = {"model": state.get("model_name", run.get("model")), "config": config.to_dict(), "ema": ema,
-                "precision": run.get("precision", "fp32"), "epochs_done": state.get("epoch"), "step": state.get("step")}
+                "precision": run.get("precision", "fp32"), "epochs_done": state.get("epoch"),
+                "step": state.get("step")}
     if run.get("dataset"):
         spec = get_spec(run["dataset"])
         metadata.update(dataset=spec.name, classes=list(spec.classes), mean=list(spec.mean), std=list(spec.std))

@@ -177,8 +177,8 @@ def evaluate(model: torch.nn.Module, data: ImageDataset, batch_size: int, device
              precision: str = "fp32", tta: str | None = None, info: DistInfo | None = None) -> dict:
     """Loss, accuracy and confusion matrix of ``model`` on ``data`` (sharded over processes under torchrun).
 
-    tta: "flip", "shift" or "flip-shift" adds ``accuracy_tta``, the accuracy of the softmax averaged over :func:`tta_views`
-    (True, as before there was a choice, means "flip").
+    tta: "flip", "shift" or "flip-shift" adds ``accuracy_tta``, the accuracy of the softmax averaged over
+    :func:`tta_views` (True, as before there was a choice, means "flip").
     """
     tta = "flip" if tta is True else (tta or None)
     info = info or DistInfo()
