@@ -153,8 +153,6 @@ def evaluate_main(argv: list[str] | None = None) -> dict:
                            f"{spec.name} has {spec.image_shape[0]} channels and {len(spec.classes)} classes")
         split = args.split
         if args.val_split is not None:
-            if args.val_split < 1:
-                raise VilError(f"--val-split must be >= 1, got {args.val_split}")
             split = "val"
             data = load_split(args.dataset, "train", args.data_dir, download=not args.no_download)
             data = split_off_validation(data, args.val_split, "--val-split")[1]

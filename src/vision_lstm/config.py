@@ -12,6 +12,14 @@ from .errors import VilError
 # Test-time augmentations (data.tta_views): mirror image; 8 one-pixel shifts; both (18 views).
 TTA_KINDS = ("flip", "shift", "flip-shift")
 
+
+def tta_kind(value) -> str | None:
+    """A tta setting as evaluation uses it: True (the setting before there was a choice) means "flip"; False,
+    None and "none" (the CLI's word) mean no TTA; a kind passes through (checked by the caller)."""
+    if value is True:
+        return "flip"
+    return None if value in (False, None, "none") else value
+
 RECIPE_DIR_NAME = "configs"
 AUGMENT_KEYS = {"translate", "hflip", "erase", "rotate", "zoom"}
 
@@ -64,10 +72,7 @@ class TrainConfig:
             self.augment = {}
         aug = self.augment if isinstance(self.augment, dict) else {}
         erase, rotate, zoom = (float(aug.get(key) or 0) for key in ("erase", "rotate", "zoom"))
-        if self.tta is True:
-            self.tta = "flip"
-        elif self.tta is False or self.tta == "none":
-            self.tta = None
+        self.tta = tta_kind(self.tta)
         checks = [
             (self.tta in (None, *TTA_KINDS), f"tta must be one of {', '.join(TTA_KINDS)}, true or false, "
                                              f"got {self.tta!r}"),

@@ -402,6 +402,8 @@ def load_split(name: str, split: str, data_dir: str | Path | None = None, downlo
 def split_off_validation(data: ImageDataset, n: int, setting: str = "val_split") -> tuple[ImageDataset, ImageDataset]:
     """(the first len - n images, the last n): the validation split of ``--val-split n``. ``setting`` names the
     option in the error message."""
+    if n < 1:
+        raise VilError(f"{setting} must be >= 1, got {n}")
     if n >= len(data):
         raise VilError(f"{setting} {n} leaves no training images (of {len(data)})")
     return data.subset(0, len(data) - n), data.subset(len(data) - n)

@@ -23,7 +23,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from .checkpoint import atomic_write, load_checkpoint, save_checkpoint, save_weights
-from .config import TrainConfig, save_config
+from .config import TrainConfig, save_config, tta_kind
 from .data import (
     ImageDataset,
     get_spec,
@@ -180,7 +180,7 @@ def evaluate(model: torch.nn.Module, data: ImageDataset, batch_size: int, device
     tta: "flip", "shift" or "flip-shift" adds ``accuracy_tta``, the accuracy of the softmax averaged over
     :func:`tta_views` (True, as before there was a choice, means "flip").
     """
-    tta = "flip" if tta is True else (tta or None)
+    tta = tta_kind(tta)
     info = info or DistInfo()
     model.eval()
     n_classes = len(data.spec.classes)
