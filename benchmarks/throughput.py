@@ -383,10 +383,12 @@ def markdown(report: dict) -> str:
         lines += [f"Device: {report['device']}; memory is torch.cuda.max_memory_allocated, the matmul peak an "
                   f"8192x8192 GEMM  "]
     if report["models"]:
+        on_cpu = report.get("device", "cpu") == "cpu"
+        memory = "the process's peak RSS" if on_cpu else "torch.cuda.max_memory_allocated"
         lines += [f"Matmul peak: fp32 {peak['gflops_fp32']:.0f} GFLOP/s, bf16 {peak['gflops_bf16']:.0f} GFLOP/s "
-                  f"(2048x2048 GEMM)  ", f"Batch {report['batch']}; img/s is the median step; memory is the "
-                  f"process's peak RSS; first step: the first warm-up step (on the compiled path it includes "
-                  f"compilation).", "",
+                  f"({2048 if on_cpu else 8192}x{2048 if on_cpu else 8192} GEMM)  ",
+                  f"Batch {report['batch']}; img/s is the median step; memory is {memory}; first step: the first "
+                  f"warm-up step (on the compiled path it includes compilation; on the kernels path Triton's).", "",
                   ("malloc: `kept` is the glibc setting that importing vision_lstm applies (freed memory kept for "
                    "reuse); `default` is glibc's defaults (the official code as its users run it)."), "",
                   "| config | path | precision | mode | malloc | GFLOP/img (fwd) | img/s | peak memory (MB) "
