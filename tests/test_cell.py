@@ -1,4 +1,6 @@
 """The three forms of the mLSTM cell agree with each other and with an independent implementation."""
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -260,6 +262,23 @@ def test_mlstm_kernels_as_a_backend(kernel):
         mlstm(*inputs, mode="kernels:chunkwise--nope")
 
 
+def test_mlstm_kernels_of_another_cell_are_refused():
+    inputs = make_inputs(T=8)
+    with pytest.raises(ValueError, match=r"computes another cell \(a sigmoid input gate"):
+        mlstm(*inputs, mode="kernels:parallel--native_siging_autograd")
+
+
+def test_mlstm_kernels_with_a_hand_written_backward_warn_only_when_gradients_are_needed():
+    inputs = make_inputs(T=8)
+    with pytest.warns(UserWarning, match="hand-written backward that holds the normaliser"):
+        mlstm(*inputs, mode="kernels:parallel--native_custbw")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with torch.no_grad():
+            mlstm(*inputs, mode="kernels:parallel--native_custbw")  # inference: same h, no gradient
+        mlstm(*inputs, mode="kernels:parallel--native_autograd")  # exact gradients
+
+
 def _parallel_with_fixed_normaliser(q, k, v, igate, fgate, eps=DEFAULT_EPS):
     """The parallel form with the stabiliser m and the normaliser held constant in backward (stop-gradient)."""
     T, DH = q.shape[-2], q.shape[-1]
@@ -279,7 +298,8 @@ def test_mlstm_kernels_custom_backward_holds_the_normaliser_fixed():
     # and the autograd kernels compute. Training through such a kernel therefore follows another direction.
     inputs = [t.detach().requires_grad_() for t in make_inputs(T=16, gate_scale=1.0)]  # float64
     grad_out = torch.randn(inputs[0].shape, dtype=inputs[0].dtype)
-    theirs = mlstm(*inputs, mode="kernels:chunkwise--native_custbw", chunk_size=8)
+    with pytest.warns(UserWarning, match="hand-written backward"):
+        theirs = mlstm(*inputs, mode="kernels:chunkwise--native_custbw", chunk_size=8)
     assert rel_err(theirs, mlstm(*inputs)) <= 1e-9
     their_grads = torch.autograd.grad(theirs, inputs, grad_out)
     fixed_grads = torch.autograd.grad(_parallel_with_fixed_normaliser(*inputs), inputs, grad_out)

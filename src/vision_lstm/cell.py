@@ -15,6 +15,7 @@ Shapes: B batch, H heads, T tokens, DH head dim. Gate pre-activations are one sc
 """
 from __future__ import annotations
 
+import warnings
 from typing import NamedTuple
 
 import torch
@@ -355,7 +356,17 @@ def mlstm_external(q, k, v, igate, fgate, name: str, chunk_size: int = 64, eps: 
     An optional backend: the package is imported only here. Chunkwise kernels need a whole number of chunks, so
     the sequence is padded at its end with zero tokens; the cell is causal, so they change no earlier output.
     Shapes as :func:`mlstm_parallel`.
+
+    Kernels of another cell (``*siging*``: a sigmoid input gate instead of the exponential one) are refused: with
+    the same weights they give other outputs (97 % apart, measured). Kernels with a hand-written backward (every
+    name that does not end in ``autograd``, the Triton ones included) compute the same h, but differentiate it
+    with the normaliser and stabiliser held fixed (tests/test_cell.py, tests/test_cuda.py): they warn when used
+    with gradients.
     """
+    if "siging" in name:
+        raise ValueError(f"mlstm_kernels kernel {name!r} computes another cell (a sigmoid input gate instead of the "
+                         f"mLSTM's exponential one), so the same weights would give other outputs; use a kernel "
+                         f"without 'siging' in its name, e.g. chunkwise--triton_xl_chunk or chunkwise--native_autograd")
     try:
         from mlstm_kernels.torch import get_available_mlstm_kernels, get_mlstm_kernel
     except ImportError:
@@ -366,6 +377,12 @@ def mlstm_external(q, k, v, igate, fgate, name: str, chunk_size: int = 64, eps: 
         raise ValueError(f"mlstm_kernels has no kernel {name!r} here; available: {', '.join(available)} "
                          f"(the Triton kernels need a CUDA GPU and the triton package). A model can switch to "
                          f"another form with the same weights: model.set_mlstm_mode('parallel')")
+    if not name.endswith("autograd") and torch.is_grad_enabled() and any(
+            t.requires_grad for t in (q, k, v, igate, fgate)):
+        warnings.warn(f"mlstm_kernels kernel {name!r} has a hand-written backward that holds the normaliser and the "
+                      f"stabiliser fixed: its q, k and gate gradients differ from the exact gradient of h (by 0.9-1.4 "
+                      f"relative, measured), so training follows another direction. For exact gradients use mode "
+                      f"'parallel' or 'chunkwise', or a kernel whose name ends in 'autograd'.", stacklevel=2)
     kernel = get_mlstm_kernel(name)
     T = q.shape[2]
     pad = (-T) % chunk_size if name.startswith("chunkwise") else 0
