@@ -89,3 +89,15 @@ def test_floor_benchmark_records_the_products_of_a_training_step(tmp_path):
     assert "Floor:" in (tmp_path / "floor.md").read_text()
     from vision_lstm.runtime import device_name
     assert report["cpu"] == device_name("cpu") and f"CPU {device_name('cpu')}" in (tmp_path / "floor.md").read_text()
+
+
+def test_op_count_counts_the_fused_path_and_the_plain_one(tmp_path):
+    out = tmp_path / "ops.md"
+    subprocess.run([sys.executable, str(REPO / "benchmarks" / "op_count.py"), "--output", str(out)], check=True,
+                   capture_output=True, text=True, timeout=300)
+    rows = {line.split("|")[1].strip(): [int(c) for c in line.split("|")[2:6]]
+            for line in out.read_text().splitlines() if line.startswith("| fast") or line.startswith("| reference")}
+    assert set(rows) == {"fast", "reference"}
+    for counts in rows.values():
+        assert all(c > 100 for c in counts)
+        assert counts[0] > counts[2] and counts[1] > counts[3]  # a training step does more than inference
