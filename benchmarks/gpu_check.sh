@@ -3,7 +3,8 @@
 #   benchmarks/gpu_check.sh OUT_DIR [OFFICIAL_CHECKOUT] [DATA_DIR]
 # 1. tests/test_cuda.py: our forms and model on CUDA against the CPU, bf16 within its bound, and the Triton kernels
 #    of mlstm_kernels as the cell (needs: pip install mlstm_kernels);
-# 2. benchmarks/throughput.py --device cuda: images/s and memory of the fast path, the fast path with the Triton
+# 2. benchmarks/throughput.py --device cuda: images/s and memory of the fast path, the plain reference path (which
+#    makes the official code's number of operations: benchmarks/op_count.py), the fast path with the Triton
 #    chunkwise kernel as its cell, and (with OFFICIAL_CHECKOUT, a checkout of NX-AI/vision-lstm) the official code;
 # 3. with DATA_DIR (holding mnist/): one epoch of the MNIST recipe on CUDA, with our cell and with the Triton one.
 # Every step runs even if one before it failed; the logs go to OUT_DIR.
@@ -26,7 +27,7 @@ status=0
 python3 -m pytest -q -s -rs -p no:cacheprovider tests/test_cuda.py 2>&1 | tee "$out/test_cuda.log"
 status=$((status | ${PIPESTATUS[0]}))
 
-python3 benchmarks/throughput.py --device cuda --configs vil_tiny_cifar,recipe_cifar10 --paths fast,kernels \
+python3 benchmarks/throughput.py --device cuda --configs vil_tiny_cifar,recipe_cifar10 --paths fast,reference,kernels \
   ${official:+--official "$official"} --seconds 2 --skip-seqlen --output "$out" --tag gpu 2>&1 \
   | tee "$out/throughput.log"
 status=$((status | ${PIPESTATUS[0]}))
