@@ -224,8 +224,10 @@ def test_augment_settings_are_checked_and_erase_joins_the_recipes(tmp_path, reci
 
 
 def test_missing_data_offline(tmp_path):
-    proc = run("train.py", "--dataset", "mnist", "--data-dir", tmp_path, "--no-download", check=False)
+    proc = run("train.py", "--dataset", "mnist", "--data-dir", tmp_path, "--no-download", "--output",
+               tmp_path / "run", check=False)
     assert_clean_error(proc, "error: mnist: missing train-images-idx3-ubyte.gz", str(tmp_path))
+    assert not (tmp_path / "run").exists()  # a run that cannot start leaves no empty run folder behind
 
 
 def test_corrupt_dataset_file(tmp_path, recipe):

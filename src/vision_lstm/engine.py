@@ -372,19 +372,8 @@ class Trainer:
         self.ckpt = load_checkpoint(resume_path) if resume_path else None
         if self.ckpt is not None:
             self._merge_checkpoint_config()
-        if self.info.is_main:
-            try:
-                output.mkdir(parents=True, exist_ok=True)
-            except OSError as e:
-                raise VilError(f"cannot create output folder {output}: {e}") from None
-        if self.info.enabled:
-            dist.barrier()
-        self.log = RunLog(output, enabled=self.info.is_main)
+        # Data, before the output folder: a run that cannot start (missing or corrupt files) leaves no folder behind.
         cfg = self.cfg
-        if self.info.is_main:
-            save_config(cfg, output / "config.yaml")
-
-        # Data.
         self.spec = get_spec(cfg.dataset)
         train = load_split(cfg.dataset, "train", cfg.data_dir, download=cfg.download and self.info.is_main)
         if self.info.enabled:
@@ -403,6 +392,16 @@ class Trainer:
         if len(train) < cfg.batch_size:
             raise VilError(f"{len(train)} training images are fewer than one batch of {cfg.batch_size}; "
                            f"lower --batch-size")
+        if self.info.is_main:
+            try:
+                output.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise VilError(f"cannot create output folder {output}: {e}") from None
+        if self.info.enabled:
+            dist.barrier()
+        self.log = RunLog(output, enabled=self.info.is_main)
+        if self.info.is_main:
+            save_config(cfg, output / "config.yaml")
         self.augment = {**default_augment(cfg.dataset), **cfg.augment}  # keys not given: the dataset's default
 
         # Model and optimiser.
