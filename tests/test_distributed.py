@@ -1,5 +1,6 @@
 """torchrun: 2 CPU processes (gloo) give the same model as one process with the same global batch."""
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -18,8 +19,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun(nproc, *args, extra=(), timeout=300):
-    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
+def torchrun(nproc, *args, extra=(), timeout=300, env=None):
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1", **(env or {})}
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--rdzv-backend=c10d",
            f"--rdzv-endpoint=127.0.0.1:{free_port()}", *extra, str(REPO / "train.py"), *map(str, args)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, cwd=REPO)
@@ -103,3 +104,17 @@ def test_killed_worker_is_restarted_and_resumes(tmp_path, recipe, shared_data): 
     state = torch.load(ckpt, weights_only=True)
     assert (state["epoch"], state["step"]) == (2, 32)
     assert (out / "model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_two_processes_on_a_machine_without_the_data_download_it_once(tmp_path, recipe, shared_data):  # noqa: F811
+    # Rank 0 downloads (here from a loopback mirror); rank 1 must wait for it rather than fail on missing files.
+    from helpers import serve_directory
+    served = tmp_path / "served"
+    shutil.copytree(shared_data / "mnist", served)
+    with serve_directory(served) as url:
+        proc = torchrun(2, "--dataset", "mnist", "--config", recipe, "--data-dir", tmp_path / "data", "--train-subset",
+                        128, "--test-subset", 100, "--batch-size", 32, "--threads", 1, "--quiet", "--output",
+                        tmp_path / "run", env={"VIL_DATA_MIRROR": url})
+    assert "2 process(es)" in proc.stdout
+    assert sorted(p.name for p in (tmp_path / "data" / "mnist").iterdir()) == sorted(p.name for p in served.iterdir())

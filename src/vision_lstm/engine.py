@@ -373,11 +373,15 @@ class Trainer:
         if self.ckpt is not None:
             self._merge_checkpoint_config()
         # Data, before the output folder: a run that cannot start (missing or corrupt files) leaves no folder behind.
+        # The main process downloads what is missing; the others read the files once it has (after the barrier).
         cfg = self.cfg
         self.spec = get_spec(cfg.dataset)
-        train = load_split(cfg.dataset, "train", cfg.data_dir, download=cfg.download and self.info.is_main)
+        if self.info.is_main:
+            train = load_split(cfg.dataset, "train", cfg.data_dir, download=cfg.download)
         if self.info.enabled:
             dist.barrier()
+        if not self.info.is_main:
+            train = load_split(cfg.dataset, "train", cfg.data_dir, download=False)
         if cfg.val_split:
             train, self.eval_data = split_off_validation(train, cfg.val_split)
             self.eval_split = "val"
