@@ -21,7 +21,8 @@ from throughput import REPO, build  # benchmarks/throughput.py: the same models 
 NOT_COUNTED = {"aten.view", "aten._unsafe_view", "aten.t", "aten.transpose", "aten.expand", "aten.permute",
                "aten.unsqueeze", "aten.squeeze", "aten.slice", "aten.select", "aten.split", "aten.split_with_sizes",
                "aten.as_strided", "aten.detach", "aten.alias", "aten.empty", "aten.empty_like", "aten.empty_strided",
-               "aten.unbind", "aten._reshape_alias", "aten.reshape", "aten.lift_fresh", "aten.chunk", "aten.narrow"}
+               "aten.unbind", "aten._reshape_alias", "aten.reshape", "aten.lift_fresh", "aten.chunk", "aten.narrow",
+               "aten.diagonal", "aten.new_empty", "aten.new_empty_strided", "aten.unfold", "aten.movedim"}
 
 
 class CountOps(TorchDispatchMode):
