@@ -35,14 +35,8 @@ status=$((status | ${PIPESTATUS[0]}))
 if [ -n "$data" ]; then
   for cell in parallel kernels:chunkwise--triton_xl_chunk; do
     name=${cell##*-}
-    python3 - "$cell" "/tmp/gpu-check-$name.yaml" <<'EOF'
-import sys, yaml
-recipe = yaml.safe_load(open("configs/mnist.yaml"))
-recipe["model_args"]["mlstm_mode"] = sys.argv[1]
-yaml.safe_dump(recipe, open(sys.argv[2], "w"))
-EOF
     start=$SECONDS
-    python3 train.py --config "/tmp/gpu-check-$name.yaml" --device cuda --epochs 1 \
+    python3 train.py --dataset mnist --model-arg "mlstm_mode=$cell" --device cuda --epochs 1 \
       --data-dir "$data" --no-download --output "/tmp/gpu-check-run-$name" --quiet 2>&1 | tee "$out/train-$name.log"
     status=$((status | ${PIPESTATUS[0]}))
     echo "wall $((SECONDS - start)) s" | tee -a "$out/train-$name.log"

@@ -223,6 +223,20 @@ def test_augment_settings_are_checked_and_erase_joins_the_recipes(tmp_path, reci
                                                                             "rotate": 10.0, "zoom": 0.1}
 
 
+def test_model_args_from_the_command_line(tmp_path, recipe, shared_data):
+    out = tmp_path / "run"
+    run("train.py", "--dataset", "mnist", "--config", recipe, "--data-dir", shared_data, "--output", out,
+        "--train-subset", 64, "--test-subset", 50, "--quiet", "--model-arg", "dim=8", "--model-arg",
+        "mlstm_mode=chunkwise", "--drop-path", 0.1)
+    model_args = yaml.safe_load((out / "config.yaml").read_text())["model_args"]
+    assert model_args == {"dim": 8, "depth": 1, "patch_size": 7, "mlstm_mode": "chunkwise", "drop_path_rate": 0.1}
+    proc = run("train.py", "--dataset", "mnist", "--config", recipe, "--model-arg", "dim", check=False)
+    assert_clean_error(proc, "--model-arg expects KEY=VALUE (e.g. dim=128), got 'dim'")
+    proc = run("train.py", "--dataset", "mnist", "--config", recipe, "--data-dir", shared_data, "--output", out,
+               "--model-arg", "dims=8", check=False)
+    assert_clean_error(proc, "cannot build model 'vil_tiny'", "dims")
+
+
 def test_missing_data_offline(tmp_path):
     proc = run("train.py", "--dataset", "mnist", "--data-dir", tmp_path, "--no-download", "--output",
                tmp_path / "run", check=False)

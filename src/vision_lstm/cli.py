@@ -47,6 +47,9 @@ def train_parser() -> argparse.ArgumentParser:
     p.add_argument("--mixup", type=float, help="mixup Beta alpha, e.g. 0.8 (0: off)")
     p.add_argument("--cutmix", type=float, help="CutMix Beta alpha, e.g. 1.0 (0: off); with --mixup, one per batch")
     p.add_argument("--drop-path", type=float, help="drop-path rate (model override)")
+    p.add_argument("--model-arg", action="append", metavar="KEY=VALUE",
+                   help="override one argument of the model (repeatable; the value is read as YAML), e.g. dim=128 "
+                        "or mlstm_mode=chunkwise")
     p.add_argument("--grad-checkpointing", action="store_true", default=None,
                    help="recompute each block pair's activations in backward: much less memory, slower steps")
     p.add_argument("--erase", type=float, metavar="P",
@@ -79,6 +82,21 @@ def train_parser() -> argparse.ArgumentParser:
     return p
 
 
+def parse_model_args(items: list[str]) -> dict:
+    """["dim=128", "mlstm_mode=chunkwise"] -> {"dim": 128, "mlstm_mode": "chunkwise"}: each value read as YAML."""
+    import yaml
+    parsed = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise VilError(f"--model-arg expects KEY=VALUE (e.g. dim=128), got {item!r}")
+        try:
+            parsed[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as e:
+            raise VilError(f"--model-arg {item!r}: the value is not valid YAML ({e})") from None
+    return parsed
+
+
 def train_main(argv: list[str] | None = None) -> dict:
     from .config import build_config
     from .engine import Trainer
@@ -102,8 +120,11 @@ def train_main(argv: list[str] | None = None) -> dict:
             "device": args.device, "threads": args.threads, "quiet": args.quiet, "grad_checkpointing": args.grad_checkpointing,
         }
         # Mapping overrides are merged into the recipe's model_args / augment by build_config.
+        model_args = parse_model_args(args.model_arg or [])
         if args.drop_path is not None:
-            overrides["model_args"] = {"drop_path_rate": args.drop_path}
+            model_args["drop_path_rate"] = args.drop_path
+        if model_args:
+            overrides["model_args"] = model_args
         augment = {key: value for key, value in (("erase", args.erase), ("rotate", args.rotate), ("zoom", args.zoom))
                    if value is not None}
         if augment:
