@@ -96,10 +96,15 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def matmul_size(device: str) -> int:
+    """Side of the square GEMM that measures the matmul peak: large enough to saturate the device."""
+    return 2048 if device == "cpu" else 8192
+
+
 def worker_matmul(args) -> dict:
     import torch
     out = {}
-    n = 2048 if args.device == "cpu" else 8192
+    n = matmul_size(args.device)
     for dtype in (torch.float32, torch.bfloat16):
         a, b = (torch.randn(n, n, dtype=dtype, device=args.device) for _ in range(2))
         for _ in range(3):
@@ -379,14 +384,14 @@ def markdown(report: dict) -> str:
     peak = report["matmul_peak"]
     lines = [f"# Throughput ({report['date']})", "",
              f"Command: `{report['command']}`  ", f"Machine: {report['machine']}  "]
-    if report.get("device", "cpu") != "cpu":
-        lines += [f"Device: {report['device']}; memory is torch.cuda.max_memory_allocated, the matmul peak an "
-                  f"8192x8192 GEMM  "]
+    device = report.get("device", "cpu")  # "cpu", or e.g. "cuda (NVIDIA H200)"
+    if device != "cpu":
+        lines += [f"Device: {device}  "]
     if report["models"]:
-        on_cpu = report.get("device", "cpu") == "cpu"
-        memory = "the process's peak RSS" if on_cpu else "torch.cuda.max_memory_allocated"
+        n = matmul_size(device.split(" ")[0])
+        memory = "the process's peak RSS" if device == "cpu" else "torch.cuda.max_memory_allocated"
         lines += [f"Matmul peak: fp32 {peak['gflops_fp32']:.0f} GFLOP/s, bf16 {peak['gflops_bf16']:.0f} GFLOP/s "
-                  f"({2048 if on_cpu else 8192}x{2048 if on_cpu else 8192} GEMM)  ",
+                  f"({n}x{n} GEMM)  ",
                   f"Batch {report['batch']}; img/s is the median step; memory is {memory}; first step: the first "
                   f"warm-up step (on the compiled path it includes compilation; on the kernels path Triton's).", "",
                   ("malloc: `kept` is the glibc setting that importing vision_lstm applies (freed memory kept for "

@@ -381,8 +381,9 @@ def mlstm_external(q, k, v, igate, fgate, name: str, chunk_size: int = 64, eps: 
             t.requires_grad for t in (q, k, v, igate, fgate)):
         warnings.warn(f"mlstm_kernels kernel {name!r} has a hand-written backward that holds the normaliser and the "
                       f"stabiliser fixed: its q, k and gate gradients differ from the exact gradient of h (by 0.9-1.4 "
-                      f"relative for the Triton kernel, measured on an H200), so training follows another direction. For exact gradients use mode "
-                      f"'parallel' or 'chunkwise', or a kernel whose name ends in 'autograd'.", stacklevel=2)
+                      f"relative for the Triton kernel, measured on an H200), so training follows another direction. "
+                      f"For exact gradients use mode 'parallel' or 'chunkwise', or a kernel whose name ends in "
+                      f"'autograd'.", stacklevel=2)
     kernel = get_mlstm_kernel(name)
     T = q.shape[2]
     pad = (-T) % chunk_size if name.startswith("chunkwise") else 0
