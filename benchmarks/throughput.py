@@ -14,13 +14,16 @@ Each measurement runs in a fresh subprocess (so peak memory is that measurement'
 from __future__ import annotations
 
 import argparse
+import atexit
 import itertools
 import json
 import os
 import platform
 import resource
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -32,6 +35,9 @@ CONFIGS = {
     # The configuration of the issue's speed target: ViL-T with 4x4 patches on 32x32 images (5.85M params).
     "vil_tiny_cifar": ("vil_tiny", dict(img_size=32, patch_size=4, num_classes=10), (3, 32, 32)),
 }
+
+# Paths timed under torch.compile -> the path that builds their model.
+COMPILED_PATHS = {"compiled": "fast", "official-compiled": "official"}
 
 
 def load_recipe_configs():
@@ -163,10 +169,16 @@ def worker_model(args) -> dict:
     import torch.nn.functional as F
     torch.manual_seed(0)
     device = args.device
-    model, shape = build(args.config, "fast" if args.path == "compiled" else args.path, args.official, args.kernel)
+    compiled = args.path in COMPILED_PATHS
+    model, shape = build(args.config, COMPILED_PATHS.get(args.path, args.path), args.official, args.kernel)
     model = model.to(device)
-    if args.path == "compiled":
-        model = torch.compile(model)  # compiled on the first (warm-up) step: its time is reported separately
+    if compiled:
+        # Compiled on the first (warm-up) step, whose time is reported separately: from an empty inductor cache,
+        # as a new user's first run compiles (the default cache in /tmp would carry over from earlier runs).
+        cache = tempfile.mkdtemp(prefix="vil-inductor-")
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache
+        atexit.register(shutil.rmtree, cache, ignore_errors=True)
+        model = torch.compile(model)
     x = torch.randn(args.batch, *shape, device=device)
     y = torch.randint(0, 10, (args.batch,), device=device)
     autocast = torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=args.precision == "bf16")
@@ -275,9 +287,10 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--configs", default=None, help="comma-separated config names (default: all)")
     p.add_argument("--paths", default="fast,reference",
-                   help="fast,reference[,compiled][,checkpointed][,kernels][,official] (compiled: the fast path "
-                        "under torch.compile; checkpointed: the fast path with gradient checkpointing; kernels: the "
-                        "fast path with the mlstm_kernels kernel --kernel as the cell)")
+                   help="fast,reference[,compiled][,checkpointed][,kernels][,official][,official-compiled] "
+                        "(compiled: the fast path under torch.compile, from an empty inductor cache; checkpointed: "
+                        "the fast path with gradient checkpointing; kernels: the fast path with the mlstm_kernels "
+                        "kernel --kernel as the cell; official-compiled: the official code under torch.compile)")
     p.add_argument("--kernel", default="chunkwise--triton_xl_chunk",
                    help="the mlstm_kernels kernel of the kernels path (the Triton ones need a CUDA GPU)")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda: where the models run")
@@ -321,10 +334,10 @@ def main():
     configs = [] if args.skip_models else (
         [resolve_config(c) for c in args.configs.split(",")] if args.configs else list(CONFIGS))
     paths = args.paths.split(",")
-    unknown = sorted(set(paths) - {"fast", "reference", "compiled", "checkpointed", "kernels", "official"})
+    valid = ("fast", "reference", "compiled", "checkpointed", "kernels", "official", "official-compiled")
+    unknown = sorted(set(paths) - set(valid))
     if unknown:
-        raise SystemExit(f"unknown path(s) {', '.join(unknown)}; valid: fast, reference, compiled, checkpointed, "
-                         f"kernels, official")
+        raise SystemExit(f"unknown path(s) {', '.join(unknown)}; valid: {', '.join(valid)}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("--device cuda: CUDA is not available here")
     if args.official:
@@ -344,9 +357,10 @@ def main():
     for config in configs:  # (empty with --skip-models)
         flops = model_flops(config)
         for path in paths:
-            if path == "official" and (not args.official or not config.startswith("vil_tiny")):
+            if path.startswith("official") and (not args.official or not config.startswith("vil_tiny")):
                 continue
-            mallocs = ("kept", "default") if args.malloc == "both" else ("default" if path == "official" else "kept",)
+            mallocs = ("kept", "default") if args.malloc == "both" else \
+                ("default" if path.startswith("official") else "kept",)
             for precision, mode, malloc in itertools.product(args.precisions.split(","), args.modes.split(","),
                                                              mallocs):
                 r = run_worker("model", args.threads, malloc=malloc, config=config, path=path,

@@ -88,9 +88,10 @@ def test_block_diagonal_linear_matches_dense():
 
 @pytest.mark.parametrize("blocks, block_in, block_out", [(96, 4, 4), (10, 4, 4), (3, 5, 2), (2, 16, 16)])
 def test_block_diagonal_gradients_match_dense(blocks, block_in, block_out):
-    # The hand-written backward (transposed-block convolution for the input, super-block matmul for the weight)
-    # against autograd through the dense matrix, in float64; 96 blocks of 4 take the 32-channel super-block path,
-    # 10 blocks of 4 (40 channels) a 20-channel one, 3 x (2 x 5) the rectangular fallback.
+    # The super-block convolution forward and the hand-written backward (transposed super-block convolution for the
+    # input, super-block matmul for the weight) against autograd through the dense matrix, in float64; 96 blocks of
+    # 4 take 32-channel super-blocks, 10 blocks of 4 (40 channels) 20-channel ones, 2 of 16 one 32-channel
+    # super-block, 3 x (2 x 5) the rectangular fallback (the blocks themselves).
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(3, 7, blocks * block_in, dtype=torch.float64, generator=gen, requires_grad=True)
     w = torch.randn(blocks, block_out, block_in, dtype=torch.float64, generator=gen, requires_grad=True)
