@@ -383,3 +383,27 @@ def test_import_keeps_freed_memory_unless_told_otherwise(env, expected):
     out = subprocess.run([sys.executable, "-c", "import vision_lstm; print(vision_lstm.MALLOC_SETTING)"],
                          env={**clean, **env}, capture_output=True, text=True, check=True).stdout.strip()
     assert out == expected
+
+
+def test_compile_keeps_the_parallel_cell_eager():
+    # torch.compile traces the model around the fast parallel cell and never into it (compiling the cell too was
+    # much slower to build and to run, cell.mlstm_parallel). A recording backend sees every captured graph: the
+    # model's projections are there, the cell's own operations (cummax: only the cell uses it) are not.
+    torch._dynamo.reset()
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch.manual_seed(0)
+    model = small(depth=1).eval()
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        expected = model(x)
+        got = torch.compile(model, backend=record)(x)
+    torch._dynamo.reset()
+    torch.testing.assert_close(got, expected)
+    targets = [str(node.target) for gm in graphs for node in gm.graph.nodes if node.op.startswith("call")]
+    assert any("linear" in t for t in targets), targets
+    assert not any("cummax" in t for t in targets), targets

@@ -202,11 +202,16 @@ def _layout_of(x: torch.Tensor) -> torch.Tensor:
     return torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device="meta")
 
 
+@torch.compiler.disable
 def mlstm_parallel(q, k, v, igate, fgate, eps: float = DEFAULT_EPS) -> torch.Tensor:
     """Parallel form, fast path (hand-written backward). Shapes and math as :func:`mlstm_parallel_reference`.
 
     Under bf16 autocast (CPU or CUDA) q, k, v are cast to bf16, the gates to fp32, and h comes back in bf16;
     see :class:`_ParallelMLSTM` for which products run in which precision.
+
+    Always runs eagerly, also inside ``torch.compile``d models: the hand-written passes are already what the
+    compiler would fuse, and compiling them with the rest of ViL-T took 651 s and halved the training speed (2 cores,
+    session 16; the rest of the model compiled around an eager cell trains 1.17x faster, README).
     """
     _check_inputs(q, k, v, igate, fgate)
     device = q.device.type
