@@ -136,11 +136,11 @@ def _super_blocks(weight: torch.Tensor, group: int) -> torch.Tensor:
     """(nb, bs, bs) blocks -> (nb * bs / group, group, group): the same block-diagonal matrix, cut into wider
     diagonal blocks of ``group`` channels (the small blocks on their diagonals, zeros elsewhere).
 
-    oneDNN's grouped convolution vectorises over the channels of a group: with 4-channel groups most of each
-    16-lane vector is idle, with 32-channel groups it is full. Forward plus input gradient measured 1.5-2.5x faster
-    with 32-channel super-blocks than with the 4-channel blocks themselves, in fp32 and bf16, for 6272-8192 tokens
-    x 128-384 channels on 2 cores (8x the multiply-adds, which are not what limits these products). The zeros are
-    exact, so the result is the block-diagonal product up to the order of the additions.
+    Forward plus input gradient measured 1.5-2.5x faster with 32-channel super-blocks than with the 4-channel
+    blocks themselves, in fp32 and bf16, for 6272-8192 tokens x 128-384 channels on 2 cores (session 16, Intel),
+    although they make 8x the multiply-adds. Our reading, not traced: oneDNN's grouped convolution vectorises over
+    the channels of a group, so 4-channel groups leave most vector lanes idle. The zeros are exact, so the result is
+    the block-diagonal product up to the order of the additions.
     """
     nb, bs, _ = weight.shape
     k = group // bs  # small blocks per super-block
