@@ -388,7 +388,8 @@ def test_import_keeps_freed_memory_unless_told_otherwise(env, expected):
 def test_compile_keeps_the_parallel_cell_eager():
     # torch.compile traces the model around the fast parallel cell and never into it (compiling the cell too was
     # much slower to build and to run, cell.mlstm_parallel). A recording backend sees every captured graph: the
-    # model's projections are there, the cell's own operations (cummax: only the cell uses it) are not.
+    # model's projections are there, the cell's own operations (cummax: only the cell uses it) are not. Training
+    # through the compiled model (AOT autograd, no inductor: fast) gives eager's output and gradients.
     torch._dynamo.reset()
     graphs = []
 
@@ -407,3 +408,11 @@ def test_compile_keeps_the_parallel_cell_eager():
     targets = [str(node.target) for gm in graphs for node in gm.graph.nodes if node.op.startswith("call")]
     assert any("linear" in t for t in targets), targets
     assert not any("cummax" in t for t in targets), targets
+
+    model.train()
+    expected_grads = torch.autograd.grad(model(x).square().sum(), list(model.parameters()))
+    got_grads = torch.autograd.grad(torch.compile(model, backend="aot_eager")(x).square().sum(),
+                                    list(model.parameters()))
+    torch._dynamo.reset()
+    for got_grad, expected_grad in zip(got_grads, expected_grads):
+        torch.testing.assert_close(got_grad, expected_grad, rtol=1e-4, atol=1e-5)
