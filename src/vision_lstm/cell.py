@@ -209,8 +209,8 @@ def mlstm_parallel(q, k, v, igate, fgate, eps: float = DEFAULT_EPS) -> torch.Ten
     Under bf16 autocast (CPU or CUDA) q, k, v are cast to bf16, the gates to fp32, and h comes back in bf16;
     see :class:`_ParallelMLSTM` for which products run in which precision.
 
-    Always runs eagerly, also inside ``torch.compile``d models: compiling it with the rest of ViL-T took 651 s and
-    halved the training speed (2 cores, session 16, ad hoc), while the rest of the model compiled around an eager
+    Always runs eagerly, also inside ``torch.compile``d models: compiling it with the rest of ViL-T was far slower
+    to compile and to train (2 cores, session 16, ad hoc), while the rest of the model compiled around an eager
     cell trains 1.17x faster in bf16 (README, Performance).
     """
     _check_inputs(q, k, v, igate, fgate)
