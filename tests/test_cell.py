@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from vision_lstm.cell import (DEFAULT_EPS, init_state, mlstm, mlstm_chunkwise, mlstm_parallel, mlstm_parallel_reference,
-                              mlstm_recurrent, mlstm_step)
+from vision_lstm.cell import (DEFAULT_EPS, _divide_rows, init_state, mlstm, mlstm_chunkwise, mlstm_parallel,
+                              mlstm_parallel_reference, mlstm_recurrent, mlstm_step)
 
 
 def make_inputs(B=2, H=3, T=37, DH=8, dtype=torch.float64, gate_scale=1.0, seed=0):
@@ -121,6 +121,29 @@ def test_fast_parallel_under_bf16_autocast_within_stated_tolerance():
 
     rounded = _output_and_grads(scores_in_bf16, [t.float() for t in inputs], grad_out)
     assert max(_norm_err(g, w) for g, w in zip(rounded, want)) > 3 * BF16_TOLERANCE
+
+
+def test_bf16_row_division_matches_the_fp32_quotient():
+    """The cell divides bf16 rows by fp32 normalisers without PyTorch's slow mixed-dtype path; the result must be
+    the fp32 quotient rounded to bf16 (up to one unit in rare near-ties), also into a strided output. Rounding the
+    normaliser to bf16 instead, the fast and simple alternative, fails this (a quarter of the elements here are a
+    unit off)."""
+    g = torch.Generator().manual_seed(0)
+    num = torch.randn(4, 3, 50, 24, generator=g).bfloat16()
+    denom = torch.rand(4, 3, 50, 1, generator=g) * 30 + 1e-3
+    want = (num.float() / denom).bfloat16()
+    out = torch.empty(4, 50, 3, 24, dtype=torch.bfloat16).transpose(1, 2)  # a head view of token-major memory
+
+    def units_apart(got):  # distance in bf16 units (the sign bit agrees: same-signed inputs)
+        return (got.view(torch.int16).int() - want.view(torch.int16).int()).abs()
+
+    got = _divide_rows(num, denom, out=out)
+    assert got.data_ptr() == out.data_ptr() and got.stride() == out.stride()
+    assert units_apart(got).max() <= 1 and (units_apart(got) == 0).float().mean() >= 0.99
+    rounded_denom = torch.div(num, denom.bfloat16())
+    assert (units_apart(rounded_denom) == 0).float().mean() < 0.9
+    fp32 = torch.empty(4, 3, 50, 24)
+    assert torch.equal(_divide_rows(num.float(), denom, out=fp32), num.float() / denom)  # same dtypes: plain div
 
 
 def test_fast_parallel_fp16_autocast_runs_in_fp32():

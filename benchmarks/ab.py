@@ -1,0 +1,144 @@
+#!/usr/bin/env python
+"""Interleaved A/B timing of this working tree against a git revision of the library, on one machine.
+
+    python benchmarks/ab.py --ref HEAD                      # the uncommitted change against the last commit
+    python benchmarks/ab.py --ref 9164cf8 --what cell,vil_tiny_cifar,recipe_mnist --rounds 7 --tag division
+
+A change worth a few % is below the noise of single throughput runs on a shared 2-core machine. Here every round
+runs each side once, in a fresh subprocess each, alternating, and the report gives every round and the median ratio.
+``--ref`` is exported with ``git archive`` (its ``src/`` only), so both sides run the same scripts and settings.
+
+What is timed (``--what``, comma-separated):
+- ``cell``: forward + backward of the fast parallel mLSTM cell at ViL-T's head shape (B 128, H 4, T 64, DH 96),
+  inputs as the ViL layer passes them (head views of token-major tensors); ``--precision`` bf16: under autocast.
+- a config of ``throughput.py`` (``vil_tiny_cifar``, ``recipe_<name>``): a training step (forward, backward, AdamW),
+  batch 128, as images per second.
+Writes results/benchmarks/ab-<tag>.{json,md}.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))
+
+WORKER = r'''
+import json, statistics, sys, time, torch
+sys.path.insert(0, SRC)
+sys.path.insert(0, BENCH)
+torch.set_num_threads(THREADS); torch.manual_seed(0)
+low = PRECISION == "bf16"
+if WHAT == "cell":
+    from vision_lstm.cell import mlstm_parallel
+    B, T, H, DH = 128, 64, 4, 96
+    dtype = torch.bfloat16 if low else torch.float32
+    leaves = [torch.randn(B, T, H * DH, dtype=dtype, requires_grad=True) for _ in range(3)]
+    gates = [torch.randn(B, H, T, requires_grad=True) for _ in range(2)]
+    grad = torch.randn(B, H, T, DH, dtype=dtype)
+    def step():
+        heads = [t.view(B, T, H, DH).transpose(1, 2) for t in leaves]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=low):
+            out = mlstm_parallel(*heads, gates[0], gates[1] + 3.0)
+        out.backward(grad)
+    items = None
+else:
+    import throughput
+    throughput.load_recipe_configs()
+    name, args, shape = throughput.CONFIGS[throughput.resolve_config(WHAT)]
+    from vision_lstm import create_model
+    model = create_model(name, **args)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    x, y = torch.randn(128, *shape), torch.randint(0, args["num_classes"], (128,))
+    def step():
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=low):
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True); loss.backward(); opt.step()
+    items = 128
+for _ in range(2):
+    step()
+times, start = [], time.perf_counter()
+while len(times) < 3 or time.perf_counter() - start < SECONDS:
+    t = time.perf_counter(); step(); times.append(time.perf_counter() - t)
+med = statistics.median(times)
+print(json.dumps({"value": items / med if items else med * 1e3, "steps": len(times)}))
+'''
+
+
+def run_side(src: Path, what: str, precision: str, seconds: float, threads: int) -> float:
+    code = (f"SRC={str(src)!r}; BENCH={str(REPO / 'benchmarks')!r}; WHAT={what!r}; PRECISION={precision!r}; "
+            f"SECONDS={seconds!r}; THREADS={threads!r}\n" + WORKER)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    if out.returncode:
+        raise SystemExit(f"{what} failed for {src}:\n{out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])["value"]
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--ref", default="HEAD", help="git revision to compare the working tree with (default HEAD)")
+    p.add_argument("--what", default="cell,vil_tiny_cifar", help="cell and/or throughput.py config names")
+    p.add_argument("--precision", default="bf16", choices=["fp32", "bf16"])
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--seconds", type=float, default=10.0, help="timed seconds per side and round (after 2 warm-ups)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--tag", default="latest")
+    p.add_argument("--out-dir", default=str(REPO / "results" / "benchmarks"))
+    args = p.parse_args()
+    found = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "--verify", args.ref + "^{commit}"],
+                           capture_output=True, text=True)
+    if found.returncode:
+        raise SystemExit(f"--ref {args.ref!r} is not a commit of {REPO}: give a revision git knows (HEAD, a sha, a "
+                         "branch)")
+    ref_sha = found.stdout.strip()
+    dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "src"], capture_output=True,
+                           text=True).stdout.strip()
+    head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
+                          text=True).stdout.strip()
+    import torch
+    from vision_lstm.runtime import device_name
+    report = {"command": "python benchmarks/ab.py " + " ".join(sys.argv[1:]), "ref": ref_sha,
+              "tree": head + (" + uncommitted changes in src/" if dirty else ""),
+              "date": time.strftime("%Y-%m-%d %H:%M:%S"), "precision": args.precision,
+              "machine": {"cpu": device_name("cpu"), "threads": args.threads, "torch": torch.__version__,
+                          "python": platform.python_version()}, "results": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        subprocess.run(f"git -C {REPO} archive {ref_sha} src | tar -x -C {tmp}", shell=True, check=True)
+        sides = {"tree": REPO / "src", "ref": Path(tmp) / "src"}
+        for what in args.what.split(","):
+            values = {"tree": [], "ref": []}
+            for r in range(args.rounds):
+                for side in (("tree", "ref") if r % 2 == 0 else ("ref", "tree")):
+                    values[side].append(run_side(sides[side], what, args.precision, args.seconds, args.threads))
+                print(what, r, {k: round(v[-1], 2) for k, v in values.items()}, flush=True)
+            unit = "ms per forward + backward" if what == "cell" else "img/s (training step)"
+            faster = [(b / a if what == "cell" else a / b) for a, b in zip(values["tree"], values["ref"])]
+            report["results"].append({"what": what, "unit": unit, "tree": values["tree"], "ref": values["ref"],
+                                      "speedup_per_round": faster, "median_speedup": statistics.median(faster)})
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"ab-{args.tag}.json").write_text(json.dumps(report, indent=1))
+    lines = [f"# A/B: working tree ({report['tree']}) vs {ref_sha} ({report['date']})", "",
+             f"Command: `{report['command']}`  ", f"Machine: {report['machine']}  ",
+             f"Precision: {args.precision}; each round runs both sides once, alternating which goes first, each in "
+             "a fresh process; a value is the median step of that run.", "",
+             "| what | unit | tree (per round) | ref (per round) | speedup per round | median speedup |",
+             "|---|---|---|---|---|---|"]
+    for res in report["results"]:
+        fmt = lambda vs: " / ".join(f"{v:.1f}" for v in vs)  # noqa: E731
+        per_round = " / ".join(f"{s:.3f}" for s in res["speedup_per_round"])
+        lines.append(f"| {res['what']} | {res['unit']} | {fmt(res['tree'])} | {fmt(res['ref'])} | {per_round} | "
+                     f"**{res['median_speedup']:.3f}** |")
+    (out / f"ab-{args.tag}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
