@@ -103,14 +103,14 @@ def test_op_count_counts_the_fused_path_and_the_plain_one(tmp_path):
         assert counts[0] > counts[2] and counts[1] > counts[3]  # a training step does more than inference
 
 
-def test_ab_times_the_tree_against_a_revision_in_alternating_rounds(tmp_path):
+def test_ab_times_the_tree_against_a_revision(tmp_path):
     cmd = [sys.executable, str(REPO / "benchmarks" / "ab.py"), "--ref", "HEAD", "--what", "cell,recipe_mnist",
-           "--rounds", "2", "--seconds", "0", "--out-dir", str(tmp_path), "--tag", "t"]
+           "--rounds", "1", "--seconds", "0", "--out-dir", str(tmp_path), "--tag", "t"]
     subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=600)
     report = json.loads((tmp_path / "ab-t.json").read_text())
     assert [r["what"] for r in report["results"]] == ["cell", "recipe_mnist"]
     for r in report["results"]:
-        assert len(r["tree"]) == len(r["ref"]) == 2 and min(r["tree"] + r["ref"]) > 0
+        assert len(r["tree"]) == len(r["ref"]) == 1 and min(r["tree"] + r["ref"]) > 0
         # a speedup is ref/tree for times (the cell, ms) and tree/ref for rates (img/s)
         want = [b / a if r["what"] == "cell" else a / b for a, b in zip(r["tree"], r["ref"])]
         assert r["speedup_per_round"] == want
