@@ -110,7 +110,8 @@ def main():
               "machine": {"cpu": device_name("cpu"), "threads": args.threads, "torch": torch.__version__,
                           "python": platform.python_version()}, "results": []}
     with tempfile.TemporaryDirectory() as tmp:
-        subprocess.run(f"git -C {REPO} archive {ref_sha} src | tar -x -C {tmp}", shell=True, check=True)
+        archive = subprocess.run(["git", "-C", str(REPO), "archive", ref_sha, "src"], capture_output=True, check=True)
+        subprocess.run(["tar", "-x", "-C", tmp], input=archive.stdout, check=True)
         sides = {"tree": REPO / "src", "ref": Path(tmp) / "src"}
         for what in args.what.split(","):
             values = {"tree": [], "ref": []}
