@@ -50,7 +50,8 @@ if WHAT == "cell":
         out.backward(grad)
     items = None
 else:
-    import throughput
+    import throughput  # (it puts the working tree's src/ first on sys.path: put this side's back in front)
+    sys.path.insert(0, SRC)
     throughput.load_recipe_configs()
     name, args, shape = throughput.CONFIGS[throughput.resolve_config(WHAT)]
     from vision_lstm import create_model
@@ -68,7 +69,8 @@ times, start = [], time.perf_counter()
 while len(times) < 3 or time.perf_counter() - start < SECONDS:
     t = time.perf_counter(); step(); times.append(time.perf_counter() - t)
 med = statistics.median(times)
-print(json.dumps({"value": items / med if items else med * 1e3, "steps": len(times)}))
+import vision_lstm
+print(json.dumps({"value": items / med if items else med * 1e3, "steps": len(times), "library": vision_lstm.__file__}))
 '''
 
 
@@ -78,7 +80,10 @@ def run_side(src: Path, what: str, precision: str, seconds: float, threads: int)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     if out.returncode:
         raise SystemExit(f"{what} failed for {src}:\n{out.stderr[-2000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])["value"]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    if not Path(result["library"]).resolve().is_relative_to(src.resolve()):  # each side must time its own library
+        raise SystemExit(f"{what}: timed the library at {result['library']}, not the one in {src}")
+    return result["value"], result["library"]
 
 
 def main():
@@ -114,14 +119,16 @@ def main():
         subprocess.run(["tar", "-x", "-C", tmp], input=archive.stdout, check=True)
         sides = {"tree": REPO / "src", "ref": Path(tmp) / "src"}
         for what in args.what.split(","):
-            values = {"tree": [], "ref": []}
+            values, libraries = {"tree": [], "ref": []}, {}
             for r in range(args.rounds):
                 for side in (("tree", "ref") if r % 2 == 0 else ("ref", "tree")):
-                    values[side].append(run_side(sides[side], what, args.precision, args.seconds, args.threads))
+                    value, libraries[side] = run_side(sides[side], what, args.precision, args.seconds, args.threads)
+                    values[side].append(value)
                 print(what, r, {k: round(v[-1], 2) for k, v in values.items()}, flush=True)
             unit = "ms per forward + backward" if what == "cell" else "img/s (training step)"
             faster = [(b / a if what == "cell" else a / b) for a, b in zip(values["tree"], values["ref"])]
-            report["results"].append({"what": what, "unit": unit, "tree": values["tree"], "ref": values["ref"],
+            report["results"].append({"what": what, "unit": unit, "libraries": libraries,
+                                      "tree": values["tree"], "ref": values["ref"],
                                       "speedup_per_round": faster, "median_speedup": statistics.median(faster)})
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)

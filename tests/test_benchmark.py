@@ -2,6 +2,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 from conftest import REPO
 
@@ -111,6 +112,10 @@ def test_ab_times_the_tree_against_a_revision(tmp_path):
     assert [r["what"] for r in report["results"]] == ["cell", "recipe_mnist"]
     for r in report["results"]:
         assert len(r["tree"]) == len(r["ref"]) == 1 and min(r["tree"] + r["ref"]) > 0
+        # each side timed its own copy of the library (throughput.py, which the model side imports, puts the tree's
+        # src/ first on sys.path: the ref side once timed the tree that way)
+        assert Path(r["libraries"]["tree"]).is_relative_to(REPO / "src")
+        assert not Path(r["libraries"]["ref"]).is_relative_to(REPO / "src")
         # a speedup is ref/tree for times (the cell, ms) and tree/ref for rates (img/s)
         want = [b / a if r["what"] == "cell" else a / b for a, b in zip(r["tree"], r["ref"])]
         assert r["speedup_per_round"] == want
