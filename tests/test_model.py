@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from vision_lstm import VilError, create_model, list_models, load_official_state_dict
+from vision_lstm import layers
 from vision_lstm.layers import BlockDiagonalLinear, block_diagonal_matmul, interpolate_pos_embed
 from vision_lstm.model import VisionLSTM
 
@@ -102,6 +103,27 @@ def test_block_diagonal_gradients_match_dense(blocks, block_in, block_out):
     for got, expected in zip(torch.autograd.grad(y, (x, w, b), g), torch.autograd.grad(expected_y, (x, w, b), g)):
         torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(y, expected_y, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("channels", [384, 128, 40])
+def test_block_outer_sum_is_the_same_for_every_super_block_width(channels):
+    # The weight gradient keeps the diagonal 4 x 4 blocks of wider products: any width gives the same blocks up to
+    # the order of the additions (bf16 operands, fp32 accumulation, one rounding), checked against float64.
+    gen = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(1000, channels, generator=gen).to(torch.bfloat16) for _ in range(2))
+    expected = torch.einsum("nbo,nbi->boi", a.double().view(1000, -1, 4), b.double().view(1000, -1, 4))
+    for group in (4, 32, 128):
+        got = layers._block_outer_sum(a, b, 4, group)
+        assert got.shape == (channels // 4, 4, 4) and got.dtype == torch.bfloat16
+        torch.testing.assert_close(got.double(), expected, rtol=8e-3, atol=8e-3 * expected.abs().max().item())
+
+
+def test_block_outer_sum_width_is_wide_only_for_bf16_on_amx(monkeypatch):
+    bf16, fp32 = torch.zeros(2, dtype=torch.bfloat16), torch.zeros(2)
+    monkeypatch.setattr(layers, "_cpu_has_amx", lambda: True)
+    assert (layers._outer_sum_group(bf16), layers._outer_sum_group(fp32)) == (128, 32)
+    monkeypatch.setattr(layers, "_cpu_has_amx", lambda: False)
+    assert (layers._outer_sum_group(bf16), layers._outer_sum_group(fp32)) == (32, 32)
 
 
 def test_block_diagonal_under_autocast_runs_in_bf16_with_fp32_gradients():
