@@ -407,6 +407,21 @@ def test_import_keeps_freed_memory_unless_told_otherwise(env, expected):
     assert out == expected
 
 
+def test_inference_does_not_import_torchdynamo():
+    # Importing TorchDynamo is about half of `import vision_lstm` (1.2 of 2.5 s): only compiling users should pay it
+    # (a training step pays it anyway, in the optimizer). Fails if mlstm_parallel is decorated at import again.
+    import subprocess
+    import sys
+
+    code = ("import sys, torch, vision_lstm\n"
+            "model = vision_lstm.create_model('vil_tiny', img_size=16, num_classes=10, depth=1).eval()\n"
+            "with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):\n"
+            "    model(torch.randn(2, 3, 16, 16))\n"
+            "print('torch._dynamo' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "False"
+
+
 def test_compile_keeps_the_parallel_cell_eager():
     # torch.compile traces the model around the fast parallel cell and never into it (compiling the cell too was
     # much slower to build and to run, cell.mlstm_parallel). A recording backend sees every captured graph: the
