@@ -159,8 +159,9 @@ def _outer_sum_group(t: torch.Tensor) -> int:
 
     32 channels, except for 2-byte dtypes (bf16) on a CPU with AMX tile units: there 128-channel products (4x the
     multiply-adds of 32) took about half the time (0.38-0.48 vs 0.90-1.06 ms for 6272 tokens x 128 channels, 2.5-3.5
-    vs 4.1-6.9 ms for 8192 x 384; bf16, 2 cores of an Intel Xeon with AMX, session 18), as AMX multiplies 16 x 32
-    tiles. Without AMX (the AMD Zen 4 machine this width was chosen on) wider groups only add multiply-adds.
+    vs 4.1-6.9 ms for 8192 x 384; bf16, 2 cores of an Intel Xeon with AMX, session 18, ad hoc). Our reading, not
+    traced: AMX multiplies 16 x 32 bf16 tiles, so a 32 x 32 product is mostly call overhead, and 4x fewer, wider
+    products cost less in all. Without AMX (the AMD Zen 4 machine 32 was chosen on, session 6) nothing changes.
     """
     if t.device.type == "cpu" and t.element_size() == 2 and _cpu_has_amx():
         return 128
