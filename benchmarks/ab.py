@@ -12,7 +12,7 @@ What is timed (``--what``, comma-separated):
 - ``cell``: forward + backward of the fast parallel mLSTM cell at ViL-T's head shape (B 128, H 4, T 64, DH 96),
   inputs as the ViL layer passes them (head views of token-major tensors); ``--precision`` bf16: under autocast.
 - a config of ``throughput.py`` (``vil_tiny_cifar``, ``recipe_<name>``): a training step (forward, backward, AdamW),
-  batch 128, as images per second.
+  batch 128, as images per second, measured by ``throughput.worker_model`` (the fast path).
 Writes results/benchmarks/ab-<tag>.{json,md}.
 """
 from __future__ import annotations
@@ -48,33 +48,25 @@ if WHAT == "cell":
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=low):
             out = mlstm_parallel(*heads, gates[0], gates[1] + 3.0)
         out.backward(grad)
-    items = None
-else:
-    import throughput  # (it puts the working tree's src/ first on sys.path: put this side's back in front)
+    for _ in range(2):
+        step()
+    times, start = [], time.perf_counter()
+    while len(times) < 3 or time.perf_counter() - start < SECONDS:
+        t = time.perf_counter(); step(); times.append(time.perf_counter() - t)
+    value = statistics.median(times) * 1e3
+else:  # throughput.py's own training-step measurement, on the fast path
+    import argparse, throughput  # (it puts the working tree's src/ first on sys.path: put this side's back in front)
     sys.path.insert(0, SRC)
     throughput.load_recipe_configs()
-    name, args, shape = throughput.CONFIGS[throughput.resolve_config(WHAT)]
-    from vision_lstm import create_model
-    model = create_model(name, **args)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    x, y = torch.randn(128, *shape), torch.randint(0, args["num_classes"], (128,))
-    def step():
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=low):
-            loss = torch.nn.functional.cross_entropy(model(x), y)
-        opt.zero_grad(set_to_none=True); loss.backward(); opt.step()
-    items = 128
-for _ in range(2):
-    step()
-times, start = [], time.perf_counter()
-while len(times) < 3 or time.perf_counter() - start < SECONDS:
-    t = time.perf_counter(); step(); times.append(time.perf_counter() - t)
-med = statistics.median(times)
+    value = throughput.worker_model(argparse.Namespace(
+        config=throughput.resolve_config(WHAT), path="fast", official=None, kernel=None, device="cpu", batch=128,
+        precision=PRECISION, mode="train", warmup=2, seconds=SECONDS, min_steps=3, max_steps=10 ** 9))["img_per_s"]
 import vision_lstm
-print(json.dumps({"value": items / med if items else med * 1e3, "steps": len(times), "library": vision_lstm.__file__}))
+print(json.dumps({"value": value, "library": vision_lstm.__file__}))
 '''
 
 
-def run_side(src: Path, what: str, precision: str, seconds: float, threads: int) -> float:
+def run_side(src: Path, what: str, precision: str, seconds: float, threads: int) -> tuple[float, str]:
     code = (f"SRC={str(src)!r}; BENCH={str(REPO / 'benchmarks')!r}; WHAT={what!r}; PRECISION={precision!r}; "
             f"SECONDS={seconds!r}; THREADS={threads!r}\n" + WORKER)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
