@@ -87,12 +87,15 @@ def test_block_diagonal_linear_matches_dense():
     assert torch.allclose(layer(x), x @ dense.T + layer.bias, atol=1e-5)
 
 
+@pytest.mark.parametrize("amx", [True, False])
 @pytest.mark.parametrize("blocks, block_in, block_out", [(96, 4, 4), (10, 4, 4), (3, 5, 2), (2, 16, 16)])
-def test_block_diagonal_gradients_match_dense(blocks, block_in, block_out):
+def test_block_diagonal_gradients_match_dense(blocks, block_in, block_out, amx, monkeypatch):
     # The super-block convolution forward and the hand-written backward (transposed super-block convolution for the
-    # input, super-block matmul for the weight) against autograd through the dense matrix, in float64; 96 blocks of
-    # 4 take 32-channel super-blocks, 10 blocks of 4 (40 channels) 20-channel ones, 2 of 16 one 32-channel
-    # super-block, 3 x (2 x 5) the rectangular fallback (the blocks themselves).
+    # input, super-block matmul for the weight) against autograd through the dense matrix, in float64. With AMX
+    # (32-channel convolution super-blocks) 96 blocks of 4 take 32-channel super-blocks, 10 blocks of 4 (40
+    # channels) 20-channel ones; without (8 channels) both take 8-channel ones; 2 of 16 one 32-channel super-block
+    # or the 16-channel blocks themselves, 3 x (2 x 5) the rectangular fallback (the blocks themselves).
+    monkeypatch.setattr(layers, "_cpu_has_amx", lambda: amx)
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(3, 7, blocks * block_in, dtype=torch.float64, generator=gen, requires_grad=True)
     w = torch.randn(blocks, block_out, block_in, dtype=torch.float64, generator=gen, requires_grad=True)
@@ -116,6 +119,15 @@ def test_block_outer_sum_is_the_same_for_every_super_block_width(channels):
         got = layers._block_outer_sum(a, b, 4, group)
         assert got.shape == (channels // 4, 4, 4) and got.dtype == torch.bfloat16
         torch.testing.assert_close(got.double(), expected, rtol=8e-3, atol=8e-3 * expected.abs().max().item())
+
+
+def test_block_diagonal_conv_width_is_8_on_cpus_without_amx(monkeypatch):
+    x = torch.zeros(2)
+    monkeypatch.setattr(layers, "_cpu_has_amx", lambda: True)
+    assert layers._conv_group(x) == 32
+    monkeypatch.setattr(layers, "_cpu_has_amx", lambda: False)
+    assert layers._conv_group(x) == 8
+    assert layers._super_block_size(384, 4, layers._conv_group(x)) == 8
 
 
 def test_block_outer_sum_width_is_wide_only_for_bf16_on_amx(monkeypatch):

@@ -154,6 +154,21 @@ def _super_blocks(weight: torch.Tensor, group: int) -> torch.Tensor:
     return out.view(nb // k, group, group)
 
 
+def _conv_group(t: torch.Tensor) -> int:
+    """The super-block width for the block-diagonal forward and input-gradient convolutions on t's device.
+
+    oneDNN picks different grouped-convolution kernels on different CPUs, and the best width follows. 32 channels on
+    CPUs with AMX (session 16, an Intel Xeon: 1.5-2.5x faster than the 4-channel blocks themselves), and on GPUs. 8
+    on other CPUs: on the AMD Zen 4 machine (session 19, forward + input gradient, 2 cores, median of 30, ad hoc)
+    8 was the fastest width in every case and 32 no faster than the blocks themselves: bf16 8192 tokens x 384
+    channels 1.06-1.15 ms at 8 against 2.41-2.49 at 32 and 2.04-2.30 at 4; 6272 x 128 0.25-0.37 against 0.41-0.42;
+    fp32 8192 x 384 4.43-5.1 against 5.27-6.18, 6272 x 128 0.46-0.81 against 0.83-0.96.
+    """
+    if t.device.type == "cpu" and not _cpu_has_amx():
+        return 8
+    return 32
+
+
 def _outer_sum_group(t: torch.Tensor) -> int:
     """The super-block width for :func:`_block_outer_sum` on t's dtype and device.
 
@@ -194,7 +209,8 @@ def _block_outer_sum(a: torch.Tensor, b: torch.Tensor, block_size: int, group: i
 
 
 class _BlockDiagonalMatmul(torch.autograd.Function):
-    """Forward as a grouped 1x1 convolution over super-blocks of 32 channels (:func:`_super_blocks`); backward by
+    """Forward as a grouped 1x1 convolution over super-blocks of 8 or 32 channels (:func:`_super_blocks`,
+    :func:`_conv_group`); backward by
     hand: the input gradient is the same convolution with each block transposed, and the weight gradient one
     matmul per super-block (:func:`_block_outer_sum`) instead of oneDNN's grouped-convolution backward, the largest
     single cost in a profile of a ViL-T bf16 training step at batch 128."""
@@ -206,7 +222,7 @@ class _BlockDiagonalMatmul(torch.autograd.Function):
         nb, bs_out, bs_in = weight.shape
         square = bs_out == bs_in
         # rectangular blocks stay as they are (no super-blocks: nothing in the model uses them)
-        wide = _super_blocks(weight, _super_block_size(nb * bs_in, bs_in)) if square else weight
+        wide = _super_blocks(weight, _super_block_size(nb * bs_in, bs_in, _conv_group(x))) if square else weight
         ctx.wide = wide
         return _grouped_pointwise_conv(x, wide, bias)
 
