@@ -210,10 +210,9 @@ def _block_outer_sum(a: torch.Tensor, b: torch.Tensor, block_size: int, group: i
 
 class _BlockDiagonalMatmul(torch.autograd.Function):
     """Forward as a grouped 1x1 convolution over super-blocks of 8 or 32 channels (:func:`_super_blocks`,
-    :func:`_conv_group`); backward by
-    hand: the input gradient is the same convolution with each block transposed, and the weight gradient one
-    matmul per super-block (:func:`_block_outer_sum`) instead of oneDNN's grouped-convolution backward, the largest
-    single cost in a profile of a ViL-T bf16 training step at batch 128."""
+    :func:`_conv_group`); backward by hand: the input gradient is the same convolution with each block transposed,
+    and the weight gradient one matmul per super-block (:func:`_block_outer_sum`) instead of oneDNN's
+    grouped-convolution backward, the largest single cost in a profile of a ViL-T bf16 training step at batch 128."""
 
     @staticmethod
     def forward(ctx, x, weight, bias):  # (N, C_in), (nb, bs_out, bs_in), (C_out,) or None -> (N, C_out)
