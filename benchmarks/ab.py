@@ -13,6 +13,7 @@ What is timed (``--what``, comma-separated):
   inputs as the ViL layer passes them (head views of token-major tensors); ``--precision`` bf16: under autocast.
 - a config of ``throughput.py`` (``vil_tiny_cifar``, ``recipe_<name>``): a training step (forward, backward, AdamW),
   batch 128, as images per second, measured by ``throughput.worker_model`` (the fast path).
+``--mode infer`` times forward passes without gradients instead (the cell: its forward alone).
 Writes results/benchmarks/ab-<tag>.{json,md}.
 """
 from __future__ import annotations
@@ -45,9 +46,10 @@ if WHAT == "cell":
     grad = torch.randn(B, H, T, DH, dtype=dtype)
     def step():
         heads = [t.view(B, T, H, DH).transpose(1, 2) for t in leaves]
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=low):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=low), torch.set_grad_enabled(MODE == "train"):
             out = mlstm_parallel(*heads, gates[0], gates[1] + 3.0)
-        out.backward(grad)
+        if MODE == "train":
+            out.backward(grad)
     for _ in range(2):
         step()
     times, start = [], time.perf_counter()
@@ -60,15 +62,16 @@ else:  # throughput.py's own training-step measurement, on the fast path
     throughput.load_recipe_configs()
     value = throughput.worker_model(argparse.Namespace(
         config=throughput.resolve_config(WHAT), path="fast", official=None, kernel=None, device="cpu", batch=128,
-        precision=PRECISION, mode="train", warmup=2, seconds=SECONDS, min_steps=3, max_steps=10 ** 9))["img_per_s"]
+        precision=PRECISION, mode=MODE, warmup=2, seconds=SECONDS, min_steps=3, max_steps=10 ** 9))["img_per_s"]
 import vision_lstm
 print(json.dumps({"value": value, "library": vision_lstm.__file__}))
 '''
 
 
-def run_side(src: Path, what: str, precision: str, seconds: float, threads: int) -> tuple[float, str]:
+def run_side(src: Path, what: str, precision: str, seconds: float, threads: int, mode: str = "train"
+             ) -> tuple[float, str]:
     code = (f"SRC={str(src)!r}; BENCH={str(REPO / 'benchmarks')!r}; WHAT={what!r}; PRECISION={precision!r}; "
-            f"SECONDS={seconds!r}; THREADS={threads!r}\n" + WORKER)
+            f"SECONDS={seconds!r}; THREADS={threads!r}; MODE={mode!r}\n" + WORKER)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     if out.returncode:
         raise SystemExit(f"{what} failed for {src}:\n{out.stderr[-2000:]}")
@@ -83,6 +86,8 @@ def main():
     p.add_argument("--ref", default="HEAD", help="git revision to compare the working tree with (default HEAD)")
     p.add_argument("--what", default="cell,vil_tiny_cifar", help="cell and/or throughput.py config names")
     p.add_argument("--precision", default="bf16", choices=["fp32", "bf16"])
+    p.add_argument("--mode", default="train", choices=["train", "infer"],
+                   help="training steps (forward, backward, AdamW; the cell: forward + backward) or inference")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--seconds", type=float, default=10.0, help="timed seconds per side and round (after 2 warm-ups)")
     p.add_argument("--threads", type=int, default=2)
@@ -103,7 +108,7 @@ def main():
     from vision_lstm.runtime import device_name
     report = {"command": "python benchmarks/ab.py " + " ".join(sys.argv[1:]), "ref": ref_sha,
               "tree": head + (" + uncommitted changes in src/" if dirty else ""),
-              "date": time.strftime("%Y-%m-%d %H:%M:%S"), "precision": args.precision,
+              "date": time.strftime("%Y-%m-%d %H:%M:%S"), "precision": args.precision, "mode": args.mode,
               "machine": {"cpu": device_name("cpu"), "threads": args.threads, "torch": torch.__version__,
                           "python": platform.python_version()}, "results": []}
     with tempfile.TemporaryDirectory() as tmp:
@@ -114,10 +119,14 @@ def main():
             values, libraries = {"tree": [], "ref": []}, {}
             for r in range(args.rounds):
                 for side in (("tree", "ref") if r % 2 == 0 else ("ref", "tree")):
-                    value, libraries[side] = run_side(sides[side], what, args.precision, args.seconds, args.threads)
+                    value, libraries[side] = run_side(sides[side], what, args.precision, args.seconds, args.threads,
+                                                      args.mode)
                     values[side].append(value)
                 print(what, r, {k: round(v[-1], 2) for k, v in values.items()}, flush=True)
-            unit = "ms per forward + backward" if what == "cell" else "img/s (training step)"
+            if what == "cell":
+                unit = "ms per forward + backward" if args.mode == "train" else "ms per forward"
+            else:
+                unit = "img/s (training step)" if args.mode == "train" else "img/s (inference)"
             faster = [(b / a if what == "cell" else a / b) for a, b in zip(values["tree"], values["ref"])]
             report["results"].append({"what": what, "unit": unit, "libraries": libraries,
                                       "tree": values["tree"], "ref": values["ref"],
@@ -127,8 +136,8 @@ def main():
     (out / f"ab-{args.tag}.json").write_text(json.dumps(report, indent=1))
     lines = [f"# A/B: working tree ({report['tree']}) vs {ref_sha} ({report['date']})", "",
              f"Command: `{report['command']}`  ", f"Machine: {report['machine']}  ",
-             f"Precision: {args.precision}; each round runs both sides once, alternating which goes first, each in "
-             "a fresh process; a value is the median step of that run.", "",
+             f"Precision: {args.precision}; mode: {args.mode}; each round runs both sides once, alternating which goes "
+             "first, each in a fresh process; a value is the median step of that run.", "",
              "| what | unit | tree (per round) | ref (per round) | speedup per round | median speedup |",
              "|---|---|---|---|---|---|"]
     for res in report["results"]:

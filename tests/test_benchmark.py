@@ -122,3 +122,7 @@ def test_ab_times_the_tree_against_a_revision(tmp_path):
     assert "| recipe_mnist | img/s (training step) |" in (tmp_path / "ab-t.md").read_text()
     bad = subprocess.run(cmd[:3] + ["no-such-revision"] + cmd[4:], capture_output=True, text=True, timeout=60)
     assert bad.returncode != 0 and "is not a commit" in bad.stderr
+    infer = cmd[:-4] + ["--what", "recipe_mnist", "--mode", "infer", "--out-dir", str(tmp_path), "--tag", "i"]
+    subprocess.run(infer, check=True, capture_output=True, text=True, timeout=600)
+    assert json.loads((tmp_path / "ab-i.json").read_text())["mode"] == "infer"
+    assert "| recipe_mnist | img/s (inference) |" in (tmp_path / "ab-i.md").read_text()

@@ -1,4 +1,5 @@
 """The three forms of the mLSTM cell agree with each other and with an independent implementation."""
+import os
 import warnings
 
 import pytest
@@ -6,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from vision_lstm import fused
 from vision_lstm.cell import (DEFAULT_EPS, _divide_rows, init_state, mlstm, mlstm_chunkwise, mlstm_parallel,
                               mlstm_parallel_reference, mlstm_recurrent, mlstm_step)
 
@@ -23,8 +25,31 @@ def rel_err(a, b):
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
 
 
+@pytest.fixture(params=["fused", "pytorch"])
+def cell_path(request, monkeypatch):
+    """Runs a test with the parallel cell's fused CPU kernels (vision_lstm.fused) and with its PyTorch form."""
+    monkeypatch.setenv("VIL_FUSED", "1" if request.param == "fused" else "0")
+    if request.param == "fused" and fused.ops() is None:
+        pytest.skip("the fused kernels could not be built here (tests/test_fused.py says why)")
+    return request.param
+
+
+def _parallel_pytorch(*args):
+    """The fast parallel cell in its PyTorch form (fused kernels off)."""
+    before = os.environ.get("VIL_FUSED")
+    os.environ["VIL_FUSED"] = "0"
+    try:
+        return mlstm_parallel(*args)
+    finally:
+        if before is None:
+            del os.environ["VIL_FUSED"]
+        else:
+            os.environ["VIL_FUSED"] = before
+
+
 FORMS = {
-    "parallel": lambda *a: mlstm_parallel(*a),
+    "parallel": lambda *a: mlstm_parallel(*a),  # with the fused CPU kernels where they build
+    "parallel-pytorch": _parallel_pytorch,
     "reference": lambda *a: mlstm_parallel_reference(*a),
     "chunkwise8": lambda *a: mlstm_chunkwise(*a, chunk_size=8),
     "chunkwise5": lambda *a: mlstm_chunkwise(*a, chunk_size=5),
@@ -64,7 +89,7 @@ def test_forms_agree_float32(form, gate_scale):
         assert rel_err(g.double(), r) <= 1e-4, name
 
 
-def test_extreme_gates_stay_finite():
+def test_extreme_gates_stay_finite(cell_path):
     q, k, v, i, f = make_inputs(T=40, gate_scale=1.0)
     with torch.no_grad():
         i.copy_(torch.where(torch.rand_like(i) < 0.5, torch.full_like(i, 30.0), torch.full_like(i, -30.0)))
@@ -75,7 +100,7 @@ def test_extreme_gates_stay_finite():
         assert (out - outs[-1]).abs().max() <= 1e-5
 
 
-def test_fast_parallel_gradcheck():
+def test_fast_parallel_gradcheck(cell_path):
     inputs = make_inputs(B=1, H=2, T=9, DH=4)
     assert torch.autograd.gradcheck(lambda *a: mlstm_parallel(*a), inputs)
 
@@ -97,7 +122,7 @@ def _output_and_grads(fn, inputs, grad_out):
 BF16_TOLERANCE = 1e-2
 
 
-def test_fast_parallel_under_bf16_autocast_within_stated_tolerance():
+def test_fast_parallel_under_bf16_autocast_within_stated_tolerance(cell_path):
     """Under bf16 autocast, five of the six T x T products run in bf16 and h comes back in bf16; the scores q k^T
     stay fp32. The tolerance is tight enough to catch the scores being rounded to bf16 (the official code's
     autocast path does that, and lands at 14-28 % here)."""
@@ -171,7 +196,7 @@ class _CountCopies(TorchDispatchMode):
         return out
 
 
-def test_autocast_gradients_keep_the_token_layout():
+def test_autocast_gradients_keep_the_token_layout(cell_path):
     """Under autocast the cell's inputs are head views of token-major bf16 tensors; their gradients must come back
     in bf16, in that token-major layout (no extra copy in the projection's backward), with the values plain
     autograd gives (to bf16 accuracy)."""
@@ -198,7 +223,7 @@ def test_autocast_gradients_keep_the_token_layout():
         assert _norm_err(arrived[n], want.grad) <= 2 * BF16_TOLERANCE  # bf16 products: ~1 % at these tiny shapes
 
 
-def test_autocast_inference_copies_each_input_once():
+def test_autocast_inference_copies_each_input_once(cell_path):
     """Without gradients, q and k are cast to fp32 straight from the head views (one pass each, no bf16 copy
     first) and v is made contiguous once."""
     B, T, H, DH = 2, 11, 3, 4

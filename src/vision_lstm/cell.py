@@ -21,6 +21,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from . import fused
+
 MODES = ("parallel", "chunkwise", "recurrent")
 _LOG_DECAY_FLOOR = -60.0
 DEFAULT_EPS = 1e-6
@@ -98,7 +100,24 @@ def _decay_matrix(igate, fgate):
     return decay, m, argmax.unsqueeze(-1)
 
 
-def _divide_rows(num: torch.Tensor, denom: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+def _decay_vectors(igate, fgate):
+    """What the fused kernels build D from: a = i~ - F and its running maximum (B, H, T), contiguous, and, as
+    :func:`_decay_matrix`, m_t and the column of each row's maximum (B, H, T, 1)."""
+    cum_log_f = torch.cumsum(F.logsigmoid(fgate), dim=-1)  # (B, H, T)
+    a = (igate - cum_log_f).contiguous()
+    running_max, argmax = torch.cummax(a, dim=-1)  # (B, H, T) each
+    m = (cum_log_f + running_max).unsqueeze(-1)  # (B, H, T, 1)
+    return a, running_max.contiguous(), m, argmax.unsqueeze(-1)
+
+
+def _fused_division(kernels, num: torch.Tensor, denom: torch.Tensor) -> bool:
+    """Whether the fused kernels' row division applies: bf16 rows (B, H, T, DH) with a unit last stride, fp32
+    denominators (B, H, T, 1)."""
+    return (kernels is not None and num.dtype == torch.bfloat16 and num.ndim == 4 and num.stride(-1) == 1
+            and denom.dtype == torch.float32 and denom.is_contiguous())
+
+
+def _divide_rows(num: torch.Tensor, denom: torch.Tensor, out: torch.Tensor, kernels=None) -> torch.Tensor:
     """out = num / denom for num (..., T, DH) and a per-row denom (..., T, 1); out may have any strides.
 
     For a low-precision num (bf16) and an fp32 denom, PyTorch's mixed-dtype division is a slow path on the CPU (not
@@ -106,8 +125,12 @@ def _divide_rows(num: torch.Tensor, denom: torch.Tensor, out: torch.Tensor) -> t
     Rounding denom to bf16 would make that fast but add a per-row error as large as bf16's rounding itself. Instead
     1 / denom (fp32) is split into a bf16 pair hi + lo (hi + lo = 1 / denom to ~2^-17) and out = num * hi + num * lo
     in two vectorised bf16 passes that compute in fp32 and round once (the addcmul): the fp32 quotient rounded to
-    bf16, up to one bf16 unit in rare near-ties (0.07 % of the elements in the measurement above).
+    bf16, up to one bf16 unit in rare near-ties (0.07 % of the elements in the measurement above). With the fused
+    kernels (``kernels``, :mod:`vision_lstm.fused`) it is one vectorised pass that divides in fp32 and rounds once.
     """
+    if _fused_division(kernels, num, denom):
+        kernels.divide_rows(num, denom.squeeze(-1), out)
+        return out
     if num.dtype == denom.dtype or num.element_size() >= 4 or num.device.type != "cpu":  # (fast there already)
         return torch.div(num, denom, out=out)
     recip = denom.reciprocal()  # (..., T, 1), fp32
@@ -133,14 +156,24 @@ class _ParallelMLSTM(torch.autograd.Function):
     other five products by at most 0.34 %, the size of bf16's own rounding (tests/test_cell.py pins this). D and C
     are kept for backward in the low dtype (C is rounded for the C v product anyway): that halves the two largest
     saved tensors and moved the errors above by at most 0.05 percentage points (0.50 to 0.55 % at most).
+
+    ``kernels`` (the operators of :mod:`vision_lstm.fused`, or None): on the CPU the elementwise passes between the
+    products run as single fused C++ passes (forward: C = S D' and its row sums from the fp32 scores; backward:
+    dS = (dN v^T + d row sum) D' with the row and column sums of dC C; the two row divisions), with D' rebuilt from
+    O(T) vectors instead of being stored, so only C is kept as a T x T tensor. Same math and precision policy;
+    without them (no compiler, ``VIL_FUSED=0``, other devices) the PyTorch passes below run.
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, igate, fgate, eps, low_dtype):
-        decay, m, argmax = _decay_matrix(igate, fgate)  # (B, H, T, T), (B, H, T, 1) x2
-        # The 1/sqrt(DH) of the scores goes into the decay matrix (T x T) rather than into q (T x DH, DH > T in
-        # ViL): one pass fewer forward and backward. D * scale is what the backward needs anyway.
-        decay.mul_(q.shape[-1] ** -0.5)
+    def forward(ctx, q, k, v, igate, fgate, eps, low_dtype, kernels):
+        scale = q.shape[-1] ** -0.5
+        if kernels is None:
+            decay, m, argmax = _decay_matrix(igate, fgate)  # (B, H, T, T), (B, H, T, 1) x2
+            # The 1/sqrt(DH) of the scores goes into the decay matrix (T x T) rather than into q (T x DH, DH > T in
+            # ViL): one pass fewer forward and backward. D * scale is what the backward needs anyway.
+            decay.mul_(scale)
+        else:  # the fused kernels build D from these O(T) vectors on the fly, forward and backward
+            a, running_max, m, argmax = _decay_vectors(igate, fgate)  # (B, H, T) x2, (B, H, T, 1) x2
         # Callers often pass head views of a (B, T, H * DH) tensor; one contiguous copy each here replaces the
         # copies matmul would otherwise make of every operand, forward and backward. The gradients go back in
         # the callers' layouts (see backward), so the projections that made q, k, v need no copy of their own.
@@ -155,36 +188,52 @@ class _ParallelMLSTM(torch.autograd.Function):
         else:  # inference: one cast-and-copy pass each
             weights = _contiguous_fp32(q) @ _contiguous_fp32(k).transpose(-2, -1)
             v = v.contiguous()
-        weights.mul_(decay)  # C[t, s] = S[t, s] D[t, s] with S = q_t . k_s / sqrt(DH)
-        row_sum = weights.sum(dim=-1, keepdim=True)  # (B, H, T, 1)
+        if kernels is None:
+            weights.mul_(decay)  # C[t, s] = S[t, s] D[t, s] with S = q_t . k_s / sqrt(DH)
+            row_sum = weights.sum(dim=-1, keepdim=True)  # (B, H, T, 1)
+            weights_mm = weights if low_dtype is None else weights.to(low_dtype)
+        else:  # the same C and row sums in one pass, C written in the products' dtype (in place for fp32)
+            weights_mm = weights if low_dtype is None else torch.empty_like(weights, dtype=low_dtype)
+            row_sum = kernels.weights_forward(weights, a, running_max, scale, weights_mm).unsqueeze(-1)
         normaliser = torch.maximum(row_sum.abs(), torch.exp(-m))
-        weights_mm = weights if low_dtype is None else weights.to(low_dtype)
         # h comes back in q's layout (for the ViL layer: a head view of token-major memory), written by the
         # division that is needed anyway: the layer then reads h as (B, T, H * DH) without a copy of its own.
         h = torch.empty_like(q if ctx.layouts[0] is None else ctx.layouts[0], dtype=v.dtype, device=v.device)
-        _divide_rows(weights_mm @ v, normaliser + eps, out=h)  # (B, H, T, DH), in v's dtype
-        if low_dtype is not None:
-            # Kept for backward in the low dtype too: half the bytes of the two largest saved tensors. Backward uses
-            # C in the products anyway, and C and D each once more in a product that is rounded to low precision
-            # or summed into a gate gradient (same error bound: tests/test_cell.py).
-            weights, decay = weights_mm, decay.to(low_dtype)
-        ctx.save_for_backward(q, k, v, fgate, decay, weights, m, argmax, row_sum, normaliser, h)
-        ctx.eps, ctx.low_dtype = eps, low_dtype
+        _divide_rows(weights_mm @ v, normaliser + eps, out=h, kernels=kernels)  # (B, H, T, DH), in v's dtype
+        if kernels is not None:
+            # D is rebuilt in backward from a and its running maximum: no T x T tensor besides C is kept
+            ctx.save_for_backward(q, k, v, fgate, a, running_max, weights_mm, m, argmax, row_sum, normaliser, h)
+        else:
+            if low_dtype is not None:
+                # Kept for backward in the low dtype too: half the bytes of the two largest saved tensors. Backward
+                # uses C in the products anyway, and C and D each once more in a product that is rounded to low
+                # precision or summed into a gate gradient (same error bound: tests/test_cell.py).
+                weights, decay = weights_mm, decay.to(low_dtype)
+            ctx.save_for_backward(q, k, v, fgate, decay, weights, m, argmax, row_sum, normaliser, h)
+        ctx.eps, ctx.low_dtype, ctx.kernels, ctx.scale = eps, low_dtype, kernels, scale
         return h
 
     @staticmethod
     def backward(ctx, grad_h, *_):
-        q, k, v, fgate, decay, weights, m, argmax, row_sum, normaliser, h = ctx.saved_tensors
-        low_dtype = ctx.low_dtype
+        kernels, low_dtype = ctx.kernels, ctx.low_dtype
+        if kernels is None:
+            q, k, v, fgate, decay, weights, m, argmax, row_sum, normaliser, h = ctx.saved_tensors
+        else:
+            q, k, v, fgate, a, running_max, weights, m, argmax, row_sum, normaliser, h = ctx.saved_tensors
         denom = normaliser + ctx.eps  # (B, H, T, 1)
         # d h / d (C v), in h's dtype (the products' dtype), contiguous for the products below (grad_h arrives in
         # h's layout, often token-major: this division does the relayout in the same pass)
-        grad_num = _divide_rows(grad_h, denom, out=torch.empty(h.shape, dtype=h.dtype, device=h.device))
-        # -(dh . h) / denom, from grad_num = dh / denom: (B, H, T, 1), summed in fp32 at least. The products are
-        # written to an fp32 buffer (same values as sum(dtype=fp32) of the bf16 products, which would copy them).
-        products = torch.mul(grad_num, h, out=torch.empty(h.shape, dtype=denom.dtype, device=h.device))
-        grad_norm = products.sum(dim=-1, keepdim=True).neg_()
-        del products
+        grad_num = torch.empty(h.shape, dtype=h.dtype, device=h.device)
+        if _fused_division(kernels, grad_h, denom):  # the division and the row dot product below in one pass
+            grad_norm = kernels.divide_rows_dot(grad_h, denom.squeeze(-1), grad_num, h).unsqueeze(-1).neg_()
+        else:
+            _divide_rows(grad_h, denom, out=grad_num)
+            # -(dh . h) / denom, from grad_num = dh / denom: (B, H, T, 1), summed in fp32 at least. The products
+            # are written to an fp32 buffer (same values as sum(dtype=fp32) of the bf16 products, which would copy
+            # them).
+            products = torch.mul(grad_num, h, out=torch.empty(h.shape, dtype=denom.dtype, device=h.device))
+            grad_norm = products.sum(dim=-1, keepdim=True).neg_()
+            del products
         use_sum = row_sum.abs() >= torch.exp(-m)  # which side of max(|sum C|, exp(-m)) is active
         grad_row_sum = torch.where(use_sum, grad_norm * torch.sign(row_sum), 0.0)
         grad_m = torch.where(use_sum, 0.0, -grad_norm * torch.exp(-m))  # (B, H, T, 1)
@@ -194,6 +243,19 @@ class _ParallelMLSTM(torch.autograd.Function):
         grad_v = weights_mm.transpose(-2, -1) @ grad_num  # C^T dN
         del weights_mm
         grad_weights = grad_num @ v.transpose(-2, -1)  # (B, H, T, T)
+        if kernels is not None:
+            # dC = dN v^T + grad_row_sum, dS = dC D', and the row and column sums of d log D = dC C, in one pass
+            grad_scores, grad_log_d_rows, grad_igate = kernels.weights_backward(
+                grad_weights, grad_row_sum.squeeze(-1).contiguous(), weights, a, running_max, ctx.scale)
+            del grad_weights
+            grad_m = grad_m.squeeze(-1)  # (B, H, T)
+            # m_t = max_s log D[t, s] takes its gradient at the argmax: that adds grad_m - (row sum) to one entry of
+            # row t, so the row sums become grad_m and that column gains it
+            grad_igate.scatter_add_(-1, argmax.squeeze(-1), grad_m - grad_log_d_rows)  # column sums: +i~_s
+            grad_cum = grad_m - grad_igate  # +F_t in row t, -F_s in column s
+            grad_q = grad_scores @ k
+            grad_k = grad_scores.transpose(-2, -1) @ q
+            return _gate_and_layout_gradients(ctx, grad_q, grad_k, grad_v, grad_igate, grad_cum, fgate)
         if low_dtype is None:
             grad_weights += grad_row_sum
         else:
@@ -207,12 +269,18 @@ class _ParallelMLSTM(torch.autograd.Function):
         grad_k = grad_scores.transpose(-2, -1) @ q
         grad_igate = grad_log_d.sum(dim=-2)  # log D[t, s] has +i~_s: column sums. (B, H, T)
         grad_cum = grad_log_d.sum(dim=-1) - grad_igate  # +F_t in row t, -F_s in column s
-        # F = cumsum(log sigmoid f~): reverse cumulative sum, then d log sigmoid(x) / dx = sigmoid(-x)
-        grad_log_f = grad_cum.flip(-1).cumsum(-1).flip(-1)
-        grad_fgate = grad_log_f * torch.sigmoid(-fgate)
-        grad_q, grad_k, grad_v = (grad if like is None else torch.empty_like(like, device=grad.device).copy_(grad)
-                                  for grad, like in zip((grad_q, grad_k, grad_v), ctx.layouts))
-        return grad_q, grad_k, grad_v, grad_igate, grad_fgate, None, None
+        return _gate_and_layout_gradients(ctx, grad_q, grad_k, grad_v, grad_igate, grad_cum, fgate)
+
+
+def _gate_and_layout_gradients(ctx, grad_q, grad_k, grad_v, grad_igate, grad_cum, fgate):
+    """The tail of the parallel cell's backward: the forget-gate gradient from d/dF (B, H, T), and q, k, v's
+    gradients in the layouts their inputs came in."""
+    # F = cumsum(log sigmoid f~): reverse cumulative sum, then d log sigmoid(x) / dx = sigmoid(-x)
+    grad_log_f = grad_cum.flip(-1).cumsum(-1).flip(-1)
+    grad_fgate = grad_log_f * torch.sigmoid(-fgate)
+    grad_q, grad_k, grad_v = (grad if like is None else torch.empty_like(like, device=grad.device).copy_(grad)
+                              for grad, like in zip((grad_q, grad_k, grad_v), ctx.layouts))
+    return grad_q, grad_k, grad_v, grad_igate, grad_fgate, None, None, None
 
 
 def _contiguous_fp32(x: torch.Tensor) -> torch.Tensor:
@@ -251,8 +319,24 @@ def _mlstm_parallel_eager(q, k, v, igate, fgate, eps: float) -> torch.Tensor:
         low_dtype = low_dtype if low_dtype == torch.bfloat16 else None
         with torch.autocast(device, enabled=False):
             q, k, v = (t.to(low_dtype or torch.float32) for t in (q, k, v))
-            return _ParallelMLSTM.apply(q, k, v, igate.float(), fgate.float(), eps, low_dtype)
-    return _ParallelMLSTM.apply(q, k, v, igate, fgate, eps, None)
+            igate, fgate = igate.float(), fgate.float()
+            kernels = _fused_kernels(q, k, v, igate, fgate, low_dtype)
+            return _ParallelMLSTM.apply(q, k, v, igate, fgate, eps, low_dtype, kernels)
+    return _ParallelMLSTM.apply(q, k, v, igate, fgate, eps, None, _fused_kernels(q, k, v, igate, fgate, None))
+
+
+def _fused_kernels(q, k, v, igate, fgate, low_dtype):
+    """The fused CPU kernels (:mod:`vision_lstm.fused`) where they apply to these inputs, else None: CPU tensors,
+    and either bf16 q, k, v under autocast or one dtype (fp32 or fp64) for everything."""
+    tensors = (q, k, v, igate, fgate)
+    if any(t.device.type != "cpu" for t in tensors) or q.shape[2] == 0:
+        return None
+    if low_dtype is None:
+        if q.dtype not in (torch.float32, torch.float64) or any(t.dtype != q.dtype for t in tensors):
+            return None
+    elif low_dtype != torch.bfloat16 or igate.dtype != torch.float32:
+        return None
+    return fused.ops()
 
 
 def mlstm_step(q, k, v, igate, fgate, state: MLSTMState | None = None, eps: float = DEFAULT_EPS):

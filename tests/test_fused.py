@@ -1,0 +1,153 @@
+"""The fused CPU kernels of the parallel cell (vision_lstm.fused, csrc/mlstm_cpu.cpp): they build where a C++
+compiler is, compute what the PyTorch form computes, and the cell falls back to that form when they cannot build.
+Cell-level agreement (outputs and gradients, fused and PyTorch form, float64 / float32 / bf16 autocast) is in
+tests/test_cell.py (the ``cell_path`` fixture and the ``parallel-pytorch`` form)."""
+import shutil
+import warnings
+
+import pytest
+import torch
+
+from vision_lstm import fused
+from vision_lstm.cell import _LOG_DECAY_FLOOR, mlstm_parallel, mlstm_parallel_reference
+
+
+@pytest.fixture
+def kernels(monkeypatch):
+    monkeypatch.setenv("VIL_FUSED", "1")
+    ops = fused.ops()
+    if ops is None:
+        pytest.skip("the fused kernels could not be built here (test_fused_kernels_build_where_a_compiler_is says why)")
+    return ops
+
+
+def test_fused_kernels_build_where_a_compiler_is(monkeypatch):
+    if not (shutil.which("c++") or shutil.which("g++")):
+        pytest.skip("no C++ compiler on this machine: the cell uses its PyTorch form")
+    monkeypatch.setenv("VIL_FUSED", "1")
+    built = fused._build()
+    assert not isinstance(built, Exception), f"the fused kernels failed to build: {built!r}"
+    assert fused.ops() is not None
+
+
+def _decay_inputs(B, H, T, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    scores = torch.randn(B, H, T, T, generator=g, dtype=torch.float64)
+    a = torch.randn(B, H, T, generator=g, dtype=torch.float64).mul(4).cumsum(-1)  # reaches below the -60 floor
+    row_max = torch.cummax(a, dim=-1).values
+    return scores.to(dtype), a.to(dtype), row_max.contiguous().to(dtype)
+
+
+def _weights_want(scores, a, row_max, scale):  # float64, written plainly
+    x = (a.double()[..., None, :] - row_max.double()[..., :, None]).clamp_min(_LOG_DECAY_FLOOR)
+    causal = torch.ones(x.shape[-1], x.shape[-1], dtype=torch.bool).tril()
+    return torch.where(causal, scores.double() * x.exp() * scale, 0.0)
+
+
+@pytest.mark.parametrize("T", [1, 15, 17, 49, 64, 100])  # whole 16-lane blocks, tails, more than 64
+def test_weights_forward_matches_the_plain_formula(kernels, T):
+    scores, a, row_max = _decay_inputs(2, 3, T)
+    want = _weights_want(scores, a, row_max, 0.125)
+    weights = torch.empty_like(scores)
+    row_sum = kernels.weights_forward(scores, a, row_max, 0.125, weights)
+    assert float((weights.double() - want).abs().max() / want.abs().max()) <= 1e-6
+    assert torch.allclose(row_sum.double(), want.sum(-1), rtol=1e-5, atol=1e-6 * float(want.abs().max()))
+    # bf16 output: the same fp32 values, rounded once (at most one unit apart from rounding the float64 value)
+    low = torch.empty_like(scores, dtype=torch.bfloat16)
+    kernels.weights_forward(scores, a, row_max, 0.125, low)
+    assert torch.equal(low, weights.bfloat16())
+    # in place (fp32 C written over S) gives the same
+    in_place = scores.clone()
+    kernels.weights_forward(in_place, a, row_max, 0.125, in_place)
+    assert torch.equal(in_place, weights)
+
+
+def test_decay_exp_is_accurate_over_its_range(kernels):
+    """The kernels' own vectorised exp on [-60, 0], and the clamp below it: within 4e-7 relative of float64.
+    With scores of 1, a row maximum of 0 and scale 1, the last row of C is exp(max(a_s, -60))."""
+    errors = []
+    for chunk in torch.linspace(-80.0, 0.0, 64 * 1024).split(256):
+        T = chunk.numel()
+        weights = torch.empty(1, T, T)
+        kernels.weights_forward(torch.ones(1, T, T), chunk.view(1, T).contiguous(), torch.zeros(1, T), 1.0, weights)
+        want = chunk.double().clamp_min(_LOG_DECAY_FLOOR).exp()
+        errors.append(float(((weights[0, -1].double() - want).abs() / want).max()))
+    assert max(errors) <= 4e-7
+
+
+@pytest.mark.parametrize("mm_dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_weights_backward_matches_the_plain_formula(kernels, mm_dtype):
+    acc = torch.float64 if mm_dtype == torch.float64 else torch.float32
+    scores, a, row_max = _decay_inputs(2, 3, 37, seed=1, dtype=acc)
+    g = torch.Generator().manual_seed(2)
+    weights = _weights_want(scores, a, row_max, 0.25).to(mm_dtype)
+    grad_c = torch.randn(2, 3, 37, 37, generator=g, dtype=torch.float64).to(mm_dtype)
+    grad_row_sum = torch.randn(2, 3, 37, generator=g, dtype=torch.float64).to(acc)
+    grad_scores, rows, cols = kernels.weights_backward(grad_c, grad_row_sum, weights, a, row_max, 0.25)
+    d_c = grad_c.double() + grad_row_sum.double()[..., None]
+    decay = _weights_want(torch.ones_like(scores), a, row_max, 0.25)
+    d_log = d_c * weights.double()
+    tol = 1e-12 if mm_dtype == torch.float64 else 1e-5
+    assert grad_scores.dtype == mm_dtype
+    want_scores = d_c * decay
+    if mm_dtype == torch.bfloat16:  # the fp32 product rounded once
+        assert (grad_scores.double() - want_scores).abs().max() <= 2 ** -8 * want_scores.abs().max()
+    else:
+        assert (grad_scores.double() - want_scores).abs().max() <= tol * want_scores.abs().max()
+    assert (rows.double() - d_log.sum(-1)).abs().max() <= tol * d_log.abs().sum(-1).max()
+    assert (cols.double() - d_log.sum(-2)).abs().max() <= tol * d_log.abs().sum(-2).max()
+
+
+def test_row_division_is_the_fp32_quotient_rounded_once(kernels):
+    """bf16 rows / fp32 denominators: exactly what PyTorch's (slow) mixed-dtype division gives, into a strided
+    output, and the row dot product of the rounded quotient with h in fp32."""
+    g = torch.Generator().manual_seed(0)
+    num = torch.randn(4, 3, 50, 40, generator=g).bfloat16()
+    num[0, 0, 0, 0] = float("nan")
+    denom = torch.rand(4, 3, 50, generator=g) * 30 + 1e-3
+    want = (num.float() / denom[..., None]).bfloat16()
+    out = torch.empty(4, 50, 3, 40, dtype=torch.bfloat16).transpose(1, 2)  # a head view of token-major memory
+    kernels.divide_rows(num, denom, out)
+    assert torch.equal(out.nan_to_num(), want.nan_to_num())
+    assert out.isnan().sum() == 1
+    h = torch.randn(4, 50, 3, 40, generator=g).bfloat16().transpose(1, 2)
+    out2 = torch.empty_like(num)
+    dot = kernels.divide_rows_dot(num, denom, out2, h)
+    assert torch.equal(out2.nan_to_num(), want.nan_to_num())
+    want_dot = (want.float() * h.float()).sum(-1)
+    finite = want_dot.isfinite()
+    assert torch.allclose(dot[finite], want_dot[finite], rtol=1e-5, atol=1e-5)
+
+
+def test_kernels_reject_bad_inputs_with_a_clear_message(kernels):
+    scores, a, row_max = _decay_inputs(1, 2, 8)
+    with pytest.raises(RuntimeError, match="scores must be contiguous"):
+        kernels.weights_forward(scores.transpose(-2, -1), a, row_max, 1.0, torch.empty_like(scores))
+    with pytest.raises(RuntimeError, match="scores must be float32 or float64"):
+        kernels.weights_forward(scores.half(), a.half(), row_max.half(), 1.0, torch.empty_like(scores))
+    with pytest.raises(RuntimeError, match="denom must be"):
+        kernels.divide_rows(torch.zeros(1, 2, 8, 4, dtype=torch.bfloat16), torch.zeros(1, 2, 8, dtype=torch.float64),
+                            torch.zeros(1, 2, 8, 4, dtype=torch.bfloat16))
+
+
+def test_cell_falls_back_to_its_pytorch_form_when_the_build_fails(monkeypatch):
+    monkeypatch.setenv("VIL_FUSED", "1")
+    monkeypatch.setattr(fused, "_build", lambda: RuntimeError("no C++ compiler (simulated by the test)"))
+    q, k, v = (torch.randn(2, 2, 9, 4, dtype=torch.float64) for _ in range(3))
+    i, f = (torch.randn(2, 2, 9, dtype=torch.float64) for _ in range(2))
+    with pytest.warns(RuntimeWarning, match="could not be built .*simulated.*PyTorch form"):
+        out = mlstm_parallel(q, k, v, i, f)
+    assert torch.allclose(out, mlstm_parallel_reference(q, k, v, i, f), atol=1e-12)
+
+
+def test_vil_fused_0_turns_the_kernels_off_without_building(monkeypatch):
+    def must_not_build():
+        raise AssertionError("VIL_FUSED=0 must not build the kernels")
+
+    monkeypatch.setattr(fused, "_build", must_not_build)
+    for value in ("0", "off", "False"):
+        monkeypatch.setenv("VIL_FUSED", value)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert fused.ops() is None
+            mlstm_parallel(*(torch.randn(1, 1, 5, 4) for _ in range(3)), torch.randn(1, 1, 5), torch.randn(1, 1, 5))
