@@ -44,6 +44,94 @@ def _weights_want(scores, a, row_max, scale):  # float64, written plainly
     return torch.where(causal, scores.double() * x.exp() * scale, 0.0)
 
 
+@pytest.mark.parametrize("T,DH", [(1, 2), (5, 8), (17, 34), (49, 32), (64, 96), (100, 16)])
+@pytest.mark.parametrize("tiles", [True, False], ids=["amx-tiles", "dot-products"])
+def test_bf16_scores_kernel_matches_the_fp32_scores_path(kernels, T, DH, tiles):
+    """weights_forward_qk (S = q k^T from bf16 rows, summed in fp32, then C = S D' and its row sums) against the
+    fp32 scores of the upcast rows fed to weights_forward: the same products, summed in another order, so C
+    (rounded to bf16) may differ by one bf16 unit in rare entries and the row sums by fp32 rounding. q and k are
+    head views of token-major memory (read in place). Both forms of the kernel: AMX tiles (ATen's brgemm) and the
+    AVX512-BF16 dot products."""
+    if not fused.has_bf16_scores():
+        pytest.skip("this CPU has no AVX512-BF16: the cell computes the scores with PyTorch")
+    if tiles and not kernels.has_tile_scores():
+        pytest.skip("this CPU has no AMX tiles: the kernel uses its dot products")
+    B, H = 2, 3
+    g = torch.Generator().manual_seed(T)
+    q, k = (torch.randn(B, T, H * DH, generator=g).bfloat16().view(B, T, H, DH).transpose(1, 2) for _ in range(2))
+    _, a, row_max = _decay_inputs(B, H, T, seed=T)
+    scale = DH ** -0.5
+    scores = q.float() @ k.float().transpose(-2, -1)
+    want = torch.empty(B, H, T, T, dtype=torch.bfloat16)
+    want_sum = kernels.weights_forward(scores, a, row_max, scale, want)
+    got = torch.full_like(want, float("nan"))  # every entry must be written, zeros above the diagonal included
+    got_sum = kernels.weights_forward_qk(q, k, a, row_max, scale, got, tiles)
+    assert not got.isnan().any()
+    ulp = want.float().abs().clamp_min(1e-30) * 2.0 ** -7
+    assert ((got.float() - want.float()).abs() <= ulp).all()
+    assert (got != want).float().mean() <= 1e-3
+    assert torch.allclose(got_sum, want_sum, rtol=1e-5, atol=1e-5 * float(want_sum.abs().max()))
+    assert torch.equal(got.float().triu(1), torch.zeros_like(got.float()))
+
+
+def test_bf16_scores_kernel_rejects_bad_input(kernels):
+    if not fused.has_bf16_scores():
+        pytest.skip("this CPU has no AVX512-BF16")
+    _, a, row_max = _decay_inputs(1, 1, 4)
+    out = torch.empty(1, 1, 4, 4, dtype=torch.bfloat16)
+    odd = torch.randn(1, 1, 4, 3).bfloat16()
+    with pytest.raises(RuntimeError, match="head dimension must be even"):
+        kernels.weights_forward_qk(odd, odd, a, row_max, 1.0, out)
+    fp32 = torch.randn(1, 1, 4, 4)
+    with pytest.raises(RuntimeError, match="bfloat16"):
+        kernels.weights_forward_qk(fp32, fp32, a, row_max, 1.0, out)
+
+
+@pytest.mark.parametrize("T,DH", [(1, 2), (5, 8), (17, 34), (49, 32), (64, 96), (100, 16)])
+def test_tile_forward_matches_its_parts(kernels, T, DH):
+    """forward_tiles (the cell's whole bf16 forward on AMX tiles) against the scores kernel for C and its row sums
+    (the same tile product and epilogue: equal), the normaliser max(|row sum|, exp(-m)), and h against
+    (C v) / (n + eps) in float64 from the same bf16 C, rounded to bf16: C v is summed in fp32 in the kernel, so h
+    may differ by one bf16 unit in rare entries. q, k, v and h are head views of token-major memory."""
+    if not fused.has_tile_scores():
+        pytest.skip("this CPU has no AMX tiles: the cell's forward runs as separate products")
+    B, H = 2, 3
+    g = torch.Generator().manual_seed(T + DH)
+    q, k, v = (torch.randn(B, T, H * DH, generator=g).bfloat16().view(B, T, H, DH).transpose(1, 2) for _ in range(3))
+    _, a, row_max = _decay_inputs(B, H, T, seed=T)
+    m = row_max - torch.rand(B, H, T, generator=g)  # any stabiliser; exp(-m) wins the maximum in some rows
+    scale, eps = DH ** -0.5, 1e-6
+    want_c = torch.empty(B, H, T, T, dtype=torch.bfloat16)
+    want_sum = kernels.weights_forward_qk(q, k, a, row_max, scale, want_c, True)
+    got_c = torch.full_like(want_c, float("nan"))
+    h = torch.full((B, T, H, DH), float("nan"), dtype=torch.bfloat16).transpose(1, 2)
+    got_sum, got_norm = kernels.forward_tiles(q, k, v, a, row_max, m, scale, eps, got_c, h)
+    assert torch.equal(got_c, want_c) and torch.equal(got_sum, want_sum)
+    want_norm = torch.maximum(want_sum.abs(), torch.exp(-m))
+    assert torch.allclose(got_norm, want_norm, rtol=1e-6, atol=0)
+    want_h = ((want_c.double() @ v.double()) / (want_norm.double() + eps)[..., None]).bfloat16()
+    assert not h.isnan().any()
+    ulp = want_h.double().abs().clamp_min(1e-30) * 2.0 ** -7
+    assert ((h.double() - want_h.double()).abs() <= ulp).all()
+    assert (h != want_h).float().mean() <= 2e-3
+    h_alone = torch.empty_like(h)  # without C written out (inference): the same h
+    kernels.forward_tiles(q, k, v, a, row_max, m, scale, eps, None, h_alone)
+    assert torch.equal(h_alone, h)
+
+
+def test_tile_forward_rejects_bad_input(kernels):
+    if not fused.has_tile_scores():
+        pytest.skip("this CPU has no AMX tiles")
+    _, a, row_max = _decay_inputs(1, 1, 4)
+    x = torch.randn(1, 1, 4, 4).bfloat16()
+    with pytest.raises(RuntimeError, match="v must be a bfloat16"):
+        kernels.forward_tiles(x, x, x.float(), a, row_max, row_max, 1.0, 1e-6, None, torch.empty_like(x))
+    with pytest.raises(RuntimeError, match="h must have shape"):
+        kernels.forward_tiles(x, x, x, a, row_max, row_max, 1.0, 1e-6, None, torch.empty(1, 1, 5, 4).bfloat16())
+    with pytest.raises(RuntimeError, match="weights has 4 elements"):
+        kernels.forward_tiles(x, x, x, a, row_max, row_max, 1.0, 1e-6, torch.empty(4).bfloat16(), torch.empty_like(x))
+
+
 @pytest.mark.parametrize("T", [1, 15, 17, 49, 64, 100])  # whole 16-lane blocks, tails, more than 64
 def test_weights_forward_matches_the_plain_formula(kernels, T):
     scores, a, row_max = _decay_inputs(2, 3, T)

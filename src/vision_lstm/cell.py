@@ -178,28 +178,43 @@ class _ParallelMLSTM(torch.autograd.Function):
         # copies matmul would otherwise make of every operand, forward and backward. The gradients go back in
         # the callers' layouts (see backward), so the projections that made q, k, v need no copy of their own.
         ctx.layouts = tuple(None if t.is_contiguous() else _layout_of(t) for t in (q, k, v))
-        if low_dtype is None:
-            q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-            weights = q @ k.transpose(-2, -1)  # q_t . k_s
-        elif any(ctx.needs_input_grad[:2]):  # (forward itself runs with grad mode off: ask ctx)
-            # backward needs q, k in low precision: copy those (half the bytes), then cast them for the scores
-            q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-            weights = q.float() @ k.float().transpose(-2, -1)  # the scores in fp32 (see the class docstring)
-        else:  # inference: one cast-and-copy pass each
-            weights = _contiguous_fp32(q) @ _contiguous_fp32(k).transpose(-2, -1)
-            v = v.contiguous()
-        if kernels is None:
-            weights.mul_(decay)  # C[t, s] = S[t, s] D[t, s] with S = q_t . k_s / sqrt(DH)
-            row_sum = weights.sum(dim=-1, keepdim=True)  # (B, H, T, 1)
-            weights_mm = weights if low_dtype is None else weights.to(low_dtype)
-        else:  # the same C and row sums in one pass, C written in the products' dtype (in place for fp32)
-            weights_mm = weights if low_dtype is None else torch.empty_like(weights, dtype=low_dtype)
-            row_sum = kernels.weights_forward(weights, a, running_max, scale, weights_mm).unsqueeze(-1)
-        normaliser = torch.maximum(row_sum.abs(), torch.exp(-m))
+        if any(ctx.needs_input_grad[:2]):  # (forward itself runs with grad mode off: ask ctx)
+            q, k = q.contiguous(), k.contiguous()  # backward's products read them in the dtype they came in
         # h comes back in q's layout (for the ViL layer: a head view of token-major memory), written by the
         # division that is needed anyway: the layer then reads h as (B, T, H * DH) without a copy of its own.
         h = torch.empty_like(q if ctx.layouts[0] is None else ctx.layouts[0], dtype=v.dtype, device=v.device)
-        _divide_rows(weights_mm @ v, normaliser + eps, out=h, kernels=kernels)  # (B, H, T, DH), in v's dtype
+        if _tile_forward(kernels, q, v, low_dtype):
+            # The whole forward in one kernel on AMX tiles: S, C and its row sums, the normaliser, C v (summed in
+            # fp32 and divided before its one rounding) and h, slice by slice in cache; q, k, v are read and h
+            # written in place, and C is written out only for backward.
+            needs_grad = any(ctx.needs_input_grad)
+            if needs_grad:
+                v = v.contiguous()
+            weights_mm = torch.empty(q.shape[:-1] + (q.shape[-2],), dtype=low_dtype) if needs_grad else None
+            row_sum, normaliser = kernels.forward_tiles(q, k, v, a, running_max, m, scale, eps, weights_mm, h)
+            row_sum, normaliser = row_sum.unsqueeze(-1), normaliser.unsqueeze(-1)  # (B, H, T, 1)
+        else:
+            v = v.contiguous()
+            if _fused_scores(kernels, q, low_dtype):
+                # S, C = S D' and the row sums in one kernel from the bf16 rows (the scores still summed in fp32;
+                # on AMX tiles where the CPU has them): neither S nor fp32 copies of q and k are written; in
+                # inference q and k are read in place
+                weights = weights_mm = torch.empty(q.shape[:-1] + (q.shape[-2],), dtype=low_dtype, device=q.device)
+                row_sum = kernels.weights_forward_qk(q, k, a, running_max, scale, weights_mm).unsqueeze(-1)
+            else:
+                if low_dtype is None:
+                    weights = q @ k.transpose(-2, -1)  # q_t . k_s
+                else:  # the scores in fp32 (see the class docstring), cast in the copy where q, k were not copied
+                    weights = _contiguous_fp32(q) @ _contiguous_fp32(k).transpose(-2, -1)
+                if kernels is None:
+                    weights.mul_(decay)  # C[t, s] = S[t, s] D[t, s] with S = q_t . k_s / sqrt(DH)
+                    row_sum = weights.sum(dim=-1, keepdim=True)  # (B, H, T, 1)
+                    weights_mm = weights if low_dtype is None else weights.to(low_dtype)
+                else:  # the same C and row sums in one pass, C written in the products' dtype (in place for fp32)
+                    weights_mm = weights if low_dtype is None else torch.empty_like(weights, dtype=low_dtype)
+                    row_sum = kernels.weights_forward(weights, a, running_max, scale, weights_mm).unsqueeze(-1)
+            normaliser = torch.maximum(row_sum.abs(), torch.exp(-m))
+            _divide_rows(weights_mm @ v, normaliser + eps, out=h, kernels=kernels)  # (B, H, T, DH), in v's dtype
         if kernels is not None:
             # D is rebuilt in backward from a and its running maximum: no T x T tensor besides C is kept
             ctx.save_for_backward(q, k, v, fgate, a, running_max, weights_mm, m, argmax, row_sum, normaliser, h)
@@ -281,6 +296,19 @@ def _gate_and_layout_gradients(ctx, grad_q, grad_k, grad_v, grad_igate, grad_cum
     grad_q, grad_k, grad_v = (grad if like is None else torch.empty_like(like, device=grad.device).copy_(grad)
                               for grad, like in zip((grad_q, grad_k, grad_v), ctx.layouts))
     return grad_q, grad_k, grad_v, grad_igate, grad_fgate, None, None, None
+
+
+def _fused_scores(kernels, q: torch.Tensor, low_dtype) -> bool:
+    """Whether the scores come from the fused bf16 kernel (``weights_forward_qk``): bf16 under autocast, an even
+    head dimension, and a CPU with AVX512-BF16 (:func:`vision_lstm.fused.has_bf16_scores`)."""
+    return (kernels is not None and low_dtype == torch.bfloat16 and q.dtype == torch.bfloat16
+            and q.shape[-1] % 2 == 0 and fused.has_bf16_scores())
+
+
+def _tile_forward(kernels, q: torch.Tensor, v: torch.Tensor, low_dtype) -> bool:
+    """Whether the whole forward runs in the fused AMX kernel (``forward_tiles``): the bf16 scores kernel's
+    conditions, bf16 v, and a CPU with AMX tiles (:func:`vision_lstm.fused.has_tile_scores`)."""
+    return _fused_scores(kernels, q, low_dtype) and v.dtype == torch.bfloat16 and fused.has_tile_scores()
 
 
 def _contiguous_fp32(x: torch.Tensor) -> torch.Tensor:

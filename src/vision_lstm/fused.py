@@ -1,10 +1,12 @@
 """Fused CPU kernels for the parallel mLSTM cell, compiled from ``csrc/mlstm_cpu.cpp`` at first use.
 
-The cell's matrix products run in PyTorch; the elementwise passes between them (decay matrix, weights, their
-sums, and the matching backward passes) run as one C++ pass each instead of about ten PyTorch passes over
-(B, H, T, T) memory. The source is compiled once per machine with the system's C++ compiler
+The cell's matrix products run in PyTorch, except the bf16 scores q k^T, which one kernel computes together with
+the weights C = S D' and their row sums (AVX512-BF16 dot products, or AMX tiles through ATen's brgemm where the CPU
+has them); the other elementwise passes between the products (and the matching backward passes) run as one C++
+pass each instead of about ten PyTorch passes over (B, H, T, T) memory. The source is compiled once per machine with the system's C++ compiler
 (``torch.utils.cpp_extension``, for this CPU: ``-march=native``) and cached in torch's extension folder
-(``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``); the first build takes about a minute on 2 cores.
+(``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``); the first build takes 20-60 s on 2 cores
+(22 s measured on the Intel host of session 20).
 
 Where no compiler is found or the build fails, the cell warns once and keeps its PyTorch form (same math; slower).
 ``VIL_FUSED=0`` turns the kernels off without trying to build them.
@@ -52,7 +54,7 @@ def _build():
         name = f"vision_lstm_cpu_{_cpu_signature()}"
         build_dir = Path(cpp_extension._get_build_directory(name, verbose=False))
         if not any(build_dir.glob("*.so")):
-            print(f"vision_lstm: compiling the fused mLSTM CPU kernels once for this machine (about a minute; "
+            print(f"vision_lstm: compiling the fused mLSTM CPU kernels once for this machine (20-60 s; "
                   f"cached in {build_dir}; VIL_FUSED=0 skips them)", file=sys.stderr, flush=True)
         cpp_extension.load(name=name, sources=[str(_SOURCE)], extra_cflags=_FLAGS, extra_ldflags=["-fopenmp"],
                            is_python_module=False, verbose=False)
@@ -70,6 +72,23 @@ def ops():
         _warn_unavailable(repr(built).splitlines()[0][:500])
         return None
     return built
+
+
+@functools.lru_cache(maxsize=None)
+def has_bf16_scores() -> bool:
+    """Whether the build has the bf16 scores kernel (``weights_forward_qk``): CPUs with AVX512-BF16 (Intel from
+    Cooper Lake and Sapphire Rapids, AMD Zen 4). Elsewhere the cell computes the scores with PyTorch. On CPUs with
+    AMX tiles (Intel from Sapphire Rapids) the kernel's products run on them (``has_tile_scores``)."""
+    kernels = ops()
+    return kernels is not None and bool(kernels.has_bf16_scores())
+
+
+@functools.lru_cache(maxsize=None)
+def has_tile_scores() -> bool:
+    """Whether the kernels run their bf16 products on AMX tiles (Intel from Sapphire Rapids, through ATen's brgemm
+    micro-kernel): the scores kernel, and the whole forward of the cell in one kernel (``forward_tiles``)."""
+    kernels = ops()
+    return kernels is not None and bool(kernels.has_tile_scores())
 
 
 @functools.lru_cache(maxsize=None)

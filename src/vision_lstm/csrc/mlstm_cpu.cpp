@@ -1,6 +1,7 @@
 // Fused elementwise passes of the parallel mLSTM cell on the CPU (xLSTM paper, Beck et al. 2024, eqs. 59-64).
 //
-// The cell's matrix products stay in PyTorch (batched GEMMs). Between them, the PyTorch form makes about ten
+// The cell's matrix products stay in PyTorch (batched GEMMs), except the bf16 scores S = q k^T, which
+// weights_forward_qk computes itself (AMX tiles through ATen's brgemm, or AVX512-BF16 dot products). Between them, the PyTorch form makes about ten
 // passes over (B, H, T, T) memory forward and six backward (build the decay matrix, clamp, exp, mask, scale,
 // multiply, sum, cast, ...). Each function here does one pass instead, recomputing the decay matrix
 //   D'[t, s] = exp(max(a_s - cummax(a)_t, -60)) / sqrt(DH)   for s <= t, 0 above the diagonal
@@ -13,12 +14,19 @@
 // Compiled at first use by vision_lstm/fused.py; the cell falls back to its PyTorch form without it.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/native/CPUBlas.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#if defined(__AVX512BF16__)
+#include <immintrin.h>
+#endif
 #include <cmath>
+#include <optional>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
+#include <string>
 #include <vector>
 
 namespace {
@@ -109,27 +117,34 @@ inline float lane_sum(vfloat v) {
 // Forward: C = S * D' (the weights of eq. 62), written in C's dtype (fp32, possibly in place of S, or bf16), and
 // row_sum = sum_s C[t, s] in fp32, from the fp32 scores S = q k^T. Blocks of lanes wholly above the diagonal
 // are only zeroed.
+// One row t of C = S * D' from its fp32 scores s_row, written to c_row in C's dtype; returns the row's sum.
+// Blocks of lanes wholly above the diagonal are only zeroed.
+template <typename out_t>
+inline float forward_row(const float* s_row, const float* a_i, float row_max, float scale, out_t* c_row, int64_t t,
+                         int64_t T) {
+  vfloat sum{};
+  for (int64_t s0 = 0; s0 < T; s0 += kLanes) {
+    const int64_t count = std::min(kLanes, T - s0);
+    vfloat c{};
+    if (s0 <= t) {
+      c = load(s_row + s0, count) * decay_lanes(load(a_i + s0, count), row_max, scale, s0, t);
+      sum += c;
+    }
+    store(c_row + s0, c, count);
+  }
+  return lane_sum(sum);
+}
+
+// Forward: C = S * D' (the weights of eq. 62), written in C's dtype (fp32, possibly in place of S, or bf16), and
+// row_sum = sum_s C[t, s] in fp32, from the fp32 scores S = q k^T.
 template <typename out_t>
 void forward_f32(const float* scores, const float* a, const float* row_max, float scale, out_t* weights,
                  float* row_sum, int64_t n, int64_t T) {
   at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
-      const float* a_i = a + i * T;
       for (int64_t t = 0; t < T; ++t) {
-        const float* s_row = scores + (i * T + t) * T;
-        out_t* c_row = weights + (i * T + t) * T;
-        const float m = row_max[i * T + t];
-        vfloat sum{};
-        for (int64_t s0 = 0; s0 < T; s0 += kLanes) {
-          const int64_t count = std::min(kLanes, T - s0);
-          vfloat c{};
-          if (s0 <= t) {
-            c = load(s_row + s0, count) * decay_lanes(load(a_i + s0, count), m, scale, s0, t);
-            sum += c;
-          }
-          store(c_row + s0, c, count);
-        }
-        row_sum[i * T + t] = lane_sum(sum);
+        row_sum[i * T + t] = forward_row(scores + (i * T + t) * T, a + i * T, row_max[i * T + t], scale,
+                                         weights + (i * T + t) * T, t, T);
       }
     }
   });
@@ -361,6 +376,266 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> weights_backward(const at::Tensor
   return {grad_scores, row_sums, col_sums};
 }
 
+// Whether the scores can go through ATen's brgemm on AMX tiles: a CPU with AMX and oneDNN enabled (could_pack asks
+// both). Else weights_forward_qk uses AVX512-BF16 dot products.
+bool can_use_tiles() { return at::native::cpublas::could_pack(at::kBFloat16); }
+
+#if defined(__AVX512BF16__)
+// Forward from bf16 q and k (under autocast the projections' outputs): the scores S = q k^T, each an exact fp32
+// sum of exact bf16 x bf16 products (AVX512-BF16 pair dot products; only the summation order differs from an
+// fp32 GEMM of the upcast rows), then C = S * D' and its row sums as in forward_f32, without writing S, and
+// without the fp32 copies of q and k that PyTorch would need for fp32 scores. q and k are read through their
+// strides (rows with a unit last stride), so head views of token-major memory need no copy either.
+// Per slice, k is packed once into pairs [DH / 2][T'] (T' = T rounded up to 16 lanes), the layout the pair dot
+// product reads; rows go in groups of four, which share each packed load. Lanes above the diagonal are zeroed.
+constexpr int64_t kRowGroup = 4;
+
+// acc[r][c] = sum_j q_r[pair j] . packed[j][lanes of block c], for four rows and NB blocks of 16 lanes: fixed trip
+// counts, so the 4 x NB accumulators stay in registers.
+template <int NB>
+inline void dot_group(const at::BFloat16* const* q_rows, const uint32_t* packed, int64_t padded, int64_t pairs,
+                      __m512* acc) {
+  __m512 r0[NB], r1[NB], r2[NB], r3[NB];
+  for (int c = 0; c < NB; ++c) r0[c] = r1[c] = r2[c] = r3[c] = _mm512_setzero_ps();
+  for (int64_t j = 0; j < pairs; ++j) {
+    __m512i kv[NB];
+    for (int c = 0; c < NB; ++c) kv[c] = _mm512_loadu_si512(packed + j * padded + c * kLanes);
+    uint32_t p0, p1, p2, p3;
+    std::memcpy(&p0, q_rows[0] + 2 * j, 4);
+    std::memcpy(&p1, q_rows[1] + 2 * j, 4);
+    std::memcpy(&p2, q_rows[2] + 2 * j, 4);
+    std::memcpy(&p3, q_rows[3] + 2 * j, 4);
+    const __m512bh q0 = (__m512bh)_mm512_set1_epi32(static_cast<int32_t>(p0));
+    const __m512bh q1 = (__m512bh)_mm512_set1_epi32(static_cast<int32_t>(p1));
+    const __m512bh q2 = (__m512bh)_mm512_set1_epi32(static_cast<int32_t>(p2));
+    const __m512bh q3 = (__m512bh)_mm512_set1_epi32(static_cast<int32_t>(p3));
+    for (int c = 0; c < NB; ++c) {
+      r0[c] = _mm512_dpbf16_ps(r0[c], q0, (__m512bh)kv[c]);
+      r1[c] = _mm512_dpbf16_ps(r1[c], q1, (__m512bh)kv[c]);
+      r2[c] = _mm512_dpbf16_ps(r2[c], q2, (__m512bh)kv[c]);
+      r3[c] = _mm512_dpbf16_ps(r3[c], q3, (__m512bh)kv[c]);
+    }
+  }
+  for (int c = 0; c < NB; ++c) {
+    acc[0 * 4 + c] = r0[c];
+    acc[1 * 4 + c] = r1[c];
+    acc[2 * 4 + c] = r2[c];
+    acc[3 * 4 + c] = r3[c];
+  }
+}
+
+void forward_qk_bf16(const at::Tensor& q, const at::Tensor& k, const float* a, const float* row_max, float scale,
+                     at::BFloat16* weights, float* row_sum, bool tiles) {
+  const int64_t B = q.size(0), H = q.size(1), T = q.size(2), DH = q.size(3);
+  const int64_t pairs = DH / 2, blocks = (T + kLanes - 1) / kLanes, padded = blocks * kLanes;
+  const auto* pq = q.data_ptr<at::BFloat16>();
+  const auto* pk = k.data_ptr<at::BFloat16>();
+  // With AMX tiles, one GEMM per slice (oneDNN's brgemm micro-kernel through ATen: bf16 in, fp32 out, 2.5-3x faster
+  // than the dot products for ViL's shapes) writes the slice's S to a buffer that stays in cache; the epilogue is
+  // then forward_f32's row by row.
+  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+    std::vector<uint32_t> packed(pairs * padded);
+    std::vector<float> scores(tiles ? T * padded : 0);
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t b = i / H, hh = i % H;
+      const at::BFloat16* q_i = pq + b * q.stride(0) + hh * q.stride(1);
+      const at::BFloat16* k_i = pk + b * k.stride(0) + hh * k.stride(1);
+      for (int64_t s = 0; s < padded; ++s) {  // packed[j][s] = (k[s][2j], k[s][2j + 1]); zero rows past T
+        if (s < T) {
+          const at::BFloat16* k_row = k_i + s * k.stride(2);
+          for (int64_t j = 0; j < pairs; ++j) std::memcpy(&packed[j * padded + s], k_row + 2 * j, 4);
+        } else {
+          for (int64_t j = 0; j < pairs; ++j) packed[j * padded + s] = 0;
+        }
+      }
+      const float* a_i = a + i * T;
+      if (tiles) {
+        // the packed pairs are the VNNI layout the micro-kernel reads for B (K / 2 x N pairs, leading dim padded)
+        at::native::cpublas::brgemm(T, padded, DH, q.stride(2), padded, padded, false, q_i,
+                                    reinterpret_cast<const at::BFloat16*>(packed.data()), scores.data(), true);
+        for (int64_t t = 0; t < T; ++t) {
+          row_sum[i * T + t] = forward_row(scores.data() + t * padded, a_i, row_max[i * T + t], scale,
+                                           weights + (i * T + t) * T, t, T);
+        }
+        continue;
+      }
+      for (int64_t t0 = 0; t0 < T; t0 += kRowGroup) {
+        const int64_t rows = std::min(kRowGroup, T - t0);
+        const at::BFloat16* q_rows[kRowGroup];
+        for (int64_t r = 0; r < kRowGroup; ++r) q_rows[r] = q_i + (t0 + std::min(r, rows - 1)) * q.stride(2);
+        const int64_t used = (t0 + rows - 1) / kLanes + 1;  // blocks that reach the group's last diagonal
+        for (int64_t blk0 = 0; blk0 < used; blk0 += 4) {  // up to 64 lanes at a time
+          const int64_t nb = std::min<int64_t>(4, used - blk0);
+          __m512 acc[kRowGroup * 4];
+          const uint32_t* packed_blk = packed.data() + blk0 * kLanes;
+          switch (nb) {
+            case 1: dot_group<1>(q_rows, packed_blk, padded, pairs, acc); break;
+            case 2: dot_group<2>(q_rows, packed_blk, padded, pairs, acc); break;
+            case 3: dot_group<3>(q_rows, packed_blk, padded, pairs, acc); break;
+            default: dot_group<4>(q_rows, packed_blk, padded, pairs, acc); break;
+          }
+          for (int64_t r = 0; r < rows; ++r) {
+            const int64_t t = t0 + r;
+            for (int64_t c = 0; c < nb; ++c) {
+              const int64_t s0 = (blk0 + c) * kLanes, count = std::min(kLanes, T - s0);
+              vfloat cv{};
+              if (s0 <= t)
+                cv = (vfloat)acc[r * 4 + c] * decay_lanes(load(a_i + s0, count), row_max[i * T + t], scale, s0, t);
+              store(weights + (i * T + t) * T + s0, cv, count);
+              const float part = lane_sum(cv);  // the row sum, block by block
+              if (blk0 + c == 0) row_sum[i * T + t] = part; else row_sum[i * T + t] += part;
+            }
+          }
+        }
+        for (int64_t r = 0; r < rows; ++r) {  // blocks past the group's last diagonal: zeros
+          const int64_t t = t0 + r;
+          for (int64_t blk = used; blk < blocks; ++blk) {
+            const int64_t s0 = blk * kLanes;
+            store(weights + (i * T + t) * T + s0, vfloat{}, std::min(kLanes, T - s0));
+          }
+        }
+      }
+    }
+    if (tiles) at::native::cpublas::brgemm_release(true);  // hand the tile registers back (as ATen's own users do)
+  });
+}
+#endif
+
+bool has_bf16_scores() {
+#if defined(__AVX512BF16__)
+  return true;
+#else
+  return false;
+#endif
+}
+
+// Whether weights_forward_qk(tiles=True) runs on AMX tiles here.
+bool has_tile_scores() { return has_bf16_scores() && can_use_tiles(); }
+
+// The whole forward of the cell (eqs. 59-64) for bf16 q, k, v on AMX tiles, one slice at a time with every
+// intermediate in cache: S = q k^T (fp32, tile GEMM), C = S D' and its row sums (forward_row), the normaliser
+// n = max(|row sum|, exp(-m)), the numerator C v (tile GEMM, from C rounded to bf16 as the PyTorch form rounds it
+// for its bf16 product, summed in fp32) and h = (C v) / (n + eps), rounded once to bf16. C is written out only
+// when backward needs it (weights != nullptr). q, k, v are read and h written through their strides.
+void forward_tiles_bf16(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const float* a,
+                        const float* row_max, const float* m, float scale, float eps, at::BFloat16* weights,
+                        float* row_sum, float* normaliser, const at::Tensor& h) {
+  const int64_t B = q.size(0), H = q.size(1), T = q.size(2), DH = q.size(3);
+  const int64_t pairs = DH / 2;
+  const int64_t padded = (T + kLanes - 1) / kLanes * kLanes;  // S's columns: whole 16-lane blocks
+  const int64_t token_pairs = (T + 1) / 2;  // the K axis of C v, in pairs of tokens
+  const auto* pq = q.data_ptr<at::BFloat16>();
+  const auto* pk = k.data_ptr<at::BFloat16>();
+  const auto* pv = v.data_ptr<at::BFloat16>();
+  auto* ph = h.data_ptr<at::BFloat16>();
+  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+    std::vector<uint32_t> k_packed(pairs * padded, 0);  // [DH / 2][padded]: pairs of k's columns, per token
+    std::vector<uint32_t> v_packed(token_pairs * DH, 0);  // [T / 2][DH]: pairs of v's rows (tokens), per column
+    std::vector<float> scores(T * padded);
+    std::vector<at::BFloat16> c(T * 2 * token_pairs, at::BFloat16(0.0f));  // C in bf16, rows of 2 * token_pairs
+    std::vector<float> num(T * DH);
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t b = i / H, hh = i % H;
+      const at::BFloat16* q_i = pq + b * q.stride(0) + hh * q.stride(1);
+      const at::BFloat16* k_i = pk + b * k.stride(0) + hh * k.stride(1);
+      const at::BFloat16* v_i = pv + b * v.stride(0) + hh * v.stride(1);
+      at::BFloat16* h_i = ph + b * h.stride(0) + hh * h.stride(1);
+      for (int64_t s = 0; s < T; ++s) {  // k_packed[j][s] = (k[s][2j], k[s][2j + 1])
+        const at::BFloat16* k_row = k_i + s * k.stride(2);
+        for (int64_t j = 0; j < pairs; ++j) std::memcpy(&k_packed[j * padded + s], k_row + 2 * j, 4);
+      }
+      for (int64_t j = 0; j < token_pairs; ++j) {  // v_packed[j][d] = (v[2j][d], v[2j + 1][d]); 0 past T
+        const at::BFloat16* even = v_i + 2 * j * v.stride(2);
+        const at::BFloat16* odd = 2 * j + 1 < T ? v_i + (2 * j + 1) * v.stride(2) : nullptr;
+        for (int64_t d0 = 0; d0 < DH; d0 += kLanes) {
+          const int64_t count = std::min(kLanes, DH - d0);
+          vbf16 lo{}, hi{};
+          copy_in(lo, even + d0, count);
+          if (odd) copy_in(hi, odd + d0, count);
+          const vuint both = __builtin_convertvector(lo, vuint) | (__builtin_convertvector(hi, vuint) << 16);
+          copy_out(v_packed.data() + j * DH + d0, both, count);
+        }
+      }
+      at::native::cpublas::brgemm(T, padded, DH, q.stride(2), padded, padded, false, q_i,
+                                  reinterpret_cast<const at::BFloat16*>(k_packed.data()), scores.data(), true);
+      const float* a_i = a + i * T;
+      for (int64_t t = 0; t < T; ++t) {
+        const int64_t r = i * T + t;
+        at::BFloat16* c_row = c.data() + t * 2 * token_pairs;
+        row_sum[r] = forward_row(scores.data() + t * padded, a_i, row_max[r], scale, c_row, t, T);
+        normaliser[r] = std::max(std::abs(row_sum[r]), std::exp(-m[r]));
+        if (weights) std::memcpy(weights + r * T, c_row, T * sizeof(at::BFloat16));
+      }
+      at::native::cpublas::brgemm(T, DH, 2 * token_pairs, 2 * token_pairs, DH, DH, false, c.data(),
+                                  reinterpret_cast<const at::BFloat16*>(v_packed.data()), num.data(), true);
+      for (int64_t t = 0; t < T; ++t) {
+        const vfloat denom = splat(normaliser[i * T + t] + eps);
+        at::BFloat16* h_row = h_i + t * h.stride(2);
+        for (int64_t d0 = 0; d0 < DH; d0 += kLanes) {
+          const int64_t count = std::min(kLanes, DH - d0);
+          store(h_row + d0, load(num.data() + t * DH + d0, count) / denom, count);
+        }
+      }
+    }
+    at::native::cpublas::brgemm_release(true);
+  });
+}
+
+// q, k, v, h (B, H, T, DH) bf16 with unit last strides, DH even; a, row_max, m (B, H, T) fp32 contiguous; weights
+// (B, H, T, T) bf16 contiguous or None. Writes h (and C into weights); returns (row_sum, normaliser) (B, H, T).
+// Only where has_tile_scores().
+std::tuple<at::Tensor, at::Tensor> forward_tiles(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                 const at::Tensor& a, const at::Tensor& row_max, const at::Tensor& m,
+                                                 double scale, double eps, const std::optional<at::Tensor>& weights,
+                                                 at::Tensor h) {
+  TORCH_CHECK(has_bf16_scores() && can_use_tiles(), "forward_tiles needs a CPU with AMX tiles (see has_tile_scores)");
+  check_rows(q, q, "q");
+  check_rows(k, q, "k");
+  check_rows(v, q, "v");
+  check_rows(h, q, "h");
+  TORCH_CHECK(q.size(3) % 2 == 0, "the head dimension must be even, got ", q.size(3));
+  const int64_t T = q.size(2), n = q.size(0) * q.size(1);
+  check_slices(a, n, T, "a");
+  check_slices(row_max, n, T, "row_max");
+  check_slices(m, n, T, "m");
+  TORCH_CHECK(a.scalar_type() == at::kFloat && row_max.scalar_type() == at::kFloat && m.scalar_type() == at::kFloat,
+              "a, row_max and m must be float32");
+  at::BFloat16* pw = nullptr;
+  if (weights.has_value()) {
+    check_slices(*weights, n, T * T, "weights");
+    TORCH_CHECK(weights->scalar_type() == at::kBFloat16, "weights must be bfloat16");
+    pw = weights->data_ptr<at::BFloat16>();
+  }
+  auto row_sum = at::empty({q.size(0), q.size(1), T}, a.options());
+  auto normaliser = at::empty_like(row_sum);
+  forward_tiles_bf16(q, k, v, a.data_ptr<float>(), row_max.data_ptr<float>(), m.data_ptr<float>(),
+                     static_cast<float>(scale), static_cast<float>(eps), pw, row_sum.data_ptr<float>(),
+                     normaliser.data_ptr<float>(), h);
+  return {row_sum, normaliser};
+}
+
+// q, k (B, H, T, DH) bf16, unit last stride, DH even; a, row_max (B, H, T) fp32 contiguous; weights (B, H, T, T)
+// bf16 contiguous. Returns row_sum (B, H, T) fp32. Only where has_bf16_scores().
+at::Tensor weights_forward_qk(const at::Tensor& q, const at::Tensor& k, const at::Tensor& a,
+                              const at::Tensor& row_max, double scale, at::Tensor weights, bool tiles) {
+  TORCH_CHECK(has_bf16_scores(), "weights_forward_qk needs a CPU with AVX512-BF16 (see has_bf16_scores)");
+  check_rows(q, q, "q");
+  check_rows(k, q, "k");
+  TORCH_CHECK(q.size(3) % 2 == 0, "the head dimension must be even, got ", q.size(3));
+  const int64_t T = q.size(2), n = q.size(0) * q.size(1);
+  check_slices(weights, n, T * T, "weights");
+  check_slices(a, n, T, "a");
+  check_slices(row_max, n, T, "row_max");
+  TORCH_CHECK(weights.scalar_type() == at::kBFloat16, "weights must be bfloat16");
+  TORCH_CHECK(a.scalar_type() == at::kFloat && row_max.scalar_type() == at::kFloat, "a and row_max must be float32");
+  auto row_sum = at::empty(a.sizes(), a.options());
+#if defined(__AVX512BF16__)
+  forward_qk_bf16(q, k, a.data_ptr<float>(), row_max.data_ptr<float>(), static_cast<float>(scale),
+                  weights.data_ptr<at::BFloat16>(), row_sum.data_ptr<float>(), tiles && can_use_tiles());
+#endif
+  return row_sum;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(vision_lstm_cpu, m) {
@@ -369,6 +644,12 @@ TORCH_LIBRARY(vision_lstm_cpu, m) {
         "float scale) -> (Tensor, Tensor, Tensor)");
   m.def("divide_rows(Tensor num, Tensor denom, Tensor(a!) out) -> ()");
   m.def("divide_rows_dot(Tensor num, Tensor denom, Tensor(a!) out, Tensor h) -> Tensor");
+  m.def("weights_forward_qk(Tensor q, Tensor k, Tensor a, Tensor row_max, float scale, Tensor(a!) weights, "
+        "bool tiles=True) -> Tensor");
+  m.def("forward_tiles(Tensor q, Tensor k, Tensor v, Tensor a, Tensor row_max, Tensor m, float scale, float eps, "
+        "Tensor(a!)? weights, Tensor(b!) h) -> (Tensor, Tensor)");
+  m.def("has_bf16_scores() -> bool", &has_bf16_scores);  // no tensor arguments: one kernel for every backend
+  m.def("has_tile_scores() -> bool", &has_tile_scores);
 }
 
 TORCH_LIBRARY_IMPL(vision_lstm_cpu, CPU, m) {
@@ -376,4 +657,6 @@ TORCH_LIBRARY_IMPL(vision_lstm_cpu, CPU, m) {
   m.impl("weights_backward", &weights_backward);
   m.impl("divide_rows", &divide_rows);
   m.impl("divide_rows_dot", &divide_rows_dot);
+  m.impl("weights_forward_qk", &weights_forward_qk);
+  m.impl("forward_tiles", &forward_tiles);
 }
