@@ -3,9 +3,9 @@
 The cell's matrix products run in PyTorch, except the bf16 scores q k^T, which one kernel computes together with
 the weights C = S D' and their row sums (AVX512-BF16 dot products, or AMX tiles through ATen's brgemm where the CPU
 has them); the other elementwise passes between the products (and the matching backward passes) run as one C++
-pass each instead of about ten PyTorch passes over (B, H, T, T) memory. The source is compiled once per machine with the system's C++ compiler
-(``torch.utils.cpp_extension``, for this CPU: ``-march=native``) and cached in torch's extension folder
-(``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``); the first build takes 20-60 s on 2 cores
+pass each instead of about ten PyTorch passes over (B, H, T, T) memory. The source is compiled once per machine
+with the system's C++ compiler (``torch.utils.cpp_extension``, for this CPU: ``-march=native``) and cached in
+torch's extension folder (``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``); the first build takes 20-60 s on 2 cores
 (22 s measured on the Intel host of session 20).
 
 Where no compiler is found or the build fails, the cell warns once and keeps its PyTorch form (same math; slower).

@@ -1,7 +1,8 @@
 // Fused elementwise passes of the parallel mLSTM cell on the CPU (xLSTM paper, Beck et al. 2024, eqs. 59-64).
 //
 // The cell's matrix products stay in PyTorch (batched GEMMs), except the bf16 scores S = q k^T, which
-// weights_forward_qk computes itself (AMX tiles through ATen's brgemm, or AVX512-BF16 dot products). Between them, the PyTorch form makes about ten
+// weights_forward_qk computes itself (AMX tiles through ATen's brgemm, or AVX512-BF16 dot products), and on AMX
+// the whole forward (forward_tiles). Between them, the PyTorch form makes about ten
 // passes over (B, H, T, T) memory forward and six backward (build the decay matrix, clamp, exp, mask, scale,
 // multiply, sum, cast, ...). Each function here does one pass instead, recomputing the decay matrix
 //   D'[t, s] = exp(max(a_s - cummax(a)_t, -60)) / sqrt(DH)   for s <= t, 0 above the diagonal
@@ -24,9 +25,7 @@
 #include <cmath>
 #include <optional>
 #include <cstdint>
-#include <cstdlib>
 #include <cstring>
-#include <string>
 #include <vector>
 
 namespace {
@@ -114,9 +113,6 @@ inline float lane_sum(vfloat v) {
   return sum;
 }
 
-// Forward: C = S * D' (the weights of eq. 62), written in C's dtype (fp32, possibly in place of S, or bf16), and
-// row_sum = sum_s C[t, s] in fp32, from the fp32 scores S = q k^T. Blocks of lanes wholly above the diagonal
-// are only zeroed.
 // One row t of C = S * D' from its fp32 scores s_row, written to c_row in C's dtype; returns the row's sum.
 // Blocks of lanes wholly above the diagonal are only zeroed.
 template <typename out_t>
@@ -376,6 +372,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> weights_backward(const at::Tensor
   return {grad_scores, row_sums, col_sums};
 }
 
+// packed[j][s] = (k[s][2j], k[s][2j + 1]) for s < T, zeros for T <= s < padded: the pairs of k's columns that the
+// AVX512-BF16 dot products and the tile GEMM (its VNNI layout for B) read. k_i: a (T, DH) slice, rows k_stride apart.
+inline void pack_k_pairs(const at::BFloat16* k_i, int64_t k_stride, int64_t T, int64_t pairs, int64_t padded,
+                         uint32_t* packed) {
+  for (int64_t s = 0; s < padded; ++s) {
+    if (s < T) {
+      const at::BFloat16* k_row = k_i + s * k_stride;
+      for (int64_t j = 0; j < pairs; ++j) std::memcpy(&packed[j * padded + s], k_row + 2 * j, 4);
+    } else {
+      for (int64_t j = 0; j < pairs; ++j) packed[j * padded + s] = 0;
+    }
+  }
+}
+
 // Whether the scores can go through ATen's brgemm on AMX tiles: a CPU with AMX and oneDNN enabled (could_pack asks
 // both). Else weights_forward_qk uses AVX512-BF16 dot products.
 bool can_use_tiles() { return at::native::cpublas::could_pack(at::kBFloat16); }
@@ -440,14 +450,7 @@ void forward_qk_bf16(const at::Tensor& q, const at::Tensor& k, const float* a, c
       const int64_t b = i / H, hh = i % H;
       const at::BFloat16* q_i = pq + b * q.stride(0) + hh * q.stride(1);
       const at::BFloat16* k_i = pk + b * k.stride(0) + hh * k.stride(1);
-      for (int64_t s = 0; s < padded; ++s) {  // packed[j][s] = (k[s][2j], k[s][2j + 1]); zero rows past T
-        if (s < T) {
-          const at::BFloat16* k_row = k_i + s * k.stride(2);
-          for (int64_t j = 0; j < pairs; ++j) std::memcpy(&packed[j * padded + s], k_row + 2 * j, 4);
-        } else {
-          for (int64_t j = 0; j < pairs; ++j) packed[j * padded + s] = 0;
-        }
-      }
+      pack_k_pairs(k_i, k.stride(2), T, pairs, padded, packed.data());
       const float* a_i = a + i * T;
       if (tiles) {
         // the packed pairs are the VNNI layout the micro-kernel reads for B (K / 2 x N pairs, leading dim padded)
@@ -529,7 +532,7 @@ void forward_tiles_bf16(const at::Tensor& q, const at::Tensor& k, const at::Tens
   const auto* pv = v.data_ptr<at::BFloat16>();
   auto* ph = h.data_ptr<at::BFloat16>();
   at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
-    std::vector<uint32_t> k_packed(pairs * padded, 0);  // [DH / 2][padded]: pairs of k's columns, per token
+    std::vector<uint32_t> k_packed(pairs * padded);  // [DH / 2][padded] (pack_k_pairs)
     std::vector<uint32_t> v_packed(token_pairs * DH, 0);  // [T / 2][DH]: pairs of v's rows (tokens), per column
     std::vector<float> scores(T * padded);
     std::vector<at::BFloat16> c(T * 2 * token_pairs, at::BFloat16(0.0f));  // C in bf16, rows of 2 * token_pairs
@@ -540,10 +543,7 @@ void forward_tiles_bf16(const at::Tensor& q, const at::Tensor& k, const at::Tens
       const at::BFloat16* k_i = pk + b * k.stride(0) + hh * k.stride(1);
       const at::BFloat16* v_i = pv + b * v.stride(0) + hh * v.stride(1);
       at::BFloat16* h_i = ph + b * h.stride(0) + hh * h.stride(1);
-      for (int64_t s = 0; s < T; ++s) {  // k_packed[j][s] = (k[s][2j], k[s][2j + 1])
-        const at::BFloat16* k_row = k_i + s * k.stride(2);
-        for (int64_t j = 0; j < pairs; ++j) std::memcpy(&k_packed[j * padded + s], k_row + 2 * j, 4);
-      }
+      pack_k_pairs(k_i, k.stride(2), T, pairs, padded, k_packed.data());
       for (int64_t j = 0; j < token_pairs; ++j) {  // v_packed[j][d] = (v[2j][d], v[2j + 1][d]); 0 past T
         const at::BFloat16* even = v_i + 2 * j * v.stride(2);
         const at::BFloat16* odd = 2 * j + 1 < T ? v_i + (2 * j + 1) * v.stride(2) : nullptr;
