@@ -85,7 +85,9 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--ref", default="HEAD", help="git revision to compare the working tree with (default HEAD)")
     p.add_argument("--what", default="cell,vil_tiny_cifar", help="cell and/or throughput.py config names")
-    p.add_argument("--precision", default="bf16", choices=["fp32", "bf16"])
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="default auto: bf16 where the processor has bf16 matrix arithmetic, else fp32 (emulated bf16 "
+                        "is many times slower and would time the emulation)")
     p.add_argument("--mode", default="train", choices=["train", "infer"],
                    help="training steps (forward, backward, AdamW; the cell: forward + backward) or inference")
     p.add_argument("--rounds", type=int, default=5)
@@ -105,7 +107,10 @@ def main():
     head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
                           text=True).stdout.strip()
     import torch
-    from vision_lstm.runtime import device_name
+    from vision_lstm.runtime import device_name, resolve_precision
+    if args.precision == "auto":
+        args.precision, note = resolve_precision("auto")
+        print(note, flush=True)
     report = {"command": "python benchmarks/ab.py " + " ".join(sys.argv[1:]), "ref": ref_sha,
               "tree": head + (" + uncommitted changes in src/" if dirty else ""),
               "date": time.strftime("%Y-%m-%d %H:%M:%S"), "precision": args.precision, "mode": args.mode,

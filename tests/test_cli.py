@@ -55,6 +55,11 @@ def test_one_epoch_run_writes_every_output(tmp_path, recipe, shared_data):
     saved = yaml.safe_load((out / "config.yaml").read_text())
     assert saved["model_args"] == TINY_RECIPE["model_args"] and saved["seed"] == 1  # flags override the recipe
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # No precision in the recipe: "auto", bf16 autocast only where the processor has bf16 matrix arithmetic.
+    from vision_lstm.runtime import native_bf16
+    assert saved["precision"] == "auto"
+    log = (out / "log.txt").read_text()
+    assert f"batch 32, {'bf16' if native_bf16() else 'fp32'}, " in log and "precision auto: " in log
 
     # evaluate.py rebuilds the model from the weights' metadata alone and reproduces the accuracy.
     ev = run("evaluate.py", "--dataset", "mnist", "--weights", out / "model.safetensors", "--data-dir", shared_data)
@@ -80,14 +85,22 @@ def test_one_epoch_run_writes_every_output(tmp_path, recipe, shared_data):
 def test_evaluate_reproduces_a_bf16_runs_accuracy(tmp_path, recipe, shared_data):
     # The weights remember the precision they were evaluated in during training; evaluate.py uses it by default,
     # so the plain command reproduces the reported number exactly (fp32 and bf16 logits can rank images differently).
+    # Where the processor would emulate bf16 (many times slower), the default is fp32 instead, said on stderr, and
+    # --precision bf16 reproduces the number.
+    from vision_lstm.runtime import native_bf16
     out = tmp_path / "run"
     proc = run("train.py", "--dataset", "mnist", "--config", recipe, "--data-dir", shared_data, "--output", out,
                "--train-subset", 256, "--precision", "bf16")
     reported = last_json(proc.stdout)["test_accuracy"]
-    ev = last_json(run("evaluate.py", "--dataset", "mnist", "--weights", out / "model.safetensors",
-                       "--data-dir", shared_data).stdout)
-    assert ev["precision"] == "bf16" and ev["n"] == 10000
-    assert ev["accuracy"] == pytest.approx(reported, abs=1e-6)
+    assert ("has no bf16 matrix arithmetic" in proc.stdout) == (not native_bf16())  # an explicit bf16 is kept
+    plain = run("evaluate.py", "--dataset", "mnist", "--weights", out / "model.safetensors", "--data-dir", shared_data)
+    ev = last_json(plain.stdout)
+    assert ev["precision"] == ("bf16" if native_bf16() else "fp32") and ev["n"] == 10000
+    assert ("evaluating in fp32 instead" in plain.stderr) == (not native_bf16())
+    exact = ev if native_bf16() else last_json(run(
+        "evaluate.py", "--dataset", "mnist", "--weights", out / "model.safetensors", "--data-dir", shared_data,
+        "--precision", "bf16").stdout)
+    assert exact["precision"] == "bf16" and exact["accuracy"] == pytest.approx(reported, abs=1e-6)
     forced = last_json(run("evaluate.py", "--dataset", "mnist", "--weights", out / "model.safetensors",
                            "--data-dir", shared_data, "--precision", "fp32").stdout)
     assert forced["precision"] == "fp32"

@@ -66,7 +66,9 @@ def train_parser() -> argparse.ArgumentParser:
     p.add_argument("--test-subset", type=int, metavar="N", help="evaluate on the first N test images")
     p.add_argument("--val-split", type=int, metavar="N",
                    help="hold out the last N training images and evaluate on them instead of the test set")
-    p.add_argument("--precision", choices=["fp32", "bf16"])
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"],
+                   help="bf16 autocast, fp32, or auto (the recipes' choice): bf16 where the processor has bf16 matrix "
+                        "arithmetic (AVX512-BF16, AMX), else fp32")
     p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
     p.add_argument("--ema", action="store_true", default=None, help="keep an EMA of the weights")
     p.add_argument("--eval-raw", action="store_true", default=None,
@@ -150,8 +152,9 @@ def evaluate_parser() -> argparse.ArgumentParser:
                    help="also report the accuracy of predictions averaged over the image and its mirror image "
                         "(flip, the default), its 8 one-pixel shifts (shift) or both (flip-shift, 18 views)")
     p.add_argument("--batch-size", type=int, default=500)
-    p.add_argument("--precision", choices=["fp32", "bf16"],
-                   help="default: the precision the weights were trained and evaluated in (fp32 if unknown)")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"],
+                   help="default: the precision the weights were trained and evaluated in (fp32 if unknown), or fp32 "
+                        "where that was bf16 and this processor has no bf16 matrix arithmetic")
     p.add_argument("--device", default="cpu")
     p.add_argument("--no-download", action="store_true")
     return p
@@ -179,8 +182,7 @@ def evaluate_main(argv: list[str] | None = None) -> dict:
             data = split_off_validation(data, args.val_split, "--val-split")[1]
         else:
             data = load_split(args.dataset, args.split, args.data_dir, download=not args.no_download)
-        # The accuracy a run reports was measured in its own precision; evaluating the same way reproduces it.
-        precision = args.precision or metadata.get("precision", "fp32")
+        precision = _evaluation_precision(args.precision, metadata.get("precision", "fp32"), args.device)
         result = evaluate(model, data, args.batch_size, torch.device(args.device), precision, tta=args.tta)
     except VilError as e:
         _fail(str(e))
@@ -193,6 +195,23 @@ def evaluate_main(argv: list[str] | None = None) -> dict:
         out["epochs_done"] = metadata["epochs_done"]
     print(json.dumps(out), flush=True)
     return out
+
+
+def _evaluation_precision(requested: str | None, trained: str, device: str) -> str:
+    """The precision to evaluate in. By default the one the run evaluated in (its logged accuracy reproduces
+    exactly), unless that was bf16 and this processor would emulate it (many times slower): then fp32, said on
+    stderr."""
+    from .runtime import native_bf16, resolve_precision
+
+    if requested is None and trained == "bf16" and not native_bf16(device):
+        print("note: these weights were evaluated in bf16 during training, but this processor has no bf16 matrix "
+              "arithmetic (AVX512-BF16 or AMX); evaluating in fp32 instead, which may differ from the logged accuracy "
+              "in the last digits (--precision bf16 reproduces it exactly, slowly)", file=sys.stderr, flush=True)
+        return "fp32"
+    precision, note = resolve_precision(requested or trained, device)
+    if note and requested == "bf16":
+        print(note, file=sys.stderr, flush=True)
+    return precision
 
 
 def predict_parser() -> argparse.ArgumentParser:

@@ -8,6 +8,7 @@ from pathlib import Path
 import yaml
 
 from .errors import VilError
+from .runtime import PRECISIONS
 
 # Test-time augmentations (data.tta_views): mirror image; 8 one-pixel shifts; both (18 views).
 TTA_KINDS = ("flip", "shift", "flip-shift")
@@ -55,7 +56,9 @@ class TrainConfig:
     val_split: int = 0  # hold out the last N training images as a validation set (then the test set is not used)
     test_subset: int | None = None
     eval_batch_size: int = 500
-    precision: str = "fp32"  # or "bf16" (autocast)
+    # "bf16" (autocast; weights, optimiser and EMA stay fp32), "fp32", or "auto": bf16 where the processor has bf16
+    # matrix arithmetic, else fp32 (runtime.resolve_precision)
+    precision: str = "auto"
     compile: bool = False
     grad_checkpointing: bool = False  # recompute block pairs' activations in backward: less memory, 15-35 % slower
     device: str = "auto"
@@ -81,7 +84,7 @@ class TrainConfig:
             (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
             (self.lr > 0, f"lr must be > 0, got {self.lr}"),
             (self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}"),
-            (self.precision in ("fp32", "bf16"), f"precision must be fp32 or bf16, got {self.precision!r}"),
+            (self.precision in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}"),
             (self.nan_policy in ("stop", "skip"), f"nan_policy must be stop or skip, got {self.nan_policy!r}"),
             (self.save_every >= 0, f"save_every must be >= 0, got {self.save_every}"),
             (self.val_split >= 0, f"val_split must be >= 0, got {self.val_split}"),

@@ -39,11 +39,12 @@ from .data import (
 )
 from .errors import VilError
 from .model import VisionLSTM, create_model, list_models
-from .runtime import device_name
+from .runtime import device_name, resolve_precision
 
 # Settings that may change when a run is resumed; everything else is taken from the checkpoint.
 RESUMABLE_OVERRIDES = {"resume", "output", "data_dir", "download", "quiet", "device", "threads", "epochs",
-                       "save_every", "eval_batch_size", "tta", "tta_epochs", "eval_raw", "grad_checkpointing"}
+                       "save_every", "eval_batch_size", "tta", "tta_epochs", "eval_raw", "grad_checkpointing",
+                       "precision"}
 _MASK63 = (1 << 63) - 1
 
 
@@ -372,6 +373,8 @@ class Trainer:
         self.ckpt = load_checkpoint(resume_path) if resume_path else None
         if self.ckpt is not None:
             self._merge_checkpoint_config()
+        # The precision this run computes in: "auto" depends on the processor, which may differ on a resume.
+        self.precision, self.precision_note = resolve_precision(self.cfg.precision, self.device.type)
         # Data, before the output folder: a run that cannot start (missing or corrupt files) leaves no folder behind.
         # The main process downloads what is missing; the others read the files once it has (after the barrier).
         cfg = self.cfg
@@ -547,7 +550,7 @@ class Trainer:
                                   cfg.cutmix)
         x = x.to(self.device, non_blocking=True)
         y = labels.to(self.device, non_blocking=True)
-        with _autocast(self.device, cfg.precision):
+        with _autocast(self.device, self.precision):
             logits = self.train_model(x).float()
             loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
             if lam < 1.0:
@@ -593,12 +596,14 @@ class Trainer:
             self.log(f"training {cfg.model} ({n_params / 1e6:.3f}M params, {self.model.config.grid[0]}x"
                      f"{self.model.config.grid[1]} tokens) on {self.spec.name}: {len(self.train_data)} train / "
                      f"{len(self.eval_data)} {self.eval_split} images, {cfg.epochs} epochs x "
-                     f"{self.steps_per_epoch} steps, batch {cfg.batch_size}, {cfg.precision}, "
+                     f"{self.steps_per_epoch} steps, batch {cfg.batch_size}, {self.precision}, "
                      f"{self.info.world} process(es), {where}")
             self.log(f"output: {self.output}")
         else:
             self.log(f"resumed from checkpoint at step {self.step} (epoch {self.epoch + 1}, batch "
                      f"{self.step_in_epoch}) -- resume #{self.resumes}; {where}")
+        if self.precision_note:
+            self.log(self.precision_note)
         with self._signals():
             while self.epoch < cfg.epochs:
                 self._run_epoch()
@@ -656,7 +661,7 @@ class Trainer:
         eval_model = self.ema.model if self.ema is not None else self.model
         last = self.epoch + 1 == cfg.epochs
         tta = cfg.tta if cfg.tta_epochs == "all" or last else None
-        result = evaluate(eval_model, self.eval_data, cfg.eval_batch_size, self.device, cfg.precision,
+        result = evaluate(eval_model, self.eval_data, cfg.eval_batch_size, self.device, self.precision,
                           tta=tta, info=self.info)
         self.last_eval = result
         elapsed = self.elapsed_before + (time.perf_counter() - self.t_start)
@@ -677,7 +682,7 @@ class Trainer:
         if cfg.eval_raw and self.ema is not None:
             # The raw weights are trained exactly as without EMA (the average never feeds back), so this column is
             # the no-EMA ablation of the same run at the cost of one more evaluation per epoch.
-            raw_result = evaluate(self.model, self.eval_data, cfg.eval_batch_size, self.device, cfg.precision,
+            raw_result = evaluate(self.model, self.eval_data, cfg.eval_batch_size, self.device, self.precision,
                                   tta=tta, info=self.info)
             row[f"{self.eval_split}_acc_raw"] = raw_result["accuracy"]
             raw_tta = ""
@@ -705,7 +710,7 @@ class Trainer:
         final_model = self.ema.model if self.ema is not None else self.model
         if not hasattr(self, "last_eval"):  # resumed after the last epoch had finished
             self.last_eval = evaluate(final_model, self.eval_data, cfg.eval_batch_size, self.device,
-                                      cfg.precision, tta=cfg.tta, info=self.info)
+                                      self.precision, tta=cfg.tta, info=self.info)
         elapsed = self.elapsed_before + (time.perf_counter() - self.t_start)
         summary = {
             "dataset": self.spec.name, "model": cfg.model, "epochs": cfg.epochs,
@@ -722,7 +727,7 @@ class Trainer:
                          extra={"dataset": self.spec.name, "classes": list(self.spec.classes),
                                 "mean": list(self.spec.mean), "std": list(self.spec.std),
                                 f"{self.eval_split}_accuracy": self.last_eval["accuracy"], "ema": bool(self.ema),
-                                "precision": cfg.precision})
+                                "precision": self.precision})
             plot_curves(self.output / "curves.png", self.history, self.eval_split)
             plot_confusion(self.output / "confusion.png", self.last_eval["confusion"], self.spec.classes,
                            f"{cfg.model} on {self.spec.name} {self.eval_split} "

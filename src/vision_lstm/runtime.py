@@ -1,4 +1,5 @@
-"""Process-level settings for fast CPU execution: how glibc's malloc returns freed memory to the OS.
+"""Process-level settings for fast CPU execution: how glibc's malloc returns freed memory to the OS, and which
+precision runs fast on this processor.
 
 PyTorch frees and re-allocates many tensors of a few to a few tens of MB on every step. By default glibc hands the
 top of its heap back to the OS as soon as more than a few MB are free there (and maps some large blocks
@@ -62,3 +63,55 @@ def device_name(device: str = "cpu") -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+# CPU flags (Linux /proc/cpuinfo) of native bf16 matrix arithmetic: x86 AVX512-BF16 and AMX, Arm's BF16 extension.
+_BF16_FLAGS = {"avx512_bf16", "amx_bf16", "bf16"}
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def bf16_in_cpuinfo(cpuinfo: str) -> bool | None:
+    """Whether a /proc/cpuinfo text lists native bf16 matrix arithmetic; None when it has no flags line."""
+    for line in cpuinfo.splitlines():
+        if line.startswith(("flags", "Features")):  # x86 and Arm name the line differently; the first is enough
+            return bool(_BF16_FLAGS & set(line.split(":", 1)[1].split()))
+    return None
+
+
+def native_bf16(device: str = "cpu") -> bool:
+    """Whether bf16 matrix products run in hardware on ``device``. Without AVX512-BF16 or AMX (x86) or BF16 (Arm),
+    PyTorch emulates them on the CPU: measured 1.2 vs 100 GFLOP/s for fp32 on a 2-core AVX2 AMD EPYC
+    (results/benchmarks/session22-avx2), so bf16 autocast there makes training many times slower, not faster."""
+    import torch
+    if str(device).startswith("cuda"):
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    try:
+        listed = bf16_in_cpuinfo(Path("/proc/cpuinfo").read_text())
+    except OSError:
+        listed = None
+    if listed is not None:
+        return listed
+    try:  # not Linux: oneDNN's own check of the instruction set
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def resolve_precision(precision: str, device: str = "cpu") -> tuple[str, str]:
+    """The precision to run in ("fp32" or "bf16") for a requested one ("auto", "fp32" or "bf16"), and a note for
+    the log ("" when there is nothing to say). "auto" is bf16 autocast where the hardware has bf16 matrix
+    arithmetic (weights, optimiser and EMA stay fp32 either way), else fp32; an explicit "bf16" is kept but
+    warned about where it is emulated."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    native = native_bf16(device)
+    if precision == "auto":
+        if native:
+            return "bf16", "precision auto: bf16 autocast (this processor has bf16 matrix arithmetic)"
+        return "fp32", ("precision auto: fp32 (this processor has no bf16 matrix arithmetic - AVX512-BF16 or AMX - "
+                        "so bf16 autocast would be emulated and far slower)")
+    if precision == "bf16" and not native:
+        return "bf16", ("warning: bf16 was asked for, but this processor has no bf16 matrix arithmetic (AVX512-BF16 "
+                        "or AMX): PyTorch emulates it and training runs many times slower than in fp32. "
+                        "Use --precision auto or fp32")
+    return precision, ""

@@ -1,0 +1,62 @@
+"""Which precision runs fast on this processor: bf16 autocast only where bf16 matrix arithmetic is native."""
+import pytest
+
+from vision_lstm import runtime
+from vision_lstm.config import TrainConfig
+from vision_lstm.errors import VilError
+
+# Flags lines as /proc/cpuinfo prints them (shortened), from the machines this project has run on.
+AVX2_EPYC = "model name\t: AMD EPYC\nflags\t\t: fpu sse sse2 ssse3 sse4_1 sse4_2 fma avx avx2 bmi2\n"
+ZEN4 = "model name\t: AMD EPYC 9R14\nflags\t\t: avx avx2 avx512f avx512bw avx512_vnni avx512_bf16\n"
+SAPPHIRE_RAPIDS = "flags\t\t: avx2 avx512f avx512_bf16 avx512_fp16 amx_bf16 amx_tile amx_int8\n"
+SKYLAKE = "flags\t\t: avx2 avx512f avx512bw avx512vl\n"
+ARM_BF16 = "processor\t: 0\nFeatures\t: fp asimd crc32 atomics bf16 i8mm sve\n"
+ARM_OLD = "processor\t: 0\nFeatures\t: fp asimd crc32 atomics\n"
+
+
+@pytest.mark.parametrize("cpuinfo, expected", [(AVX2_EPYC, False), (ZEN4, True), (SAPPHIRE_RAPIDS, True),
+                                               (SKYLAKE, False), (ARM_BF16, True), (ARM_OLD, False),
+                                               ("processor\t: 0\n", None)])
+def test_bf16_in_cpuinfo(cpuinfo, expected):
+    assert runtime.bf16_in_cpuinfo(cpuinfo) is expected
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_is_bf16_only_where_native(monkeypatch, native):
+    monkeypatch.setattr(runtime, "native_bf16", lambda device="cpu": native)
+    precision, note = runtime.resolve_precision("auto")
+    assert precision == ("bf16" if native else "fp32") and note.startswith("precision auto: ")
+    assert runtime.resolve_precision("fp32") == ("fp32", "")
+    forced, warning = runtime.resolve_precision("bf16")  # an explicit choice is kept, but not silently when slow
+    assert forced == "bf16" and (warning.startswith("warning: ") != native) and (warning == "") == native
+
+
+def test_bad_precision_is_refused():
+    with pytest.raises(ValueError, match="precision must be one of auto, fp32, bf16, got 'fp16'"):
+        runtime.resolve_precision("fp16")
+    with pytest.raises(VilError, match="precision must be one of auto, fp32, bf16"):
+        TrainConfig(dataset="mnist", precision="fp16").validate()
+    assert TrainConfig(dataset="mnist").precision == "auto"
+
+
+def test_native_bf16_reads_this_machine():
+    # The speed figures in results/ depend on it: on a CPU whose flags list none of the bf16 units it must say no.
+    try:
+        listed = runtime.bf16_in_cpuinfo(open("/proc/cpuinfo").read())
+    except OSError:
+        pytest.skip("no /proc/cpuinfo")
+    if listed is not None:
+        assert runtime.native_bf16("cpu") is listed
+
+
+def test_evaluation_precision_falls_back_to_fp32_where_bf16_is_emulated(monkeypatch, capsys):
+    from vision_lstm import cli
+    monkeypatch.setattr(runtime, "native_bf16", lambda device="cpu": False)
+    assert cli._evaluation_precision(None, "bf16", "cpu") == "fp32"
+    assert "evaluating in fp32 instead" in capsys.readouterr().err
+    assert cli._evaluation_precision("bf16", "bf16", "cpu") == "bf16"  # asked for: kept, with the warning
+    assert "has no bf16 matrix arithmetic" in capsys.readouterr().err
+    assert cli._evaluation_precision(None, "fp32", "cpu") == "fp32"
+    monkeypatch.setattr(runtime, "native_bf16", lambda device="cpu": True)
+    assert cli._evaluation_precision(None, "bf16", "cpu") == "bf16" and capsys.readouterr().err == ""
+    assert cli._evaluation_precision("auto", "fp32", "cpu") == "bf16"
