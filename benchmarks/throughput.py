@@ -109,7 +109,7 @@ def matmul_size(device: str) -> int:
 
 def worker_matmul(args) -> dict:
     """GFLOP/s of a square GEMM in fp32 and bf16. Where a dtype is emulated (bf16 on a CPU without AVX512-BF16 or
-    AMX: about 1 GFLOP/s on 2 cores, one 2048 GEMM ~15 s), the side shrinks so one product takes ~0.2 s: the
+    AMX: about 1 GFLOP/s on 2 cores, one 2048 GEMM ~15 s), the side shrinks until one product takes under ~1 s: the
     rate of such slow code hardly depends on the size, and the measurement stays a few seconds."""
     import torch
     out = {}
@@ -123,7 +123,7 @@ def worker_matmul(args) -> dict:
         a @ b
         synchronize(args.device)
         rate = 2 * probe ** 3 / max(time.perf_counter() - t, 1e-9)  # FLOP/s, roughly
-        while n > 256 and 2 * n ** 3 / rate > 0.2:
+        while n > 256 and 2 * n ** 3 / rate > 1.0:
             n //= 2
         a, b = (torch.randn(n, n, dtype=dtype, device=args.device) for _ in range(2))
         for _ in range(3):

@@ -223,6 +223,36 @@ def test_autocast_gradients_keep_the_token_layout(cell_path):
         assert _norm_err(arrived[n], want.grad) <= 2 * BF16_TOLERANCE  # bf16 products: ~1 % at these tiny shapes
 
 
+@pytest.mark.parametrize("autocast", [False, True])
+def test_rebuild_gives_the_same_gradients_without_keeping_the_inputs(cell_path, autocast):
+    """With ``rebuild``, backward asks for q, k, v again instead of keeping them: the same gradients, bit for bit,
+    and rebuild is called once per backward (never in forward)."""
+    B, T, H, DH = 2, 11, 3, 4
+    torch.manual_seed(0)
+    base = [torch.randn(B, T, H * DH) for _ in range(3)] + [torch.randn(B, H, T) for _ in range(2)]
+    weight = torch.randn(B, H, T, DH)
+    calls = []
+
+    def run(with_rebuild):
+        leaves = [t.clone().requires_grad_() for t in base]
+        heads = [t.view(B, T, H, DH).transpose(1, 2) for t in leaves[:3]]
+
+        def rebuild():
+            calls.append(1)
+            return tuple(t.detach().view(B, T, H, DH).transpose(1, 2) for t in leaves[:3])
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = mlstm_parallel(*heads, *leaves[3:], rebuild=rebuild if with_rebuild else None)
+        assert not calls
+        (out.float() * weight).sum().backward()
+        return [t.grad for t in leaves]
+
+    kept = run(False)
+    rebuilt = run(True)
+    assert len(calls) == 1
+    for a, b in zip(rebuilt, kept):
+        assert torch.equal(a, b)
+
+
 def test_autocast_inference_copies_each_input_once(cell_path):
     """Without gradients, q and k are cast to fp32 straight from the head views (one pass each, no bf16 copy
     first) and v is made contiguous once; where the fused bf16 scores kernel runs, it reads q and k in place, so

@@ -378,6 +378,34 @@ def test_fast_path_keeps_less_for_backward_than_the_plain_path(autocast):
     assert fast < 0.65 * plain, fast / plain
 
 
+@pytest.mark.parametrize("autocast", [False, True])
+def test_cell_rebuilds_q_k_v_in_backward_instead_of_keeping_them(monkeypatch, autocast):
+    # The layer hands the parallel cell a callable that recomputes q, k, v from c and x_m (kept anyway): the same
+    # gradients bit for bit, and exactly three (B, H, T, DH) tensors per layer fewer kept from forward to backward.
+    from vision_lstm import layers
+    torch.manual_seed(0)
+    model = create_model("vil_tiny", dim=32, depth=2, img_size=16, patch_size=4, num_classes=5)
+    model.head.weight.data.normal_()
+    x = torch.randn(4, 3, 16, 16)
+
+    def run():
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = model(x).float().square().sum()
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+        model.zero_grad()
+        return grads
+
+    rebuilt, rebuilt_bytes = run(), _unique_saved_bytes(model, x, autocast)
+    keep_all = layers.mlstm
+    monkeypatch.setattr(layers, "mlstm", lambda *args, rebuild=None, **kwargs: keep_all(*args, **kwargs))
+    kept, kept_bytes = run(), _unique_saved_bytes(model, x, autocast)
+    for name in kept:
+        assert torch.equal(rebuilt[name], kept[name]), name
+    n_layers, tokens, inner = 4, 16, 64  # depth 2 = two pairs of layers; 4x4 patches; expansion 2
+    assert kept_bytes - rebuilt_bytes == n_layers * 3 * x.shape[0] * tokens * inner * (2 if autocast else 4)
+
+
 def test_gated_head_norm_output_gradients():
     from vision_lstm.layers import MultiHeadNorm, _GatedHeadNormOutput, gated_head_norm_output
     torch.manual_seed(0)

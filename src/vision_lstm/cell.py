@@ -157,6 +157,11 @@ class _ParallelMLSTM(torch.autograd.Function):
     are kept for backward in the low dtype (C is rounded for the C v product anyway): that halves the two largest
     saved tensors and moved the errors above by at most 0.05 percentage points (0.50 to 0.55 % at most).
 
+    ``rebuild`` (a callable, or None): returns q, k, v again, with the values and layouts they came in. Given, q, k
+    and v are not kept for backward, which calls it instead: for the ViL layer it recomputes three cheap block-
+    diagonal projections from inputs that other operations keep anyway, and three (B, H, T, DH) tensors per layer
+    (a quarter of a ViL-T training step's saved activations) are not held from forward to backward.
+
     ``kernels`` (the operators of :mod:`vision_lstm.fused`, or None): on the CPU the elementwise passes between the
     products run as single fused C++ passes (forward: C = S D' and its row sums from the fp32 scores; backward:
     dS = (dN v^T + d row sum) D' with the row and column sums of dC C; the two row divisions), with D' rebuilt from
@@ -165,7 +170,7 @@ class _ParallelMLSTM(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, igate, fgate, eps, low_dtype, kernels):
+    def forward(ctx, q, k, v, igate, fgate, eps, low_dtype, kernels, rebuild):
         scale = q.shape[-1] ** -0.5
         if kernels is None:
             decay, m, argmax = _decay_matrix(igate, fgate)  # (B, H, T, T), (B, H, T, 1) x2
@@ -178,7 +183,9 @@ class _ParallelMLSTM(torch.autograd.Function):
         # copies matmul would otherwise make of every operand, forward and backward. The gradients go back in
         # the callers' layouts (see backward), so the projections that made q, k, v need no copy of their own.
         ctx.layouts = tuple(None if t.is_contiguous() else _layout_of(t) for t in (q, k, v))
-        if any(ctx.needs_input_grad[:2]):  # (forward itself runs with grad mode off: ask ctx)
+        # (forward itself runs with grad mode off: ask ctx.) The copies are made with or without rebuild, so that
+        # forward computes the same way (and rebuild gives the same gradients bit for bit).
+        if any(ctx.needs_input_grad[:2]):
             q, k = q.contiguous(), k.contiguous()  # backward's products read them in the dtype they came in
         # h comes back in q's layout (for the ViL layer: a head view of token-major memory), written by the
         # division that is needed anyway: the layer then reads h as (B, T, H * DH) without a copy of its own.
@@ -215,6 +222,8 @@ class _ParallelMLSTM(torch.autograd.Function):
                     row_sum = kernels.weights_forward(weights, a, running_max, scale, weights_mm).unsqueeze(-1)
             normaliser = torch.maximum(row_sum.abs(), torch.exp(-m))
             _divide_rows(weights_mm @ v, normaliser + eps, out=h, kernels=kernels)  # (B, H, T, DH), in v's dtype
+        if rebuild is not None:
+            q = k = v = None  # not kept: rebuild() gives them back in backward
         if kernels is not None:
             # D is rebuilt in backward from a and its running maximum: no T x T tensor besides C is kept
             ctx.save_for_backward(q, k, v, fgate, a, running_max, weights_mm, m, argmax, row_sum, normaliser, h)
@@ -225,7 +234,7 @@ class _ParallelMLSTM(torch.autograd.Function):
                 # precision or summed into a gate gradient (same error bound: tests/test_cell.py).
                 weights, decay = weights_mm, decay.to(low_dtype)
             ctx.save_for_backward(q, k, v, fgate, decay, weights, m, argmax, row_sum, normaliser, h)
-        ctx.eps, ctx.low_dtype, ctx.kernels, ctx.scale = eps, low_dtype, kernels, scale
+        ctx.eps, ctx.low_dtype, ctx.kernels, ctx.scale, ctx.rebuild = eps, low_dtype, kernels, scale, rebuild
         return h
 
     @staticmethod
@@ -235,6 +244,9 @@ class _ParallelMLSTM(torch.autograd.Function):
             q, k, v, fgate, decay, weights, m, argmax, row_sum, normaliser, h = ctx.saved_tensors
         else:
             q, k, v, fgate, a, running_max, weights, m, argmax, row_sum, normaliser, h = ctx.saved_tensors
+        if ctx.rebuild is not None:  # as forward kept them otherwise: q, k, v contiguous, in the dtype they came in
+            q, k, v = (t.contiguous() for t in ctx.rebuild())
+            ctx.rebuild = None  # (drops the references its closure holds)
         denom = normaliser + ctx.eps  # (B, H, T, 1)
         # d h / d (C v), in h's dtype (the products' dtype), contiguous for the products below (grad_h arrives in
         # h's layout, often token-major: this division does the relayout in the same pass)
@@ -295,7 +307,7 @@ def _gate_and_layout_gradients(ctx, grad_q, grad_k, grad_v, grad_igate, grad_cum
     grad_fgate = grad_log_f * torch.sigmoid(-fgate)
     grad_q, grad_k, grad_v = (grad if like is None else torch.empty_like(like, device=grad.device).copy_(grad)
                               for grad, like in zip((grad_q, grad_k, grad_v), ctx.layouts))
-    return grad_q, grad_k, grad_v, grad_igate, grad_fgate, None, None, None
+    return grad_q, grad_k, grad_v, grad_igate, grad_fgate, None, None, None, None
 
 
 def _fused_scores(kernels, q: torch.Tensor, low_dtype) -> bool:
@@ -320,11 +332,14 @@ def _layout_of(x: torch.Tensor) -> torch.Tensor:
     return torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device="meta")
 
 
-def mlstm_parallel(q, k, v, igate, fgate, eps: float = DEFAULT_EPS) -> torch.Tensor:
+def mlstm_parallel(q, k, v, igate, fgate, eps: float = DEFAULT_EPS, rebuild=None) -> torch.Tensor:
     """Parallel form, fast path (hand-written backward). Shapes and math as :func:`mlstm_parallel_reference`.
 
     Under bf16 autocast (CPU or CUDA) q, k, v are cast to bf16, the gates to fp32, and h comes back in bf16;
     see :class:`_ParallelMLSTM` for which products run in which precision.
+
+    rebuild: None, or a callable that returns (q, k, v) again (same values and layouts, computed without grad);
+    given, backward calls it instead of keeping q, k, v from forward (less memory for a little recomputation).
 
     Always runs eagerly, also inside ``torch.compile``d models: compiling it with the rest of ViL-T was far slower
     to compile and to train (2 cores, session 16, ad hoc), while the rest of the model compiled around an eager
@@ -334,11 +349,11 @@ def mlstm_parallel(q, k, v, igate, fgate, eps: float = DEFAULT_EPS) -> torch.Ten
         # The eager wrapper is made here rather than by decorating this function at import: making it imports
         # TorchDynamo, about half of ``import vision_lstm``'s time (1.2 of 2.5 s, session 18), which only users
         # who compile need, and they have imported it by now.
-        return torch.compiler.disable(_mlstm_parallel_eager)(q, k, v, igate, fgate, eps)
-    return _mlstm_parallel_eager(q, k, v, igate, fgate, eps)
+        return torch.compiler.disable(_mlstm_parallel_eager)(q, k, v, igate, fgate, eps, rebuild)
+    return _mlstm_parallel_eager(q, k, v, igate, fgate, eps, rebuild)
 
 
-def _mlstm_parallel_eager(q, k, v, igate, fgate, eps: float) -> torch.Tensor:
+def _mlstm_parallel_eager(q, k, v, igate, fgate, eps: float, rebuild=None) -> torch.Tensor:
     _check_inputs(q, k, v, igate, fgate)
     device = q.device.type
     if torch.is_autocast_enabled(device):
@@ -346,11 +361,14 @@ def _mlstm_parallel_eager(q, k, v, igate, fgate, eps: float) -> torch.Tensor:
         low_dtype = torch.get_autocast_dtype(device)
         low_dtype = low_dtype if low_dtype == torch.bfloat16 else None
         with torch.autocast(device, enabled=False):
-            q, k, v = (t.to(low_dtype or torch.float32) for t in (q, k, v))
+            dtype = low_dtype or torch.float32
+            q, k, v = (t.to(dtype) for t in (q, k, v))
             igate, fgate = igate.float(), fgate.float()
             kernels = _fused_kernels(q, k, v, igate, fgate, low_dtype)
-            return _ParallelMLSTM.apply(q, k, v, igate, fgate, eps, low_dtype, kernels)
-    return _ParallelMLSTM.apply(q, k, v, igate, fgate, eps, None, _fused_kernels(q, k, v, igate, fgate, None))
+            rebuilt = None if rebuild is None else lambda: tuple(t.to(dtype) for t in rebuild())  # as cast here
+            return _ParallelMLSTM.apply(q, k, v, igate, fgate, eps, low_dtype, kernels, rebuilt)
+    kernels = _fused_kernels(q, k, v, igate, fgate, None)
+    return _ParallelMLSTM.apply(q, k, v, igate, fgate, eps, None, kernels, rebuild)
 
 
 def _fused_kernels(q, k, v, igate, fgate, low_dtype):
@@ -543,11 +561,13 @@ def mlstm_external(q, k, v, igate, fgate, name: str, chunk_size: int = 64, eps: 
     return h[:, :, :T] if pad else h
 
 
-def mlstm(q, k, v, igate, fgate, mode: str = "parallel", chunk_size: int = 64, eps: float = DEFAULT_EPS):
+def mlstm(q, k, v, igate, fgate, mode: str = "parallel", chunk_size: int = 64, eps: float = DEFAULT_EPS,
+          rebuild=None):
     """Dispatch to one of the three forms, or to an ``mlstm_kernels`` kernel (mode ``"kernels:<name>"``,
-    :func:`mlstm_external`). Shapes as :func:`mlstm_parallel`."""
+    :func:`mlstm_external`). Shapes as :func:`mlstm_parallel`. ``rebuild`` (see :func:`mlstm_parallel`) applies to
+    the parallel form; the others keep what autograd keeps."""
     if mode == "parallel":
-        return mlstm_parallel(q, k, v, igate, fgate, eps=eps)
+        return mlstm_parallel(q, k, v, igate, fgate, eps=eps, rebuild=rebuild)
     if mode == "chunkwise":
         return mlstm_chunkwise(q, k, v, igate, fgate, chunk_size=chunk_size, eps=eps)
     if mode == "recurrent":

@@ -4,6 +4,7 @@ Tokens are kept as (B, T, D) in raster order (row by row from the top-left patch
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -413,7 +414,13 @@ class ViLLayer(nn.Module):
         gates = (gates_x + F.linear(c, gate_c)).transpose(1, 2)  # (B, 2H, T)
         igate, fgate = gates[:, :H].contiguous(), gates[:, H:].contiguous()  # (B, H, T) each
         q, k, v = (t.view(B, T, H, -1).transpose(1, 2) for t in (q, k, v))  # (B, H, T, DH)
-        h = mlstm(q, k, v, igate, fgate, mode=self.mlstm_mode, chunk_size=self.chunk_size)  # (B, H, T, DH)
+        # The cell's backward recomputes q, k, v from c and x_m (which the projections, the conv and the output path
+        # keep anyway) instead of holding them from forward: 3 cheap block-diagonal products per layer in backward
+        # for three (B, H, T, DH) tensors fewer per layer (README, Performance: session 22)
+        rebuild = functools.partial(self._projections_again, c.detach(), x_m.detach(), low_dtype) \
+            if torch.is_grad_enabled() and self.mlstm_mode == "parallel" else None
+        h = mlstm(q, k, v, igate, fgate, mode=self.mlstm_mode, chunk_size=self.chunk_size,
+                  rebuild=rebuild)  # (B, H, T, DH)
         # The output path (per-head norm, skip, output gate) runs in h's dtype: under autocast the low dtype, where
         # autocast itself would run the norm and the chain after it in fp32 (four fp32 passes and two casts); the
         # norm's statistics still accumulate in fp32. The parallel cell returns h in the token layout of q.
@@ -423,6 +430,14 @@ class ViLLayer(nn.Module):
         with torch.autocast(device, enabled=False):
             y = gated_head_norm_output(h, c, z, self.outnorm, self.learnable_skip)  # (B, T, inner)
         return self.proj_down(y)  # (B, T, D); autocast again
+
+    def _projections_again(self, c: torch.Tensor, x_m: torch.Tensor, low_dtype) -> tuple[torch.Tensor, ...]:
+        """q, k, v as :meth:`forward` passed them to the cell (same dtype, values and head views), without grad."""
+        B, T, _ = c.shape
+        device = c.device.type
+        with torch.no_grad(), torch.autocast(device, dtype=low_dtype, enabled=low_dtype is not None):
+            q, k, v = self.q_proj(c), self.k_proj(c), self.v_proj(x_m)
+        return tuple(t.view(B, T, self.num_heads, -1).transpose(1, 2) for t in (q, k, v))
 
     def forward_reference(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         """The same layer written plainly, as in the paper and the official code (unfused projections, the
