@@ -3,6 +3,7 @@ compiler is, compute what the PyTorch form computes, and the cell falls back to 
 Cell-level agreement (outputs and gradients, fused and PyTorch form, float64 / float32 / bf16 autocast) is in
 tests/test_cell.py (the ``cell_path`` fixture and the ``parallel-pytorch`` form)."""
 import shutil
+from pathlib import Path
 import warnings
 
 import pytest
@@ -28,6 +29,26 @@ def test_fused_kernels_build_where_a_compiler_is(monkeypatch):
     built = fused._build()
     assert not isinstance(built, Exception), f"the fused kernels failed to build: {built!r}"
     assert fused.ops() is not None
+
+
+def test_another_checkout_of_the_same_source_reuses_the_build(kernels, tmp_path):
+    # ninja rebuilds when the source's path changes: a second checkout (or benchmarks/ab.py's exported revision)
+    # must load the cached build, not recompile it (which took 20 s per import before the source was copied into
+    # the build folder).
+    import os
+    import subprocess
+    import sys
+    from torch.utils import cpp_extension
+    build_dir = Path(cpp_extension._get_build_directory(f"vision_lstm_cpu_{fused._cpu_signature()}", verbose=False))
+    built = {so: so.stat().st_mtime_ns for so in build_dir.glob("*.so")}
+    assert built
+    copy = tmp_path / "src"
+    shutil.copytree(Path(fused.__file__).parents[1], copy, ignore=shutil.ignore_patterns("__pycache__"))
+    code = "from vision_lstm import fused; assert fused.ops() is not None; print(fused.__file__)"
+    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(copy), "VIL_FUSED": "1"},
+                         capture_output=True, text=True, timeout=300, check=True)
+    assert out.stdout.strip().startswith(str(copy)) and "compiling" not in out.stderr
+    assert {so: so.stat().st_mtime_ns for so in build_dir.glob("*.so")} == built
 
 
 def _decay_inputs(B, H, T, seed=0, dtype=torch.float32):
