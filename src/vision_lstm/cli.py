@@ -201,13 +201,16 @@ def _evaluation_precision(requested: str | None, trained: str, device: str) -> s
     """The precision to evaluate in. By default the one the run evaluated in (its logged accuracy reproduces
     exactly), unless that was bf16 and this processor would emulate it (many times slower): then fp32, said on
     stderr."""
-    from .runtime import native_bf16, resolve_precision
+    from .runtime import resolve_precision
 
-    if requested is None and trained == "bf16" and not native_bf16(device):
-        print("note: these weights were evaluated in bf16 during training, but this processor has no bf16 matrix "
-              "arithmetic (AVX512-BF16 or AMX); evaluating in fp32 instead, which may differ from the logged accuracy "
-              "in the last digits (--precision bf16 reproduces it exactly, slowly)", file=sys.stderr, flush=True)
-        return "fp32"
+    if requested is None and trained == "bf16":  # bf16 where it is native, as "auto" decides
+        precision, _ = resolve_precision("auto", device)
+        if precision != "bf16":
+            print("note: these weights were evaluated in bf16 during training, but this processor has no bf16 matrix "
+                  "arithmetic (AVX512-BF16 or AMX); evaluating in fp32 instead, which may differ from the logged "
+                  "accuracy in the last digits (--precision bf16 reproduces it exactly, slowly)", file=sys.stderr,
+                  flush=True)
+        return precision
     precision, note = resolve_precision(requested or trained, device)
     if note and requested == "bf16":
         print(note, file=sys.stderr, flush=True)

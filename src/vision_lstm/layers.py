@@ -410,14 +410,13 @@ class ViLLayer(nn.Module):
         x_m = F.linear(x, w_m, b_m)  # (B, T, inner); its own product so the conv gets a contiguous input
         z, gates_x = F.linear(x, zg_w, zg_b).split([inner, 2 * H], dim=-1)  # (B, T, inner), (B, T, 2H)
         c = F.silu(self._conv_on_grid(x_m, grid))  # (B, T, inner)
-        q, k, v = self.q_proj(c), self.k_proj(c), self.v_proj(x_m)  # (B, T, inner) each
+        q, k, v = self._qkv_heads(c, x_m)  # (B, H, T, DH) each
         gates = (gates_x + F.linear(c, gate_c)).transpose(1, 2)  # (B, 2H, T)
         igate, fgate = gates[:, :H].contiguous(), gates[:, H:].contiguous()  # (B, H, T) each
-        q, k, v = (t.view(B, T, H, -1).transpose(1, 2) for t in (q, k, v))  # (B, H, T, DH)
         # The cell's backward recomputes q, k, v from c and x_m (which the projections, the conv and the output path
         # keep anyway) instead of holding them from forward: 3 cheap block-diagonal products per layer in backward
         # for three (B, H, T, DH) tensors fewer per layer (README, Performance: session 22)
-        rebuild = functools.partial(self._projections_again, c.detach(), x_m.detach(), low_dtype) \
+        rebuild = functools.partial(self._qkv_heads_again, c.detach(), x_m.detach(), low_dtype) \
             if torch.is_grad_enabled() and self.mlstm_mode == "parallel" else None
         h = mlstm(q, k, v, igate, fgate, mode=self.mlstm_mode, chunk_size=self.chunk_size,
                   rebuild=rebuild)  # (B, H, T, DH)
@@ -431,13 +430,16 @@ class ViLLayer(nn.Module):
             y = gated_head_norm_output(h, c, z, self.outnorm, self.learnable_skip)  # (B, T, inner)
         return self.proj_down(y)  # (B, T, D); autocast again
 
-    def _projections_again(self, c: torch.Tensor, x_m: torch.Tensor, low_dtype) -> tuple[torch.Tensor, ...]:
-        """q, k, v as :meth:`forward` passed them to the cell (same dtype, values and head views), without grad."""
+    def _qkv_heads(self, c: torch.Tensor, x_m: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """q, k (from c) and v (from x_m), (B, T, inner) each, as head views (B, H, T, DH) of token-major memory."""
         B, T, _ = c.shape
-        device = c.device.type
-        with torch.no_grad(), torch.autocast(device, dtype=low_dtype, enabled=low_dtype is not None):
-            q, k, v = self.q_proj(c), self.k_proj(c), self.v_proj(x_m)
-        return tuple(t.view(B, T, self.num_heads, -1).transpose(1, 2) for t in (q, k, v))
+        return tuple(t.view(B, T, self.num_heads, -1).transpose(1, 2)
+                     for t in (self.q_proj(c), self.k_proj(c), self.v_proj(x_m)))
+
+    def _qkv_heads_again(self, c: torch.Tensor, x_m: torch.Tensor, low_dtype) -> tuple[torch.Tensor, ...]:
+        """:meth:`_qkv_heads` as :meth:`forward` ran it (under its autocast dtype), without grad: the cell's rebuild."""
+        with torch.no_grad(), torch.autocast(c.device.type, dtype=low_dtype, enabled=low_dtype is not None):
+            return self._qkv_heads(c, x_m)
 
     def forward_reference(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         """The same layer written plainly, as in the paper and the official code (unfused projections, the

@@ -80,7 +80,7 @@ def bf16_in_cpuinfo(cpuinfo: str) -> bool | None:
 
 def native_bf16(device: str = "cpu") -> bool:
     """Whether bf16 matrix products run in hardware on ``device``. Without AVX512-BF16 or AMX (x86) or BF16 (Arm),
-    PyTorch emulates them on the CPU: measured 1.2 vs 100 GFLOP/s for fp32 on a 2-core AVX2 AMD EPYC
+    PyTorch emulates them on the CPU: measured 1.2 vs 94 GFLOP/s for fp32 on a 2-core AVX2 AMD EPYC
     (results/benchmarks/session22-avx2), so bf16 autocast there makes training many times slower, not faster."""
     import torch
     if str(device).startswith("cuda"):
