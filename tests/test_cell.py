@@ -256,16 +256,14 @@ def test_rebuild_gives_the_same_gradients_without_keeping_the_inputs(cell_path, 
 def test_autocast_inference_copies_each_input_once(cell_path):
     """Without gradients, q and k are cast to fp32 straight from the head views (one pass each, no bf16 copy
     first) and v is made contiguous once; where the fused bf16 scores kernel runs, it reads q and k in place, so
-    only v is copied; on AMX tiles the whole forward is one kernel that reads all three in place."""
+    only v is copied; where the whole forward is one kernel (CPUs with AVX512-BF16, :func:`vision_lstm.fused.
+    has_bf16_scores`) it reads all three in place."""
     B, T, H, DH = 2, 11, 3, 4
     qkv = [torch.randn(B, T, H * DH, dtype=torch.bfloat16).view(B, T, H, DH).transpose(1, 2) for _ in range(3)]
     gates = [torch.randn(B, H, T, dtype=torch.bfloat16) for _ in range(2)]
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16), _CountCopies(numel=B * T * H * DH) as copies:
         out = mlstm_parallel(*qkv, *gates)
-    if cell_path == "fused" and fused.has_tile_scores():
-        assert copies.count == 0
-    else:
-        assert copies.count == (1 if cell_path == "fused" and fused.has_bf16_scores() else 3)
+    assert copies.count == (0 if cell_path == "fused" and fused.has_bf16_scores() else 3)
     want = mlstm_parallel_reference(*[t.double() for t in qkv + gates])
     assert _norm_err(out, want) <= BF16_TOLERANCE
 

@@ -108,14 +108,18 @@ def test_bf16_scores_kernel_rejects_bad_input(kernels):
         kernels.weights_forward_qk(fp32, fp32, a, row_max, 1.0, out)
 
 
-@pytest.mark.parametrize("T,DH", [(1, 2), (5, 8), (17, 34), (49, 32), (64, 96), (100, 16)])
-def test_tile_forward_matches_its_parts(kernels, T, DH):
-    """forward_tiles (the cell's whole bf16 forward on AMX tiles) against the scores kernel for C and its row sums
-    (the same tile product and epilogue: equal), the normaliser max(|row sum|, exp(-m)), and h against
+@pytest.mark.parametrize("T,DH", [(1, 2), (5, 8), (17, 34), (49, 32), (64, 96), (100, 16), (33, 64)])
+@pytest.mark.parametrize("tiles", [True, False], ids=["amx-tiles", "dot-products"])
+def test_whole_forward_matches_its_parts(kernels, T, DH, tiles):
+    """forward_bf16 (the cell's whole bf16 forward in one kernel) against the scores kernel for C and its row sums
+    (the same products and epilogue: equal), the normaliser max(|row sum|, exp(-m)), and h against
     (C v) / (n + eps) in float64 from the same bf16 C, rounded to bf16: C v is summed in fp32 in the kernel, so h
-    may differ by one bf16 unit in rare entries. q, k, v and h are head views of token-major memory."""
-    if not fused.has_tile_scores():
-        pytest.skip("this CPU has no AMX tiles: the cell's forward runs as separate products")
+    may differ by one bf16 unit in rare entries. q, k, v and h are head views of token-major memory. Both forms:
+    AMX tiles (ATen's brgemm) and the AVX512-BF16 dot products."""
+    if not fused.has_bf16_scores():
+        pytest.skip("this CPU has no AVX512-BF16: the cell's forward runs as separate products")
+    if tiles and not fused.has_tile_scores():
+        pytest.skip("this CPU has no AMX tiles: the kernel uses its dot products")
     B, H = 2, 3
     g = torch.Generator().manual_seed(T + DH)
     q, k, v = (torch.randn(B, T, H * DH, generator=g).bfloat16().view(B, T, H, DH).transpose(1, 2) for _ in range(3))
@@ -123,10 +127,10 @@ def test_tile_forward_matches_its_parts(kernels, T, DH):
     m = row_max - torch.rand(B, H, T, generator=g)  # any stabiliser; exp(-m) wins the maximum in some rows
     scale, eps = DH ** -0.5, 1e-6
     want_c = torch.empty(B, H, T, T, dtype=torch.bfloat16)
-    want_sum = kernels.weights_forward_qk(q, k, a, row_max, scale, want_c, True)
+    want_sum = kernels.weights_forward_qk(q, k, a, row_max, scale, want_c, tiles)
     got_c = torch.full_like(want_c, float("nan"))
     h = torch.full((B, T, H, DH), float("nan"), dtype=torch.bfloat16).transpose(1, 2)
-    got_sum, got_norm = kernels.forward_tiles(q, k, v, a, row_max, m, scale, eps, got_c, h)
+    got_sum, got_norm = kernels.forward_bf16(q, k, v, a, row_max, m, scale, eps, got_c, h, tiles)
     assert torch.equal(got_c, want_c) and torch.equal(got_sum, want_sum)
     want_norm = torch.maximum(want_sum.abs(), torch.exp(-m))
     assert torch.allclose(got_norm, want_norm, rtol=1e-6, atol=0)
@@ -136,21 +140,24 @@ def test_tile_forward_matches_its_parts(kernels, T, DH):
     assert ((h.double() - want_h.double()).abs() <= ulp).all()
     assert (h != want_h).float().mean() <= 2e-3
     h_alone = torch.empty_like(h)  # without C written out (inference): the same h
-    kernels.forward_tiles(q, k, v, a, row_max, m, scale, eps, None, h_alone)
+    kernels.forward_bf16(q, k, v, a, row_max, m, scale, eps, None, h_alone, tiles)
     assert torch.equal(h_alone, h)
 
 
-def test_tile_forward_rejects_bad_input(kernels):
-    if not fused.has_tile_scores():
-        pytest.skip("this CPU has no AMX tiles")
+def test_whole_forward_rejects_bad_input(kernels):
+    if not fused.has_bf16_scores():
+        pytest.skip("this CPU has no AVX512-BF16")
     _, a, row_max = _decay_inputs(1, 1, 4)
     x = torch.randn(1, 1, 4, 4).bfloat16()
     with pytest.raises(RuntimeError, match="v must be a bfloat16"):
-        kernels.forward_tiles(x, x, x.float(), a, row_max, row_max, 1.0, 1e-6, None, torch.empty_like(x))
+        kernels.forward_bf16(x, x, x.float(), a, row_max, row_max, 1.0, 1e-6, None, torch.empty_like(x))
     with pytest.raises(RuntimeError, match="h must have shape"):
-        kernels.forward_tiles(x, x, x, a, row_max, row_max, 1.0, 1e-6, None, torch.empty(1, 1, 5, 4).bfloat16())
+        kernels.forward_bf16(x, x, x, a, row_max, row_max, 1.0, 1e-6, None, torch.empty(1, 1, 5, 4).bfloat16())
     with pytest.raises(RuntimeError, match="weights has 4 elements"):
-        kernels.forward_tiles(x, x, x, a, row_max, row_max, 1.0, 1e-6, torch.empty(4).bfloat16(), torch.empty_like(x))
+        kernels.forward_bf16(x, x, x, a, row_max, row_max, 1.0, 1e-6, torch.empty(4).bfloat16(), torch.empty_like(x))
+    odd = torch.randn(1, 1, 4, 3).bfloat16()
+    with pytest.raises(RuntimeError, match="head dimension must be even"):
+        kernels.forward_bf16(odd, odd, odd, a, row_max, row_max, 1.0, 1e-6, None, torch.empty_like(odd))
 
 
 @pytest.mark.parametrize("T", [1, 15, 17, 49, 64, 100])  # whole 16-lane blocks, tails, more than 64

@@ -190,36 +190,29 @@ class _ParallelMLSTM(torch.autograd.Function):
         # h comes back in q's layout (for the ViL layer: a head view of token-major memory), written by the
         # division that is needed anyway: the layer then reads h as (B, T, H * DH) without a copy of its own.
         h = torch.empty_like(q if ctx.layouts[0] is None else ctx.layouts[0], dtype=v.dtype, device=v.device)
-        if _tile_forward(kernels, q, v, low_dtype):
-            # The whole forward in one kernel on AMX tiles: S, C and its row sums, the normaliser, C v (summed in
-            # fp32 and divided before its one rounding) and h, slice by slice in cache; q, k, v are read and h
-            # written in place, and C is written out only for backward.
+        if _whole_forward(kernels, q, v, low_dtype):
+            # The whole forward in one kernel (AMX tiles or AVX512-BF16 dot products): S, C and its row sums, the
+            # normaliser, C v (summed in fp32 and divided before its one rounding) and h, slice by slice in cache;
+            # q, k, v are read and h written in place, and C is written out only for backward.
             needs_grad = any(ctx.needs_input_grad)
             if needs_grad:
                 v = v.contiguous()
             weights_mm = torch.empty(q.shape[:-1] + (q.shape[-2],), dtype=low_dtype) if needs_grad else None
-            row_sum, normaliser = kernels.forward_tiles(q, k, v, a, running_max, m, scale, eps, weights_mm, h)
+            row_sum, normaliser = kernels.forward_bf16(q, k, v, a, running_max, m, scale, eps, weights_mm, h)
             row_sum, normaliser = row_sum.unsqueeze(-1), normaliser.unsqueeze(-1)  # (B, H, T, 1)
         else:
             v = v.contiguous()
-            if _fused_scores(kernels, q, low_dtype):
-                # S, C = S D' and the row sums in one kernel from the bf16 rows (the scores still summed in fp32;
-                # on AMX tiles where the CPU has them): neither S nor fp32 copies of q and k are written; in
-                # inference q and k are read in place
-                weights = weights_mm = torch.empty(q.shape[:-1] + (q.shape[-2],), dtype=low_dtype, device=q.device)
-                row_sum = kernels.weights_forward_qk(q, k, a, running_max, scale, weights_mm).unsqueeze(-1)
-            else:
-                if low_dtype is None:
-                    weights = q @ k.transpose(-2, -1)  # q_t . k_s
-                else:  # the scores in fp32 (see the class docstring), cast in the copy where q, k were not copied
-                    weights = _contiguous_fp32(q) @ _contiguous_fp32(k).transpose(-2, -1)
-                if kernels is None:
-                    weights.mul_(decay)  # C[t, s] = S[t, s] D[t, s] with S = q_t . k_s / sqrt(DH)
-                    row_sum = weights.sum(dim=-1, keepdim=True)  # (B, H, T, 1)
-                    weights_mm = weights if low_dtype is None else weights.to(low_dtype)
-                else:  # the same C and row sums in one pass, C written in the products' dtype (in place for fp32)
-                    weights_mm = weights if low_dtype is None else torch.empty_like(weights, dtype=low_dtype)
-                    row_sum = kernels.weights_forward(weights, a, running_max, scale, weights_mm).unsqueeze(-1)
+            if low_dtype is None:
+                weights = q @ k.transpose(-2, -1)  # q_t . k_s
+            else:  # the scores in fp32 (see the class docstring), cast in the copy where q, k were not copied
+                weights = _contiguous_fp32(q) @ _contiguous_fp32(k).transpose(-2, -1)
+            if kernels is None:
+                weights.mul_(decay)  # C[t, s] = S[t, s] D[t, s] with S = q_t . k_s / sqrt(DH)
+                row_sum = weights.sum(dim=-1, keepdim=True)  # (B, H, T, 1)
+                weights_mm = weights if low_dtype is None else weights.to(low_dtype)
+            else:  # the same C and row sums in one pass, C written in the products' dtype (in place for fp32)
+                weights_mm = weights if low_dtype is None else torch.empty_like(weights, dtype=low_dtype)
+                row_sum = kernels.weights_forward(weights, a, running_max, scale, weights_mm).unsqueeze(-1)
             normaliser = torch.maximum(row_sum.abs(), torch.exp(-m))
             _divide_rows(weights_mm @ v, normaliser + eps, out=h, kernels=kernels)  # (B, H, T, DH), in v's dtype
         if rebuild is not None:
@@ -310,17 +303,11 @@ def _gate_and_layout_gradients(ctx, grad_q, grad_k, grad_v, grad_igate, grad_cum
     return grad_q, grad_k, grad_v, grad_igate, grad_fgate, None, None, None, None
 
 
-def _fused_scores(kernels, q: torch.Tensor, low_dtype) -> bool:
-    """Whether the scores come from the fused bf16 kernel (``weights_forward_qk``): bf16 under autocast, an even
+def _whole_forward(kernels, q: torch.Tensor, v: torch.Tensor, low_dtype) -> bool:
+    """Whether the whole forward runs in one fused kernel (``forward_bf16``): bf16 q and v under autocast, an even
     head dimension, and a CPU with AVX512-BF16 (:func:`vision_lstm.fused.has_bf16_scores`)."""
     return (kernels is not None and low_dtype == torch.bfloat16 and q.dtype == torch.bfloat16
-            and q.shape[-1] % 2 == 0 and fused.has_bf16_scores())
-
-
-def _tile_forward(kernels, q: torch.Tensor, v: torch.Tensor, low_dtype) -> bool:
-    """Whether the whole forward runs in the fused AMX kernel (``forward_tiles``): the bf16 scores kernel's
-    conditions, bf16 v, and a CPU with AMX tiles (:func:`vision_lstm.fused.has_tile_scores`)."""
-    return _fused_scores(kernels, q, low_dtype) and v.dtype == torch.bfloat16 and fused.has_tile_scores()
+            and v.dtype == torch.bfloat16 and q.shape[-1] % 2 == 0 and fused.has_bf16_scores())
 
 
 def _contiguous_fp32(x: torch.Tensor) -> torch.Tensor:

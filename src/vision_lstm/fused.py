@@ -85,9 +85,10 @@ def ops():
 
 @functools.lru_cache(maxsize=None)
 def has_bf16_scores() -> bool:
-    """Whether the build has the bf16 scores kernel (``weights_forward_qk``): CPUs with AVX512-BF16 (Intel from
-    Cooper Lake and Sapphire Rapids, AMD Zen 4). Elsewhere the cell computes the scores with PyTorch. On CPUs with
-    AMX tiles (Intel from Sapphire Rapids) the kernel's products run on them (``has_tile_scores``)."""
+    """Whether the build has the bf16 kernels of the cell's forward (the whole forward ``forward_bf16`` and its scores
+    part ``weights_forward_qk``): CPUs with AVX512-BF16 (Intel from Cooper Lake and Sapphire Rapids, AMD from Zen 4).
+    Elsewhere the cell computes its products with PyTorch. On CPUs with AMX tiles (Intel from Sapphire Rapids) the
+    kernels' products run on them (``has_tile_scores``), elsewhere as AVX512-BF16 dot products."""
     kernels = ops()
     return kernels is not None and bool(kernels.has_bf16_scores())
 
@@ -95,7 +96,7 @@ def has_bf16_scores() -> bool:
 @functools.lru_cache(maxsize=None)
 def has_tile_scores() -> bool:
     """Whether the kernels run their bf16 products on AMX tiles (Intel from Sapphire Rapids, through ATen's brgemm
-    micro-kernel): the scores kernel, and the whole forward of the cell in one kernel (``forward_tiles``)."""
+    micro-kernel) rather than as AVX512-BF16 dot products."""
     kernels = ops()
     return kernels is not None and bool(kernels.has_tile_scores())
 

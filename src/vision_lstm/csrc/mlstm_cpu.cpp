@@ -1,8 +1,9 @@
 // Fused elementwise passes of the parallel mLSTM cell on the CPU (xLSTM paper, Beck et al. 2024, eqs. 59-64).
 //
-// The cell's matrix products stay in PyTorch (batched GEMMs), except the bf16 scores S = q k^T, which
-// weights_forward_qk computes itself (AMX tiles through ATen's brgemm, or AVX512-BF16 dot products), and on AMX
-// the whole forward (forward_tiles). Between them, the PyTorch form makes about ten
+// The cell's matrix products stay in PyTorch (batched GEMMs), except in bf16 on CPUs with AVX512-BF16: there
+// forward_bf16 computes the whole forward (S = q k^T, C, the normaliser, C v and h; AMX tiles through ATen's brgemm,
+// or AVX512-BF16 dot products) and weights_forward_qk the scores part of it. Between them, the PyTorch form makes
+// about ten
 // passes over (B, H, T, T) memory forward and six backward (build the decay matrix, clamp, exp, mask, scale,
 // multiply, sum, cast, ...). Each function here does one pass instead, recomputing the decay matrix
 //   D'[t, s] = exp(max(a_s - cummax(a)_t, -60)) / sqrt(DH)   for s <= t, 0 above the diagonal
@@ -372,131 +373,199 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> weights_backward(const at::Tensor
   return {grad_scores, row_sums, col_sums};
 }
 
-// packed[j][s] = (k[s][2j], k[s][2j + 1]) for s < T, zeros for T <= s < padded: the pairs of k's columns that the
-// AVX512-BF16 dot products and the tile GEMM (its VNNI layout for B) read. k_i: a (T, DH) slice, rows k_stride apart.
-inline void pack_k_pairs(const at::BFloat16* k_i, int64_t k_stride, int64_t T, int64_t pairs, int64_t padded,
-                         uint32_t* packed) {
-  for (int64_t s = 0; s < padded; ++s) {
-    if (s < T) {
-      const at::BFloat16* k_row = k_i + s * k_stride;
-      for (int64_t j = 0; j < pairs; ++j) std::memcpy(&packed[j * padded + s], k_row + 2 * j, 4);
-    } else {
-      for (int64_t j = 0; j < pairs; ++j) packed[j * padded + s] = 0;
-    }
-  }
-}
-
 // Whether the scores can go through ATen's brgemm on AMX tiles: a CPU with AMX and oneDNN enabled (could_pack asks
 // both). Else weights_forward_qk uses AVX512-BF16 dot products.
 bool can_use_tiles() { return at::native::cpublas::could_pack(at::kBFloat16); }
 
 #if defined(__AVX512BF16__)
-// Forward from bf16 q and k (under autocast the projections' outputs): the scores S = q k^T, each an exact fp32
-// sum of exact bf16 x bf16 products (AVX512-BF16 pair dot products; only the summation order differs from an
-// fp32 GEMM of the upcast rows), then C = S * D' and its row sums as in forward_f32, without writing S, and
-// without the fp32 copies of q and k that PyTorch would need for fp32 scores. q and k are read through their
-// strides (rows with a unit last stride), so head views of token-major memory need no copy either.
-// Per slice, k is packed once into pairs [DH / 2][T'] (T' = T rounded up to 16 lanes), the layout the pair dot
-// product reads; rows go in groups of four, which share each packed load. Lanes above the diagonal are zeroed.
-constexpr int64_t kRowGroup = 4;
+// The bf16 products of the forward with AVX512-BF16 pair dot products (CPUs without AMX tiles: AMD Zen 4 and
+// later, Intel Cooper Lake): each output is an fp32 accumulator that adds q_t[2j] k_s[2j] + q_t[2j+1] k_s[2j+1]
+// for j = 0, 1, ... in turn (exact bf16 x bf16 products; only the summation order differs from an fp32 GEMM of
+// the upcast rows). Every output block is an R x NB tile of 16-lane accumulators kept in registers for the whole
+// sum: each packed load of k is shared by R rows and each broadcast pair of q by NB blocks, and 12-16 independent
+// accumulators hide the dot product's latency. Blocks wholly above the diagonal (s > t) are not computed.
 
-// acc[r][c] = sum_j q_r[pair j] . packed[j][lanes of block c], for four rows and NB blocks of 16 lanes: fixed trip
-// counts, so the 4 x NB accumulators stay in registers.
-template <int NB>
-inline void dot_group(const at::BFloat16* const* q_rows, const uint32_t* packed, int64_t padded, int64_t pairs,
-                      __m512* acc) {
-  __m512 r0[NB], r1[NB], r2[NB], r3[NB];
-  for (int c = 0; c < NB; ++c) r0[c] = r1[c] = r2[c] = r3[c] = _mm512_setzero_ps();
-  for (int64_t j = 0; j < pairs; ++j) {
-    __m512i kv[NB];
-    for (int c = 0; c < NB; ++c) kv[c] = _mm512_loadu_si512(packed + j * padded + c * kLanes);
-    uint32_t p0, p1, p2, p3;
-    std::memcpy(&p0, q_rows[0] + 2 * j, 4);
-    std::memcpy(&p1, q_rows[1] + 2 * j, 4);
-    std::memcpy(&p2, q_rows[2] + 2 * j, 4);
-    std::memcpy(&p3, q_rows[3] + 2 * j, 4);
-    const __m512bh q0 = (__m512bh)_mm512_set1_epi32(static_cast<int32_t>(p0));
-    const __m512bh q1 = (__m512bh)_mm512_set1_epi32(static_cast<int32_t>(p1));
-    const __m512bh q2 = (__m512bh)_mm512_set1_epi32(static_cast<int32_t>(p2));
-    const __m512bh q3 = (__m512bh)_mm512_set1_epi32(static_cast<int32_t>(p3));
-    for (int c = 0; c < NB; ++c) {
-      r0[c] = _mm512_dpbf16_ps(r0[c], q0, (__m512bh)kv[c]);
-      r1[c] = _mm512_dpbf16_ps(r1[c], q1, (__m512bh)kv[c]);
-      r2[c] = _mm512_dpbf16_ps(r2[c], q2, (__m512bh)kv[c]);
-      r3[c] = _mm512_dpbf16_ps(r3[c], q3, (__m512bh)kv[c]);
+// 16 x 16 32-bit transpose in registers (interleave 32-bit, then 64-bit, then 128-bit lanes twice)
+inline void transpose16(__m512i r[16]) {
+  __m512i t[16];
+  for (int i = 0; i < 16; i += 4) {
+    t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+    t[i + 2] = _mm512_unpacklo_epi32(r[i + 2], r[i + 3]);
+    t[i + 3] = _mm512_unpackhi_epi32(r[i + 2], r[i + 3]);
+  }
+  for (int i = 0; i < 16; i += 4) {
+    r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+    r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+    r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+    r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+  }
+  for (int h = 0; h < 16; h += 8) {
+    for (int i = 0; i < 4; ++i) {
+      t[h + i] = _mm512_shuffle_i32x4(r[h + i], r[h + i + 4], 0x88);
+      t[h + i + 4] = _mm512_shuffle_i32x4(r[h + i], r[h + i + 4], 0xdd);
     }
   }
-  for (int c = 0; c < NB; ++c) {
-    acc[0 * 4 + c] = r0[c];
-    acc[1 * 4 + c] = r1[c];
-    acc[2 * 4 + c] = r2[c];
-    acc[3 * 4 + c] = r3[c];
+  for (int i = 0; i < 8; ++i) {
+    r[i] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0x88);
+    r[i + 8] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0xdd);
   }
 }
 
+// packed[j][s] = (k[s][2j], k[s][2j + 1]) for s < T, zeros for T <= s < padded: the pairs of k's columns that the
+// dot products and the tile GEMM (its VNNI layout for B) read. k_i: a (T, DH) slice, rows k_stride apart. 16 tokens
+// x 16 pairs at a time through a register transpose.
+inline void pack_k_pairs(const at::BFloat16* k_i, int64_t k_stride, int64_t T, int64_t pairs, int64_t padded,
+                              uint32_t* packed) {
+  for (int64_t s0 = 0; s0 < padded; s0 += kLanes) {
+    for (int64_t j0 = 0; j0 < pairs; j0 += kLanes) {
+      const int64_t nj = std::min(kLanes, pairs - j0);
+      const __mmask16 mask = static_cast<__mmask16>((1u << nj) - 1u);
+      __m512i r[16];
+      for (int64_t i = 0; i < kLanes; ++i) {
+        r[i] = s0 + i < T ? _mm512_maskz_loadu_epi32(mask, k_i + (s0 + i) * k_stride + 2 * j0)
+                          : _mm512_setzero_si512();
+      }
+      transpose16(r);
+      for (int64_t j = 0; j < nj; ++j) _mm512_storeu_si512(packed + (j0 + j) * padded + s0, r[j]);
+    }
+  }
+}
+
+// Asks the cache for T rows of DH bf16, `stride` elements apart (one request per 64-byte line).
+inline void prefetch_rows(const at::BFloat16* p, int64_t stride, int64_t T, int64_t DH) {
+  for (int64_t t = 0; t < T; ++t) {
+    const char* row = reinterpret_cast<const char*>(p + t * stride);
+    for (int64_t byte = 0; byte < DH * 2; byte += 64) _mm_prefetch(row + byte, _MM_HINT_T0);
+  }
+}
+
+// S[t0 + r][lanes of blocks blk0 .. blk0 + NB - 1] for r < rows <= R, into scores (rows `padded` floats apart)
+template <int R, int NB>
+inline void scores_tile(const at::BFloat16* q_i, int64_t q_stride, int64_t t0, int64_t rows, const uint32_t* packed,
+                        int64_t padded, int64_t pairs, int64_t blk0, float* scores) {
+  __m512 acc[R][NB];
+  const at::BFloat16* q_rows[R];
+  for (int r = 0; r < R; ++r) {
+    q_rows[r] = q_i + (t0 + std::min<int64_t>(r, rows - 1)) * q_stride;  // past the last row: repeat it, unused
+    for (int c = 0; c < NB; ++c) acc[r][c] = _mm512_setzero_ps();
+  }
+  const uint32_t* kp = packed + blk0 * kLanes;
+  for (int64_t j = 0; j < pairs; ++j) {
+    __m512i kv[NB];
+    for (int c = 0; c < NB; ++c) kv[c] = _mm512_loadu_si512(kp + j * padded + c * kLanes);
+    for (int r = 0; r < R; ++r) {
+      int32_t pair;
+      std::memcpy(&pair, q_rows[r] + 2 * j, 4);
+      const __m512bh qb = (__m512bh)_mm512_set1_epi32(pair);
+      for (int c = 0; c < NB; ++c) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], qb, (__m512bh)kv[c]);
+    }
+  }
+  for (int r = 0; r < R && r < rows; ++r) {
+    for (int c = 0; c < NB; ++c) _mm512_storeu_ps(scores + (t0 + r) * padded + (blk0 + c) * kLanes, acc[r][c]);
+  }
+}
+
+// S = q k^T (T x padded fp32; blocks wholly above the diagonal are left unwritten) from a slice of q (rows q_stride
+// apart) and k packed by pack_k_pairs. Per 16 rows: the blocks up to their diagonal, four at a time in 4 x 4 tiles,
+// then two in 8 x 2 tiles, then one in 8 x 1 tiles.
+inline void scores_dots(const at::BFloat16* q_i, int64_t q_stride, const uint32_t* packed, int64_t T, int64_t pairs,
+                        int64_t padded, float* scores) {
+  for (int64_t t0 = 0; t0 < T; t0 += kLanes) {
+    const int64_t rows = std::min(kLanes, T - t0);
+    const int64_t blocks = (t0 + rows - 1) / kLanes + 1;
+    int64_t c = 0;
+    for (; c + 4 <= blocks; c += 4) {
+      for (int64_t r = 0; r < rows; r += 4)
+        scores_tile<4, 4>(q_i, q_stride, t0 + r, std::min<int64_t>(4, rows - r), packed, padded, pairs, c, scores);
+    }
+    for (; c + 2 <= blocks; c += 2) {
+      for (int64_t r = 0; r < rows; r += 8)
+        scores_tile<8, 2>(q_i, q_stride, t0 + r, std::min<int64_t>(8, rows - r), packed, padded, pairs, c, scores);
+    }
+    for (; c < blocks; ++c) {
+      for (int64_t r = 0; r < rows; r += 8)
+        scores_tile<8, 1>(q_i, q_stride, t0 + r, std::min<int64_t>(8, rows - r), packed, padded, pairs, c, scores);
+    }
+  }
+}
+
+// num[t0 + r][16-lane vectors d0 .. d0 + NV - 1] = sum_p C[t][2p, 2p + 1] . v_packed[p] for r < rows <= R, over the
+// token pairs up to the last row's diagonal (C is 0 past it). C: bf16 rows c_stride apart; v_packed [pairs][dhp].
+template <int R, int NV>
+inline void cv_tile(const at::BFloat16* c, int64_t c_stride, int64_t t0, int64_t rows, const uint32_t* v_packed,
+                    int64_t dhp, int64_t d0, float* num) {
+  __m512 acc[R][NV];
+  const at::BFloat16* c_rows[R];
+  for (int r = 0; r < R; ++r) {
+    c_rows[r] = c + (t0 + std::min<int64_t>(r, rows - 1)) * c_stride;
+    for (int n = 0; n < NV; ++n) acc[r][n] = _mm512_setzero_ps();
+  }
+  const int64_t last = (t0 + rows - 1) / 2;
+  for (int64_t p = 0; p <= last; ++p) {
+    __m512i vv[NV];
+    for (int n = 0; n < NV; ++n) vv[n] = _mm512_loadu_si512(v_packed + p * dhp + d0 + n * kLanes);
+    for (int r = 0; r < R; ++r) {
+      int32_t pair;
+      std::memcpy(&pair, c_rows[r] + 2 * p, 4);
+      const __m512bh cb = (__m512bh)_mm512_set1_epi32(pair);
+      for (int n = 0; n < NV; ++n) acc[r][n] = _mm512_dpbf16_ps(acc[r][n], cb, (__m512bh)vv[n]);
+    }
+  }
+  for (int r = 0; r < R && r < rows; ++r) {
+    for (int n = 0; n < NV; ++n) _mm512_storeu_ps(num + (t0 + r) * dhp + d0 + n * kLanes, acc[r][n]);
+  }
+}
+
+// num = C v (T x dhp fp32) in 4-row tiles over up to four 16-lane vectors of v's columns (dhp / 16 split evenly)
+inline void cv_dots(const at::BFloat16* c, int64_t c_stride, int64_t T, const uint32_t* v_packed, int64_t dhp,
+                    float* num) {
+  const int64_t vectors = dhp / kLanes, chunks = (vectors + 3) / 4, per = (vectors + chunks - 1) / chunks;
+  for (int64_t t0 = 0; t0 < T; t0 += 4) {
+    const int64_t rows = std::min<int64_t>(4, T - t0);
+    for (int64_t v0 = 0; v0 < vectors; v0 += per) {
+      const int64_t d0 = v0 * kLanes;
+      switch (std::min(per, vectors - v0)) {
+        case 1: cv_tile<4, 1>(c, c_stride, t0, rows, v_packed, dhp, d0, num); break;
+        case 2: cv_tile<4, 2>(c, c_stride, t0, rows, v_packed, dhp, d0, num); break;
+        case 3: cv_tile<4, 3>(c, c_stride, t0, rows, v_packed, dhp, d0, num); break;
+        default: cv_tile<4, 4>(c, c_stride, t0, rows, v_packed, dhp, d0, num); break;
+      }
+    }
+  }
+}
+
+// Forward from bf16 q and k (under autocast the projections' outputs): the scores S = q k^T summed in fp32 (AMX
+// tiles through ATen's brgemm where the CPU has them and `tiles`, else the dot products above), then C = S * D' and
+// its row sums as in forward_f32 (forward_row), without writing S to memory, and without the fp32 copies of q and
+// k that PyTorch would need for fp32 scores. q and k are read through their strides (rows with a unit last
+// stride), so head views of token-major memory need no copy either. Per slice, k is packed once into pairs
+// [DH / 2][T'] (T' = T rounded up to 16 lanes), the layout both the tile GEMM (its VNNI layout for B) and the pair
+// dot products read.
 void forward_qk_bf16(const at::Tensor& q, const at::Tensor& k, const float* a, const float* row_max, float scale,
                      at::BFloat16* weights, float* row_sum, bool tiles) {
   const int64_t B = q.size(0), H = q.size(1), T = q.size(2), DH = q.size(3);
   const int64_t pairs = DH / 2, blocks = (T + kLanes - 1) / kLanes, padded = blocks * kLanes;
   const auto* pq = q.data_ptr<at::BFloat16>();
   const auto* pk = k.data_ptr<at::BFloat16>();
-  // With AMX tiles, one GEMM per slice (oneDNN's brgemm micro-kernel through ATen: bf16 in, fp32 out, 2.5-3x faster
-  // than the dot products for ViL's shapes) writes the slice's S to a buffer that stays in cache; the epilogue is
-  // then forward_f32's row by row.
   at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
     std::vector<uint32_t> packed(pairs * padded);
-    std::vector<float> scores(tiles ? T * padded : 0);
+    std::vector<float> scores(T * padded);
     for (int64_t i = begin; i < end; ++i) {
       const int64_t b = i / H, hh = i % H;
       const at::BFloat16* q_i = pq + b * q.stride(0) + hh * q.stride(1);
       const at::BFloat16* k_i = pk + b * k.stride(0) + hh * k.stride(1);
       pack_k_pairs(k_i, k.stride(2), T, pairs, padded, packed.data());
-      const float* a_i = a + i * T;
       if (tiles) {
-        // the packed pairs are the VNNI layout the micro-kernel reads for B (K / 2 x N pairs, leading dim padded)
         at::native::cpublas::brgemm(T, padded, DH, q.stride(2), padded, padded, false, q_i,
                                     reinterpret_cast<const at::BFloat16*>(packed.data()), scores.data(), true);
-        for (int64_t t = 0; t < T; ++t) {
-          row_sum[i * T + t] = forward_row(scores.data() + t * padded, a_i, row_max[i * T + t], scale,
-                                           weights + (i * T + t) * T, t, T);
-        }
-        continue;
+      } else {
+        scores_dots(q_i, q.stride(2), packed.data(), T, pairs, padded, scores.data());
       }
-      for (int64_t t0 = 0; t0 < T; t0 += kRowGroup) {
-        const int64_t rows = std::min(kRowGroup, T - t0);
-        const at::BFloat16* q_rows[kRowGroup];
-        for (int64_t r = 0; r < kRowGroup; ++r) q_rows[r] = q_i + (t0 + std::min(r, rows - 1)) * q.stride(2);
-        const int64_t used = (t0 + rows - 1) / kLanes + 1;  // blocks that reach the group's last diagonal
-        for (int64_t blk0 = 0; blk0 < used; blk0 += 4) {  // up to 64 lanes at a time
-          const int64_t nb = std::min<int64_t>(4, used - blk0);
-          __m512 acc[kRowGroup * 4];
-          const uint32_t* packed_blk = packed.data() + blk0 * kLanes;
-          switch (nb) {
-            case 1: dot_group<1>(q_rows, packed_blk, padded, pairs, acc); break;
-            case 2: dot_group<2>(q_rows, packed_blk, padded, pairs, acc); break;
-            case 3: dot_group<3>(q_rows, packed_blk, padded, pairs, acc); break;
-            default: dot_group<4>(q_rows, packed_blk, padded, pairs, acc); break;
-          }
-          for (int64_t r = 0; r < rows; ++r) {
-            const int64_t t = t0 + r;
-            for (int64_t c = 0; c < nb; ++c) {
-              const int64_t s0 = (blk0 + c) * kLanes, count = std::min(kLanes, T - s0);
-              vfloat cv{};
-              if (s0 <= t)
-                cv = (vfloat)acc[r * 4 + c] * decay_lanes(load(a_i + s0, count), row_max[i * T + t], scale, s0, t);
-              store(weights + (i * T + t) * T + s0, cv, count);
-              const float part = lane_sum(cv);  // the row sum, block by block
-              if (blk0 + c == 0) row_sum[i * T + t] = part; else row_sum[i * T + t] += part;
-            }
-          }
-        }
-        for (int64_t r = 0; r < rows; ++r) {  // blocks past the group's last diagonal: zeros
-          const int64_t t = t0 + r;
-          for (int64_t blk = used; blk < blocks; ++blk) {
-            const int64_t s0 = blk * kLanes;
-            store(weights + (i * T + t) * T + s0, vfloat{}, std::min(kLanes, T - s0));
-          }
-        }
+      const float* a_i = a + i * T;
+      for (int64_t t = 0; t < T; ++t) {
+        row_sum[i * T + t] = forward_row(scores.data() + t * padded, a_i, row_max[i * T + t], scale,
+                                         weights + (i * T + t) * T, t, T);
       }
     }
     if (tiles) at::native::cpublas::brgemm_release(true);  // hand the tile registers back (as ATen's own users do)
@@ -515,49 +584,70 @@ bool has_bf16_scores() {
 // Whether weights_forward_qk(tiles=True) runs on AMX tiles here.
 bool has_tile_scores() { return has_bf16_scores() && can_use_tiles(); }
 
-// The whole forward of the cell (eqs. 59-64) for bf16 q, k, v on AMX tiles, one slice at a time with every
-// intermediate in cache: S = q k^T (fp32, tile GEMM), C = S D' and its row sums (forward_row), the normaliser
-// n = max(|row sum|, exp(-m)), the numerator C v (tile GEMM, from C rounded to bf16 as the PyTorch form rounds it
-// for its bf16 product, summed in fp32) and h = (C v) / (n + eps), rounded once to bf16. C is written out only
-// when backward needs it (weights != nullptr). q, k, v are read and h written through their strides.
-void forward_tiles_bf16(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const float* a,
+#if defined(__AVX512BF16__)
+// The whole forward of the cell (eqs. 59-64) for bf16 q, k, v, one slice at a time with every intermediate in
+// cache: S = q k^T (fp32), C = S D' and its row sums (forward_row), the normaliser n = max(|row sum|, exp(-m)), the
+// numerator C v (from C rounded to bf16 as the PyTorch form rounds it for its bf16 product, summed in fp32) and
+// h = (C v) / (n + eps), rounded once to bf16. The products run on AMX tiles (ATen's brgemm) where the CPU has them
+// and `tiles`, else as the AVX512-BF16 dot products above. C is written out only when backward needs it
+// (weights != nullptr). q, k, v are read and h written through their strides.
+void forward_whole_bf16(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const float* a,
                         const float* row_max, const float* m, float scale, float eps, at::BFloat16* weights,
-                        float* row_sum, float* normaliser, const at::Tensor& h) {
+                        float* row_sum, float* normaliser, const at::Tensor& h, bool tiles) {
   const int64_t B = q.size(0), H = q.size(1), T = q.size(2), DH = q.size(3);
   const int64_t pairs = DH / 2;
   const int64_t padded = (T + kLanes - 1) / kLanes * kLanes;  // S's columns: whole 16-lane blocks
   const int64_t token_pairs = (T + 1) / 2;  // the K axis of C v, in pairs of tokens
+  // v_packed's row length: DH for the tile GEMM, whole 16-lane vectors (zeros past DH) for the dot products
+  const int64_t dhp = tiles ? DH : (DH + kLanes - 1) / kLanes * kLanes;
   const auto* pq = q.data_ptr<at::BFloat16>();
   const auto* pk = k.data_ptr<at::BFloat16>();
   const auto* pv = v.data_ptr<at::BFloat16>();
   auto* ph = h.data_ptr<at::BFloat16>();
+  // the strides, read once (Tensor::stride() in the loops below was a measurable share of the kernel's time)
+  const int64_t q0 = q.stride(0), q1 = q.stride(1), q2 = q.stride(2), k0 = k.stride(0), k1 = k.stride(1),
+                k2 = k.stride(2), v0 = v.stride(0), v1 = v.stride(1), v2 = v.stride(2), h0 = h.stride(0),
+                h1 = h.stride(1), h2 = h.stride(2);
   at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
     std::vector<uint32_t> k_packed(pairs * padded);  // [DH / 2][padded] (pack_k_pairs)
-    std::vector<uint32_t> v_packed(token_pairs * DH, 0);  // [T / 2][DH]: pairs of v's rows (tokens), per column
+    std::vector<uint32_t> v_packed(token_pairs * dhp, 0);  // [T / 2][dhp]: pairs of v's rows (tokens), per column
     std::vector<float> scores(T * padded);
     std::vector<at::BFloat16> c(T * 2 * token_pairs, at::BFloat16(0.0f));  // C in bf16, rows of 2 * token_pairs
-    std::vector<float> num(T * DH);
+    std::vector<float> num(T * dhp);
     for (int64_t i = begin; i < end; ++i) {
       const int64_t b = i / H, hh = i % H;
-      const at::BFloat16* q_i = pq + b * q.stride(0) + hh * q.stride(1);
-      const at::BFloat16* k_i = pk + b * k.stride(0) + hh * k.stride(1);
-      const at::BFloat16* v_i = pv + b * v.stride(0) + hh * v.stride(1);
-      at::BFloat16* h_i = ph + b * h.stride(0) + hh * h.stride(1);
-      pack_k_pairs(k_i, k.stride(2), T, pairs, padded, k_packed.data());
+      const at::BFloat16* q_i = pq + b * q0 + hh * q1;
+      const at::BFloat16* k_i = pk + b * k0 + hh * k1;
+      const at::BFloat16* v_i = pv + b * v0 + hh * v1;
+      at::BFloat16* h_i = ph + b * h0 + hh * h1;
+      // The next slice's rows, requested while this one computes: rows of head views are short and strided, which
+      // the hardware prefetchers miss (ViL-T's shape on Zen 4, inputs from memory: 4.7-5.0 ms per call without
+      // this, 3.7-3.8 with it; 1.7-1.8 with all inputs in cache; 2 slices ahead was no better, 4 or 8 worse).
+      if (i + 1 < end) {
+        const int64_t nb = (i + 1) / H, nh = (i + 1) % H;
+        prefetch_rows(pq + nb * q0 + nh * q1, q2, T, DH);
+        prefetch_rows(pk + nb * k0 + nh * k1, k2, T, DH);
+        prefetch_rows(pv + nb * v0 + nh * v1, v2, T, DH);
+        prefetch_rows(ph + nb * h0 + nh * h1, h2, T, DH);
+      }
+      pack_k_pairs(k_i, k2, T, pairs, padded, k_packed.data());
       for (int64_t j = 0; j < token_pairs; ++j) {  // v_packed[j][d] = (v[2j][d], v[2j + 1][d]); 0 past T
-        const at::BFloat16* even = v_i + 2 * j * v.stride(2);
-        const at::BFloat16* odd = 2 * j + 1 < T ? v_i + (2 * j + 1) * v.stride(2) : nullptr;
+        const at::BFloat16* even = v_i + 2 * j * v2;
+        const at::BFloat16* odd = 2 * j + 1 < T ? v_i + (2 * j + 1) * v2 : nullptr;
         for (int64_t d0 = 0; d0 < DH; d0 += kLanes) {
-          const int64_t count = std::min(kLanes, DH - d0);
-          vbf16 lo{}, hi{};
-          copy_in(lo, even + d0, count);
-          if (odd) copy_in(hi, odd + d0, count);
-          const vuint both = __builtin_convertvector(lo, vuint) | (__builtin_convertvector(hi, vuint) << 16);
-          copy_out(v_packed.data() + j * DH + d0, both, count);
+          const __mmask16 mask = static_cast<__mmask16>((1u << std::min(kLanes, DH - d0)) - 1u);
+          const __m512i lo = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, even + d0));
+          const __m512i hi = odd ? _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, odd + d0))
+                                 : _mm512_setzero_si512();
+          _mm512_mask_storeu_epi32(v_packed.data() + j * dhp + d0, mask, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
         }
       }
-      at::native::cpublas::brgemm(T, padded, DH, q.stride(2), padded, padded, false, q_i,
-                                  reinterpret_cast<const at::BFloat16*>(k_packed.data()), scores.data(), true);
+      if (tiles) {
+        at::native::cpublas::brgemm(T, padded, DH, q2, padded, padded, false, q_i,
+                                    reinterpret_cast<const at::BFloat16*>(k_packed.data()), scores.data(), true);
+      } else {
+        scores_dots(q_i, q2, k_packed.data(), T, pairs, padded, scores.data());
+      }
       const float* a_i = a + i * T;
       for (int64_t t = 0; t < T; ++t) {
         const int64_t r = i * T + t;
@@ -566,29 +656,34 @@ void forward_tiles_bf16(const at::Tensor& q, const at::Tensor& k, const at::Tens
         normaliser[r] = std::max(std::abs(row_sum[r]), std::exp(-m[r]));
         if (weights) std::memcpy(weights + r * T, c_row, T * sizeof(at::BFloat16));
       }
-      at::native::cpublas::brgemm(T, DH, 2 * token_pairs, 2 * token_pairs, DH, DH, false, c.data(),
-                                  reinterpret_cast<const at::BFloat16*>(v_packed.data()), num.data(), true);
+      if (tiles) {
+        at::native::cpublas::brgemm(T, DH, 2 * token_pairs, 2 * token_pairs, DH, DH, false, c.data(),
+                                    reinterpret_cast<const at::BFloat16*>(v_packed.data()), num.data(), true);
+      } else {
+        cv_dots(c.data(), 2 * token_pairs, T, v_packed.data(), dhp, num.data());
+      }
       for (int64_t t = 0; t < T; ++t) {
         const vfloat denom = splat(normaliser[i * T + t] + eps);
-        at::BFloat16* h_row = h_i + t * h.stride(2);
+        at::BFloat16* h_row = h_i + t * h2;
         for (int64_t d0 = 0; d0 < DH; d0 += kLanes) {
           const int64_t count = std::min(kLanes, DH - d0);
-          store(h_row + d0, load(num.data() + t * DH + d0, count) / denom, count);
+          store(h_row + d0, load(num.data() + t * dhp + d0, count) / denom, count);
         }
       }
     }
-    at::native::cpublas::brgemm_release(true);
+    if (tiles) at::native::cpublas::brgemm_release(true);
   });
 }
+#endif
 
 // q, k, v, h (B, H, T, DH) bf16 with unit last strides, DH even; a, row_max, m (B, H, T) fp32 contiguous; weights
 // (B, H, T, T) bf16 contiguous or None. Writes h (and C into weights); returns (row_sum, normaliser) (B, H, T).
-// Only where has_tile_scores().
-std::tuple<at::Tensor, at::Tensor> forward_tiles(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                                 const at::Tensor& a, const at::Tensor& row_max, const at::Tensor& m,
-                                                 double scale, double eps, const std::optional<at::Tensor>& weights,
-                                                 at::Tensor h) {
-  TORCH_CHECK(has_bf16_scores() && can_use_tiles(), "forward_tiles needs a CPU with AMX tiles (see has_tile_scores)");
+// Only where has_bf16_scores(); on AMX tiles where the CPU has them and `tiles`.
+std::tuple<at::Tensor, at::Tensor> forward_bf16(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                const at::Tensor& a, const at::Tensor& row_max, const at::Tensor& m,
+                                                double scale, double eps, const std::optional<at::Tensor>& weights,
+                                                at::Tensor h, bool tiles) {
+  TORCH_CHECK(has_bf16_scores(), "forward_bf16 needs a CPU with AVX512-BF16 (see has_bf16_scores)");
   check_rows(q, q, "q");
   check_rows(k, q, "k");
   check_rows(v, q, "v");
@@ -608,9 +703,11 @@ std::tuple<at::Tensor, at::Tensor> forward_tiles(const at::Tensor& q, const at::
   }
   auto row_sum = at::empty({q.size(0), q.size(1), T}, a.options());
   auto normaliser = at::empty_like(row_sum);
-  forward_tiles_bf16(q, k, v, a.data_ptr<float>(), row_max.data_ptr<float>(), m.data_ptr<float>(),
+#if defined(__AVX512BF16__)
+  forward_whole_bf16(q, k, v, a.data_ptr<float>(), row_max.data_ptr<float>(), m.data_ptr<float>(),
                      static_cast<float>(scale), static_cast<float>(eps), pw, row_sum.data_ptr<float>(),
-                     normaliser.data_ptr<float>(), h);
+                     normaliser.data_ptr<float>(), h, tiles && can_use_tiles());
+#endif
   return {row_sum, normaliser};
 }
 
@@ -646,8 +743,8 @@ TORCH_LIBRARY(vision_lstm_cpu, m) {
   m.def("divide_rows_dot(Tensor num, Tensor denom, Tensor(a!) out, Tensor h) -> Tensor");
   m.def("weights_forward_qk(Tensor q, Tensor k, Tensor a, Tensor row_max, float scale, Tensor(a!) weights, "
         "bool tiles=True) -> Tensor");
-  m.def("forward_tiles(Tensor q, Tensor k, Tensor v, Tensor a, Tensor row_max, Tensor m, float scale, float eps, "
-        "Tensor(a!)? weights, Tensor(b!) h) -> (Tensor, Tensor)");
+  m.def("forward_bf16(Tensor q, Tensor k, Tensor v, Tensor a, Tensor row_max, Tensor m, float scale, float eps, "
+        "Tensor(a!)? weights, Tensor(b!) h, bool tiles=True) -> (Tensor, Tensor)");
   m.def("has_bf16_scores() -> bool", &has_bf16_scores);  // no tensor arguments: one kernel for every backend
   m.def("has_tile_scores() -> bool", &has_tile_scores);
 }
@@ -658,5 +755,5 @@ TORCH_LIBRARY_IMPL(vision_lstm_cpu, CPU, m) {
   m.impl("divide_rows", &divide_rows);
   m.impl("divide_rows_dot", &divide_rows_dot);
   m.impl("weights_forward_qk", &weights_forward_qk);
-  m.impl("forward_tiles", &forward_tiles);
+  m.impl("forward_bf16", &forward_bf16);
 }
