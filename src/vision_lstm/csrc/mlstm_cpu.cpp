@@ -108,6 +108,14 @@ inline void store(at::BFloat16* p, vfloat v, int64_t count) {
   copy_out(p, __builtin_convertvector(kept, vbf16), count);
 }
 
+// Asks the cache for T rows of DH bf16, `stride` elements apart (one request per 64-byte line).
+inline void prefetch_rows(const at::BFloat16* p, int64_t stride, int64_t T, int64_t DH) {
+  for (int64_t t = 0; t < T; ++t) {
+    const char* row = reinterpret_cast<const char*>(p + t * stride);
+    for (int64_t byte = 0; byte < DH * 2; byte += 64) __builtin_prefetch(row + byte);
+  }
+}
+
 inline float lane_sum(vfloat v) {
   float sum = 0.0f;
   for (int64_t l = 0; l < kLanes; ++l) sum += v[l];
@@ -192,28 +200,38 @@ void backward_f32(const mm_t* grad_c, const float* grad_row_sum, const mm_t* wei
 void divide_rows_bf16(const at::Tensor& num, const at::Tensor& denom, const at::Tensor& out, const at::Tensor* h,
                       float* dot) {
   const int64_t H = num.size(1), T = num.size(2), DH = num.size(3);
-  const int64_t rows = num.size(0) * H * T;
   const auto* pn = num.data_ptr<at::BFloat16>();
   auto* po = out.data_ptr<at::BFloat16>();
   const auto* ph = h ? h->data_ptr<at::BFloat16>() : nullptr;
   const float* pd = denom.data_ptr<float>();
-  at::parallel_for(0, rows, 64, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const int64_t b = r / (H * T), hh = (r / T) % H, t = r % T;
-      const at::BFloat16* n_row = pn + b * num.stride(0) + hh * num.stride(1) + t * num.stride(2);
-      at::BFloat16* o_row = po + b * out.stride(0) + hh * out.stride(1) + t * out.stride(2);
-      const vfloat d = splat(pd[r]);
-      vfloat sum{};
-      for (int64_t s0 = 0; s0 < DH; s0 += kLanes) {
-        const int64_t count = std::min(kLanes, DH - s0);
-        const vfloat q = load(n_row + s0, count) / d;
-        store(o_row + s0, q, count);
-        if (ph) {
-          const at::BFloat16* h_row = ph + b * h->stride(0) + hh * h->stride(1) + t * h->stride(2);
-          sum += load(o_row + s0, count) * load(h_row + s0, count);
-        }
+  // strides read once; the rows go slice by slice (b, head), each slice's T rows in a plain loop
+  const int64_t n0 = num.stride(0), n1 = num.stride(1), n2 = num.stride(2), o0 = out.stride(0), o1 = out.stride(1),
+                o2 = out.stride(2), h0 = h ? h->stride(0) : 0, h1 = h ? h->stride(1) : 0, h2 = h ? h->stride(2) : 0;
+  at::parallel_for(0, num.size(0) * H, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t b = i / H, hh = i % H;
+      const at::BFloat16* n_i = pn + b * n0 + hh * n1;
+      at::BFloat16* o_i = po + b * o0 + hh * o1;
+      const at::BFloat16* h_i = ph ? ph + b * h0 + hh * h1 : nullptr;
+      if (i + 1 < end) {  // the next slice's rows: strided head views miss the prefetchers (forward_whole_bf16)
+        const int64_t nb = (i + 1) / H, nh = (i + 1) % H;
+        prefetch_rows(pn + nb * n0 + nh * n1, n2, T, DH);
+        if (ph) prefetch_rows(ph + nb * h0 + nh * h1, h2, T, DH);
       }
-      if (dot) dot[r] = lane_sum(sum);
+      for (int64_t t = 0; t < T; ++t) {
+        const int64_t r = i * T + t;
+        const at::BFloat16* n_row = n_i + t * n2;
+        at::BFloat16* o_row = o_i + t * o2;
+        const vfloat d = splat(pd[r]);
+        vfloat sum{};
+        for (int64_t s0 = 0; s0 < DH; s0 += kLanes) {
+          const int64_t count = std::min(kLanes, DH - s0);
+          const vfloat q = load(n_row + s0, count) / d;
+          store(o_row + s0, q, count);
+          if (h_i) sum += load(o_row + s0, count) * load(h_i + t * h2 + s0, count);
+        }
+        if (dot) dot[r] = lane_sum(sum);
+      }
     }
   });
 }
@@ -429,14 +447,6 @@ inline void pack_k_pairs(const at::BFloat16* k_i, int64_t k_stride, int64_t T, i
       transpose16(r);
       for (int64_t j = 0; j < nj; ++j) _mm512_storeu_si512(packed + (j0 + j) * padded + s0, r[j]);
     }
-  }
-}
-
-// Asks the cache for T rows of DH bf16, `stride` elements apart (one request per 64-byte line).
-inline void prefetch_rows(const at::BFloat16* p, int64_t stride, int64_t T, int64_t DH) {
-  for (int64_t t = 0; t < T; ++t) {
-    const char* row = reinterpret_cast<const char*>(p + t * stride);
-    for (int64_t byte = 0; byte < DH * 2; byte += 64) _mm_prefetch(row + byte, _MM_HINT_T0);
   }
 }
 
