@@ -6,6 +6,8 @@ paths timed side by side here.
     python benchmarks/throughput.py                       # all configs, writes results/benchmarks/
     python benchmarks/throughput.py --configs vil_tiny_cifar --paths fast,reference
     python benchmarks/throughput.py --official /path/to/NX-AI/vision-lstm   # adds the official code, same run
+    python benchmarks/throughput.py --configs vil_tiny_cifar --paths fast,official --official ... --rounds 3
+        # each measurement 3 times, rounds interleaved; the median round is reported (for a machine that drifts)
     python benchmarks/throughput.py --device cuda --paths fast,kernels --skip-seqlen   # a GPU; kernels: the
         # fast path with an mlstm_kernels kernel as the cell (--kernel, default the Triton chunkwise one)
 
@@ -323,6 +325,10 @@ def main():
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seconds", type=float, default=10.0, help="time per measurement")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="measure every (config, path, precision, mode) this many times, the rounds interleaved "
+                        "(every other round in reverse order), and report the median round of each: on a shared "
+                        "machine whose speed drifts, both sides of a ratio then see the same phases")
     p.add_argument("--official", default=None, help="path to a checkout of NX-AI/vision-lstm (adds 'official')")
     p.add_argument("--seqlens", default="64,256,1024,4096")
     p.add_argument("--skip-seqlen", action="store_true")
@@ -375,14 +381,16 @@ def main():
                           "torch": torch.__version__, "python": platform.python_version()},
               "device": args.device if args.device == "cpu" else f"{args.device} ({device_name(args.device)})",
               "command": " ".join([Path(sys.executable).name] + sys.argv), "batch": args.batch,
-              "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+              "date": time.strftime("%Y-%m-%d %H:%M:%S"), "rounds": args.rounds}
     print(f"measuring matmul peak ({args.device}, {args.threads} threads) ...", flush=True)
     report["matmul_peak"] = run_worker("matmul", args.threads, device=args.device)
     peak_bf16 = report["matmul_peak"]["gflops_bf16"]
     peak_best, _ = best_peak(report["matmul_peak"])
     print(f"  fp32 {report['matmul_peak']['gflops_fp32']:.0f} GFLOP/s, bf16 {peak_bf16:.0f} GFLOP/s", flush=True)
 
-    rows = []
+    if args.rounds < 1:
+        raise SystemExit(f"--rounds must be at least 1, got {args.rounds}")
+    specs = []  # every measurement, in the order of a round
     for config in configs:  # (empty with --skip-models)
         flops = model_flops(config)
         for path in paths:
@@ -392,20 +400,33 @@ def main():
                 ("default" if path.startswith("official") else "kept",)
             for precision, mode, malloc in itertools.product(args.precisions.split(","), args.modes.split(","),
                                                              mallocs):
-                r = run_worker("model", args.threads, malloc=malloc, config=config, path=path,
-                               precision=precision, mode=mode, batch=args.batch, seconds=args.seconds,
-                               official=args.official, device=args.device,
-                               kernel=args.kernel if path == "kernels" else None)
-                row = {"config": config, "path": path, "precision": precision, "mode": mode, "malloc": malloc,
-                       "fwd_gflop_per_img": flops / 1e9, **r}
-                if path == "kernels":
-                    row["kernel"] = args.kernel
-                if "img_per_s" in r:
-                    factor = 3 if mode == "train" else 1
-                    row["mfu_bf16_peak"] = factor * flops * r["img_per_s"] / 1e9 / peak_bf16
-                    row["mfu"] = factor * flops * r["img_per_s"] / 1e9 / peak_best  # of the faster peak
-                rows.append(row)
-                print("  " + json.dumps(row), flush=True)
+                specs.append({"config": config, "path": path, "precision": precision, "mode": mode,
+                              "malloc": malloc, "fwd_gflop_per_img": flops / 1e9})
+    measured = [[] for _ in specs]
+    for round_ in range(args.rounds):
+        order = range(len(specs)) if round_ % 2 == 0 else reversed(range(len(specs)))
+        for n in order:
+            spec = specs[n]
+            r = run_worker("model", args.threads, malloc=spec["malloc"], config=spec["config"], path=spec["path"],
+                           precision=spec["precision"], mode=spec["mode"], batch=args.batch, seconds=args.seconds,
+                           official=args.official, device=args.device,
+                           kernel=args.kernel if spec["path"] == "kernels" else None)
+            measured[n].append(r)
+            print(f"  round {round_ + 1}/{args.rounds}: " + json.dumps({**spec, **r}), flush=True)
+    rows = []
+    for spec, results in zip(specs, measured):
+        r = median_round(results)
+        row = {**spec, **r}
+        if args.rounds > 1:
+            row["img_per_s_rounds"] = [x.get("img_per_s") for x in results]
+        if spec["path"] == "kernels":
+            row["kernel"] = args.kernel
+        if "img_per_s" in r:
+            factor = 3 if spec["mode"] == "train" else 1
+            flops = spec["fwd_gflop_per_img"] * 1e9
+            row["mfu_bf16_peak"] = factor * flops * r["img_per_s"] / 1e9 / peak_bf16
+            row["mfu"] = factor * flops * r["img_per_s"] / 1e9 / peak_best  # of the faster peak
+        rows.append(row)
     report["models"] = rows
 
     seq_rows = []
@@ -424,6 +445,13 @@ def main():
     print(markdown(report))
 
 
+def median_round(results: list[dict]) -> dict:
+    """The round with the median img/s (the lower middle one for an even count); a failed round counts as slowest.
+    One whole round, so its step time, memory and first step stay consistent with its img/s."""
+    ranked = sorted(results, key=lambda r: r.get("img_per_s", -1.0))
+    return ranked[(len(ranked) - 1) // 2]
+
+
 def markdown(report: dict) -> str:
     peak = report["matmul_peak"]
     lines = [f"# Throughput ({report['date']})", "",
@@ -439,7 +467,10 @@ def markdown(report: dict) -> str:
         _, peak_name = best_peak(peak)
         lines += [f"Matmul peak: fp32 {peak['gflops_fp32']:.0f} GFLOP/s, bf16 {peak['gflops_bf16']:.0f} GFLOP/s "
                   f"({sizes}); MFU is of the faster, {peak_name}  ",
-                  f"Batch {report['batch']}; img/s is the median step; memory is {memory}; first step: the first "
+                  f"Batch {report['batch']}; img/s is the median step"
+                  + (f" of the median of {report['rounds']} interleaved rounds (each round's in brackets)"
+                     if report.get("rounds", 1) > 1 else "")
+                  + f"; memory is {memory}; first step: the first "
                   f"warm-up step (on the compiled path it includes compilation; on the kernels path Triton's).", "",
                   ("malloc: `kept` is the glibc setting that importing vision_lstm applies (freed memory kept for "
                    "reuse); `default` is glibc's defaults (the official code as its users run it)."), "",
@@ -451,7 +482,9 @@ def markdown(report: dict) -> str:
             lines.append(f"{head} | error: {r.get('error', '?')} | | | |")
             continue
         memory = r.get("peak_cuda_mb", r["peak_rss_mb"])
-        lines.append(f"{head}{r['fwd_gflop_per_img']:.3f} | {r['img_per_s']:.1f} | {memory:.0f} | "
+        rounds = r.get("img_per_s_rounds")
+        per_round = f" ({' / '.join('-' if x is None else f'{x:.1f}' for x in rounds)})" if rounds else ""
+        lines.append(f"{head}{r['fwd_gflop_per_img']:.3f} | {r['img_per_s']:.1f}{per_round} | {memory:.0f} | "
                      f"{100 * r.get('mfu', r['mfu_bf16_peak']):.1f}% | {r.get('first_step_s', float('nan')):.1f} |")
     if report.get("seqlen"):
         lines += ["", "## Sequence length (one mLSTM layer's cell, B=1, 4 heads x 96, forward, no grad)", "",

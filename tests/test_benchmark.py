@@ -29,6 +29,36 @@ def test_throughput_benchmark_writes_json_and_table(tmp_path):
     assert "| recipe_mnist | fast | fp32 | train |" in table and "## Sequence length" in table
 
 
+def test_throughput_rounds_report_the_median_round(tmp_path):
+    cmd = [sys.executable, str(REPO / "benchmarks" / "throughput.py"), "--configs", "recipe_mnist", "--paths",
+           "fast,reference", "--precisions", "fp32", "--modes", "infer", "--batch", "4", "--seconds", "0.02",
+           "--rounds", "3", "--skip-seqlen", "--output", str(tmp_path), "--tag", "rounds"]
+    proc = subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=300)
+    # interleaved: round 2 runs the measurements in reverse order
+    order = [(line.split(":", 1)[0], json.loads(line.split(": ", 1)[1])["path"])
+             for line in proc.stdout.splitlines() if line.strip().startswith("round ")]
+    assert [p for _, p in order] == ["fast", "reference", "reference", "fast", "fast", "reference"]
+    report = json.loads((tmp_path / "rounds.json").read_text())
+    assert report["rounds"] == 3
+    for row in report["models"]:
+        rounds = row["img_per_s_rounds"]
+        assert len(rounds) == 3 and row["img_per_s"] == sorted(rounds)[1]
+    table = (tmp_path / "rounds.md").read_text()
+    assert "median of 3 interleaved rounds" in table
+    assert f"{report['models'][0]['img_per_s']:.1f} ({' / '.join(f'{x:.1f}' for x in report['models'][0]['img_per_s_rounds'])})" in table
+
+
+def test_median_round_ranks_a_failed_round_slowest():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("throughput", REPO / "benchmarks" / "throughput.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rounds = [{"img_per_s": 3.0, "peak_rss_mb": 30}, {"error": "killed"}, {"img_per_s": 1.0, "peak_rss_mb": 10}]
+    assert bench.median_round(rounds) == {"img_per_s": 1.0, "peak_rss_mb": 10}  # sorted: error, 1.0, 3.0
+    assert bench.median_round(rounds[:1]) == rounds[0]
+    assert bench.median_round([{"img_per_s": 2.0}, {"img_per_s": 5.0}]) == {"img_per_s": 2.0}  # lower middle
+
+
 def test_recipe_names_resolve_inside_groups():
     # Recipes that share a model are measured once under a joined name; each recipe's own name still selects it.
     import importlib.util
