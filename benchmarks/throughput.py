@@ -422,10 +422,9 @@ def main():
         if spec["path"] == "kernels":
             row["kernel"] = args.kernel
         if "img_per_s" in r:
-            factor = 3 if spec["mode"] == "train" else 1
-            flops = spec["fwd_gflop_per_img"] * 1e9
-            row["mfu_bf16_peak"] = factor * flops * r["img_per_s"] / 1e9 / peak_bf16
-            row["mfu"] = factor * flops * r["img_per_s"] / 1e9 / peak_best  # of the faster peak
+            gflops = (3 if spec["mode"] == "train" else 1) * spec["fwd_gflop_per_img"] * r["img_per_s"]
+            row["mfu_bf16_peak"] = gflops / peak_bf16
+            row["mfu"] = gflops / peak_best  # of the faster peak
         rows.append(row)
     report["models"] = rows
 

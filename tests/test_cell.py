@@ -255,9 +255,8 @@ def test_rebuild_gives_the_same_gradients_without_keeping_the_inputs(cell_path, 
 
 def test_autocast_inference_copies_each_input_once(cell_path):
     """Without gradients, q and k are cast to fp32 straight from the head views (one pass each, no bf16 copy
-    first) and v is made contiguous once; where the fused bf16 scores kernel runs, it reads q and k in place, so
-    only v is copied; where the whole forward is one kernel (CPUs with AVX512-BF16, :func:`vision_lstm.fused.
-    has_bf16_scores`) it reads all three in place."""
+    first) and v is made contiguous once; where the whole forward is one kernel (CPUs with AVX512-BF16,
+    :func:`vision_lstm.fused.has_bf16_scores`) it reads all three in place."""
     B, T, H, DH = 2, 11, 3, 4
     qkv = [torch.randn(B, T, H * DH, dtype=torch.bfloat16).view(B, T, H, DH).transpose(1, 2) for _ in range(3)]
     gates = [torch.randn(B, H, T, dtype=torch.bfloat16) for _ in range(2)]

@@ -25,6 +25,7 @@
 #endif
 #include <cmath>
 #include <optional>
+#include <type_traits>
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -450,29 +451,32 @@ inline void pack_k_pairs(const at::BFloat16* k_i, int64_t k_stride, int64_t T, i
   }
 }
 
-// S[t0 + r][lanes of blocks blk0 .. blk0 + NB - 1] for r < rows <= R, into scores (rows `padded` floats apart)
-template <int R, int NB>
-inline void scores_tile(const at::BFloat16* q_i, int64_t q_stride, int64_t t0, int64_t rows, const uint32_t* packed,
-                        int64_t padded, int64_t pairs, int64_t blk0, float* scores) {
-  __m512 acc[R][NB];
-  const at::BFloat16* q_rows[R];
+// out[r][16-lane vectors n < N] = sum_{p < count} A_r[pair p] . B[p][lanes of vector n], for rows r < rows <= R
+// of A (bf16, rows a_stride apart; past `rows` the last row is repeated, its sums unused) and B packed in pairs
+// (uint32 rows b_ld apart), into out (rows out_ld floats apart). Both products of the forward are such tiles:
+// S = q k^T (A = q, B = k's pairs of columns, count = DH / 2) and C v (A = C, B = v's pairs of rows, count up to
+// the diagonal).
+template <int R, int N>
+inline void pair_dot_tile(const at::BFloat16* a, int64_t a_stride, int64_t rows, const uint32_t* b, int64_t b_ld,
+                          int64_t count, float* out, int64_t out_ld) {
+  __m512 acc[R][N];
+  const at::BFloat16* a_rows[R];
   for (int r = 0; r < R; ++r) {
-    q_rows[r] = q_i + (t0 + std::min<int64_t>(r, rows - 1)) * q_stride;  // past the last row: repeat it, unused
-    for (int c = 0; c < NB; ++c) acc[r][c] = _mm512_setzero_ps();
+    a_rows[r] = a + std::min<int64_t>(r, rows - 1) * a_stride;
+    for (int n = 0; n < N; ++n) acc[r][n] = _mm512_setzero_ps();
   }
-  const uint32_t* kp = packed + blk0 * kLanes;
-  for (int64_t j = 0; j < pairs; ++j) {
-    __m512i kv[NB];
-    for (int c = 0; c < NB; ++c) kv[c] = _mm512_loadu_si512(kp + j * padded + c * kLanes);
+  for (int64_t p = 0; p < count; ++p) {
+    __m512i bv[N];
+    for (int n = 0; n < N; ++n) bv[n] = _mm512_loadu_si512(b + p * b_ld + n * kLanes);
     for (int r = 0; r < R; ++r) {
       int32_t pair;
-      std::memcpy(&pair, q_rows[r] + 2 * j, 4);
-      const __m512bh qb = (__m512bh)_mm512_set1_epi32(pair);
-      for (int c = 0; c < NB; ++c) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], qb, (__m512bh)kv[c]);
+      std::memcpy(&pair, a_rows[r] + 2 * p, 4);
+      const __m512bh ab = (__m512bh)_mm512_set1_epi32(pair);
+      for (int n = 0; n < N; ++n) acc[r][n] = _mm512_dpbf16_ps(acc[r][n], ab, (__m512bh)bv[n]);
     }
   }
   for (int r = 0; r < R && r < rows; ++r) {
-    for (int c = 0; c < NB; ++c) _mm512_storeu_ps(scores + (t0 + r) * padded + (blk0 + c) * kLanes, acc[r][c]);
+    for (int n = 0; n < N; ++n) _mm512_storeu_ps(out + r * out_ld + n * kLanes, acc[r][n]);
   }
 }
 
@@ -484,46 +488,18 @@ inline void scores_dots(const at::BFloat16* q_i, int64_t q_stride, const uint32_
   for (int64_t t0 = 0; t0 < T; t0 += kLanes) {
     const int64_t rows = std::min(kLanes, T - t0);
     const int64_t blocks = (t0 + rows - 1) / kLanes + 1;
+    // R x N tiles over the 16 rows for blocks c .. c + N - 1: A = those rows of q, B and out from block c's lanes
+    auto tiles = [&](auto height, auto width, int64_t c) {
+      constexpr int R = decltype(height)::value, N = decltype(width)::value;
+      for (int64_t r = 0; r < rows; r += R) {
+        pair_dot_tile<R, N>(q_i + (t0 + r) * q_stride, q_stride, std::min<int64_t>(R, rows - r), packed + c * kLanes,
+                            padded, pairs, scores + (t0 + r) * padded + c * kLanes, padded);
+      }
+    };
     int64_t c = 0;
-    for (; c + 4 <= blocks; c += 4) {
-      for (int64_t r = 0; r < rows; r += 4)
-        scores_tile<4, 4>(q_i, q_stride, t0 + r, std::min<int64_t>(4, rows - r), packed, padded, pairs, c, scores);
-    }
-    for (; c + 2 <= blocks; c += 2) {
-      for (int64_t r = 0; r < rows; r += 8)
-        scores_tile<8, 2>(q_i, q_stride, t0 + r, std::min<int64_t>(8, rows - r), packed, padded, pairs, c, scores);
-    }
-    for (; c < blocks; ++c) {
-      for (int64_t r = 0; r < rows; r += 8)
-        scores_tile<8, 1>(q_i, q_stride, t0 + r, std::min<int64_t>(8, rows - r), packed, padded, pairs, c, scores);
-    }
-  }
-}
-
-// num[t0 + r][16-lane vectors d0 .. d0 + NV - 1] = sum_p C[t][2p, 2p + 1] . v_packed[p] for r < rows <= R, over the
-// token pairs up to the last row's diagonal (C is 0 past it). C: bf16 rows c_stride apart; v_packed [pairs][dhp].
-template <int R, int NV>
-inline void cv_tile(const at::BFloat16* c, int64_t c_stride, int64_t t0, int64_t rows, const uint32_t* v_packed,
-                    int64_t dhp, int64_t d0, float* num) {
-  __m512 acc[R][NV];
-  const at::BFloat16* c_rows[R];
-  for (int r = 0; r < R; ++r) {
-    c_rows[r] = c + (t0 + std::min<int64_t>(r, rows - 1)) * c_stride;
-    for (int n = 0; n < NV; ++n) acc[r][n] = _mm512_setzero_ps();
-  }
-  const int64_t last = (t0 + rows - 1) / 2;
-  for (int64_t p = 0; p <= last; ++p) {
-    __m512i vv[NV];
-    for (int n = 0; n < NV; ++n) vv[n] = _mm512_loadu_si512(v_packed + p * dhp + d0 + n * kLanes);
-    for (int r = 0; r < R; ++r) {
-      int32_t pair;
-      std::memcpy(&pair, c_rows[r] + 2 * p, 4);
-      const __m512bh cb = (__m512bh)_mm512_set1_epi32(pair);
-      for (int n = 0; n < NV; ++n) acc[r][n] = _mm512_dpbf16_ps(acc[r][n], cb, (__m512bh)vv[n]);
-    }
-  }
-  for (int r = 0; r < R && r < rows; ++r) {
-    for (int n = 0; n < NV; ++n) _mm512_storeu_ps(num + (t0 + r) * dhp + d0 + n * kLanes, acc[r][n]);
+    for (; c + 4 <= blocks; c += 4) tiles(std::integral_constant<int, 4>{}, std::integral_constant<int, 4>{}, c);
+    for (; c + 2 <= blocks; c += 2) tiles(std::integral_constant<int, 8>{}, std::integral_constant<int, 2>{}, c);
+    for (; c < blocks; ++c) tiles(std::integral_constant<int, 8>{}, std::integral_constant<int, 1>{}, c);
   }
 }
 
@@ -533,15 +509,31 @@ inline void cv_dots(const at::BFloat16* c, int64_t c_stride, int64_t T, const ui
   const int64_t vectors = dhp / kLanes, chunks = (vectors + 3) / 4, per = (vectors + chunks - 1) / chunks;
   for (int64_t t0 = 0; t0 < T; t0 += 4) {
     const int64_t rows = std::min<int64_t>(4, T - t0);
+    const int64_t count = (t0 + rows - 1) / 2 + 1;  // token pairs up to the last row's diagonal (C is 0 past it)
     for (int64_t v0 = 0; v0 < vectors; v0 += per) {
-      const int64_t d0 = v0 * kLanes;
+      const at::BFloat16* a = c + t0 * c_stride;
+      const uint32_t* b = v_packed + v0 * kLanes;
+      float* out = num + t0 * dhp + v0 * kLanes;
       switch (std::min(per, vectors - v0)) {
-        case 1: cv_tile<4, 1>(c, c_stride, t0, rows, v_packed, dhp, d0, num); break;
-        case 2: cv_tile<4, 2>(c, c_stride, t0, rows, v_packed, dhp, d0, num); break;
-        case 3: cv_tile<4, 3>(c, c_stride, t0, rows, v_packed, dhp, d0, num); break;
-        default: cv_tile<4, 4>(c, c_stride, t0, rows, v_packed, dhp, d0, num); break;
+        case 1: pair_dot_tile<4, 1>(a, c_stride, rows, b, dhp, count, out, dhp); break;
+        case 2: pair_dot_tile<4, 2>(a, c_stride, rows, b, dhp, count, out, dhp); break;
+        case 3: pair_dot_tile<4, 3>(a, c_stride, rows, b, dhp, count, out, dhp); break;
+        default: pair_dot_tile<4, 4>(a, c_stride, rows, b, dhp, count, out, dhp); break;
       }
     }
+  }
+}
+
+// S = q k^T (T x padded fp32) of one slice: k packed into `packed` (pairs x padded), then the tile GEMM (AMX, its
+// VNNI layout for B) or the dot products. The scores step of both forward kernels below.
+inline void slice_scores(const at::BFloat16* q_i, int64_t q_stride, const at::BFloat16* k_i, int64_t k_stride,
+                         int64_t T, int64_t DH, int64_t padded, bool tiles, uint32_t* packed, float* scores) {
+  pack_k_pairs(k_i, k_stride, T, DH / 2, padded, packed);
+  if (tiles) {
+    at::native::cpublas::brgemm(T, padded, DH, q_stride, padded, padded, false, q_i,
+                                reinterpret_cast<const at::BFloat16*>(packed), scores, true);
+  } else {
+    scores_dots(q_i, q_stride, packed, T, DH / 2, padded, scores);
   }
 }
 
@@ -565,13 +557,7 @@ void forward_qk_bf16(const at::Tensor& q, const at::Tensor& k, const float* a, c
       const int64_t b = i / H, hh = i % H;
       const at::BFloat16* q_i = pq + b * q.stride(0) + hh * q.stride(1);
       const at::BFloat16* k_i = pk + b * k.stride(0) + hh * k.stride(1);
-      pack_k_pairs(k_i, k.stride(2), T, pairs, padded, packed.data());
-      if (tiles) {
-        at::native::cpublas::brgemm(T, padded, DH, q.stride(2), padded, padded, false, q_i,
-                                    reinterpret_cast<const at::BFloat16*>(packed.data()), scores.data(), true);
-      } else {
-        scores_dots(q_i, q.stride(2), packed.data(), T, pairs, padded, scores.data());
-      }
+      slice_scores(q_i, q.stride(2), k_i, k.stride(2), T, DH, padded, tiles, packed.data(), scores.data());
       const float* a_i = a + i * T;
       for (int64_t t = 0; t < T; ++t) {
         row_sum[i * T + t] = forward_row(scores.data() + t * padded, a_i, row_max[i * T + t], scale,
@@ -640,7 +626,7 @@ void forward_whole_bf16(const at::Tensor& q, const at::Tensor& k, const at::Tens
         prefetch_rows(pv + nb * v0 + nh * v1, v2, T, DH);
         prefetch_rows(ph + nb * h0 + nh * h1, h2, T, DH);
       }
-      pack_k_pairs(k_i, k2, T, pairs, padded, k_packed.data());
+      slice_scores(q_i, q2, k_i, k2, T, DH, padded, tiles, k_packed.data(), scores.data());
       for (int64_t j = 0; j < token_pairs; ++j) {  // v_packed[j][d] = (v[2j][d], v[2j + 1][d]); 0 past T
         const at::BFloat16* even = v_i + 2 * j * v2;
         const at::BFloat16* odd = 2 * j + 1 < T ? v_i + (2 * j + 1) * v2 : nullptr;
@@ -651,12 +637,6 @@ void forward_whole_bf16(const at::Tensor& q, const at::Tensor& k, const at::Tens
                                  : _mm512_setzero_si512();
           _mm512_mask_storeu_epi32(v_packed.data() + j * dhp + d0, mask, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
         }
-      }
-      if (tiles) {
-        at::native::cpublas::brgemm(T, padded, DH, q2, padded, padded, false, q_i,
-                                    reinterpret_cast<const at::BFloat16*>(k_packed.data()), scores.data(), true);
-      } else {
-        scores_dots(q_i, q2, k_packed.data(), T, pairs, padded, scores.data());
       }
       const float* a_i = a + i * T;
       for (int64_t t = 0; t < T; ++t) {
