@@ -107,14 +107,14 @@ def main():
     head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
                           text=True).stdout.strip()
     import torch
-    from vision_lstm.runtime import device_name, resolve_precision
+    from vision_lstm.runtime import cpu_details, device_name, resolve_precision
     if args.precision == "auto":
         args.precision, note = resolve_precision("auto")
         print(note, flush=True)
     report = {"command": "python benchmarks/ab.py " + " ".join(sys.argv[1:]), "ref": ref_sha,
               "tree": head + (" + uncommitted changes in src/" if dirty else ""),
               "date": time.strftime("%Y-%m-%d %H:%M:%S"), "precision": args.precision, "mode": args.mode,
-              "machine": {"cpu": device_name("cpu"), "threads": args.threads, "torch": torch.__version__,
+              "machine": {"cpu": device_name("cpu"), "cpu_details": cpu_details(), "threads": args.threads, "torch": torch.__version__,
                           "python": platform.python_version()}, "results": []}
     with tempfile.TemporaryDirectory() as tmp:
         archive = subprocess.run(["git", "-C", str(REPO), "archive", ref_sha, "src"], capture_output=True, check=True)

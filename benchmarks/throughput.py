@@ -376,8 +376,8 @@ def main():
         raise SystemExit("--device cuda: CUDA is not available here")
     if args.official:
         paths = paths if "official" in paths else paths + ["official"]
-    from vision_lstm.runtime import device_name
-    report = {"machine": {"cpu": device_name("cpu"), "threads": args.threads,
+    from vision_lstm.runtime import cpu_details, device_name
+    report = {"machine": {"cpu": device_name("cpu"), "cpu_details": cpu_details(), "threads": args.threads,
                           "torch": torch.__version__, "python": platform.python_version()},
               "device": args.device if args.device == "cpu" else f"{args.device} ({device_name(args.device)})",
               "command": " ".join([Path(sys.executable).name] + sys.argv), "batch": args.batch,

@@ -246,6 +246,78 @@ def test_kernels_reject_bad_inputs_with_a_clear_message(kernels):
                             torch.zeros(1, 2, 8, 4, dtype=torch.bfloat16))
 
 
+def _block_dense(weight):  # (nb, bs, bs) -> the (C, C) block-diagonal matrix, float64
+    return torch.block_diag(*weight.double())
+
+
+def _bf16_close(got, want):  # rounded once to bf16: within half a bf16 unit of the largest value, plus fp32 sums
+    torch.testing.assert_close(got.double(), want, rtol=0, atol=2 ** -8 * want.abs().max().item())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("B,T,H,DH,bs", [(2, 5, 4, 96, 4), (3, 7, 2, 40, 8), (2, 3, 3, 24, 4), (1, 4, 1, 16, 16),
+                                         (2, 3, 2, 8, 1), (2, 9, 4, 6, 2), (128, 64, 4, 96, 4)])
+def test_block_diagonal_kernels_match_the_dense_product(kernels, dtype, B, T, H, DH, bs):
+    # csrc/blockdiag_cpu.cpp against the dense block-diagonal matrix in float64: the product into head-major and
+    # token-major memory, the transposed product of two inputs summed (an input gradient), and the weight and bias
+    # gradients. Heads whose width is not a multiple of 16 (40, 24, 8, 6) exercise the shorter last vector.
+    gen = torch.Generator().manual_seed(0)
+    C = H * DH
+    x = torch.randn(B, T, C, generator=gen).to(dtype)
+    w1, w2 = (torch.randn(C // bs, bs, bs, generator=gen) for _ in range(2))
+    bias = torch.randn(C, generator=gen)
+    w1_used, w2_used = (w.to(dtype) for w in (w1, w2))  # products in the inputs' dtype, as autocast runs them
+    head_major = torch.empty(B, H, T, DH, dtype=dtype)
+    kernels.block_diag_mm([x.view(B, T, H, DH)], [w1_used], bias.to(dtype), head_major.transpose(1, 2))
+    token_major = torch.empty(B, T, C, dtype=dtype)
+    kernels.block_diag_mm([x.view(B, T, H, DH)], [w1], bias, token_major.view(B, T, H, DH))  # fp32 weights as well
+    for got, weight, b in ((head_major.transpose(1, 2).reshape(-1, C), w1_used, bias.to(dtype)),
+                           (token_major.view(-1, C), w1, bias)):
+        want = x.double().view(-1, C) @ _block_dense(weight).T + b.double()
+        if dtype == torch.float32:
+            torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+        else:
+            _bf16_close(got, want)
+    g1, g2 = (torch.randn(B, H, T, DH, generator=gen).to(dtype) for _ in range(2))
+    grad_x = torch.empty(B, T, C, dtype=dtype)
+    kernels.block_diag_mm([g1.transpose(1, 2), g2.transpose(1, 2)], [w1_used.transpose(1, 2), w2_used.transpose(1, 2)],
+                          None, grad_x.view(B, T, H, DH))
+    g1_rows, g2_rows = (g.transpose(1, 2).reshape(-1, C).double() for g in (g1, g2))
+    want_x = g1_rows @ _block_dense(w1_used) + g2_rows @ _block_dense(w2_used)
+    if dtype == torch.float32:
+        torch.testing.assert_close(grad_x.view(-1, C).double(), want_x, rtol=1e-5, atol=1e-5)
+    else:
+        _bf16_close(grad_x.view(-1, C), want_x)
+    grad_w, grad_b = kernels.block_diag_outer(g1.transpose(1, 2), x.view(B, T, H, DH), bs)
+    assert grad_w.shape == (C // bs, bs, bs) and grad_w.dtype == grad_b.dtype == torch.float32
+    blocks = (g1_rows.view(-1, C // bs, bs), x.double().view(-1, C // bs, bs))
+    want_w = torch.einsum("nbo,nbi->boi", *blocks)
+    # fp32 sums of exact products (bf16 x bf16 fits fp32): error within a few fp32 units of the sum of magnitudes
+    bound_w = torch.einsum("nbo,nbi->boi", *(t.abs() for t in blocks))
+    assert ((grad_w.double() - want_w).abs() <= 1e-6 * bound_w + 1e-30).all()
+    assert ((grad_b.double() - g1_rows.sum(0)).abs() <= 1e-6 * g1_rows.abs().sum(0)).all()
+
+
+def test_block_diagonal_kernels_reject_bad_input(kernels):
+    x = torch.zeros(2, 3, 4, 8)
+    w = torch.zeros(8, 4, 4)
+    out = torch.empty_like(x)
+    with pytest.raises(RuntimeError, match="block size must be 1, 2, 4, 8 or 16"):
+        kernels.block_diag_mm([torch.zeros(2, 3, 4, 6)], [torch.zeros(8, 3, 3)], None, torch.zeros(2, 3, 4, 6))
+    with pytest.raises(RuntimeError, match="head dimension 6 must be a multiple of the block size 4"):
+        kernels.block_diag_mm([torch.zeros(2, 3, 4, 6)], [torch.zeros(6, 4, 4)], None, torch.zeros(2, 3, 4, 6))
+    with pytest.raises(RuntimeError, match="must have the dtype"):
+        kernels.block_diag_mm([x.bfloat16()], [w], None, out)
+    with pytest.raises(RuntimeError, match="unit last stride"):
+        kernels.block_diag_mm([x], [w], None, torch.empty(2, 3, 8, 4).transpose(2, 3))
+    with pytest.raises(RuntimeError, match="one weight per input"):
+        kernels.block_diag_mm([x, x], [w], None, out)
+    with pytest.raises(RuntimeError, match="bias must have shape"):
+        kernels.block_diag_mm([x], [w], torch.zeros(7), out)
+    with pytest.raises(RuntimeError, match="float32 or bfloat16"):
+        kernels.block_diag_outer(x.double(), x.double(), 4)
+
+
 def test_cell_falls_back_to_its_pytorch_form_when_the_build_fails(monkeypatch):
     monkeypatch.setenv("VIL_FUSED", "1")
     monkeypatch.setattr(fused, "_build", lambda: RuntimeError("no C++ compiler (simulated by the test)"))

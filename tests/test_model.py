@@ -150,6 +150,77 @@ def test_block_diagonal_under_autocast_runs_in_bf16_with_fp32_gradients():
     torch.testing.assert_close(w.grad, expected_w, rtol=2e-2, atol=2e-2)
 
 
+@pytest.mark.parametrize("autocast", [False, True])
+@pytest.mark.parametrize("block_size", [4, 8])
+def test_head_major_projections_match_the_pytorch_route(autocast, block_size):
+    # The CPU kernels' q, k, v projections (head-major memory, fused input gradient of c) against
+    # BlockDiagonalLinear's own route (head views of its token-major outputs): same values and the same gradients
+    # for c, x_m and every weight and bias, in fp32 and under bf16 autocast (there within bf16 rounding).
+    from vision_lstm import fused
+    if fused.ops() is None:
+        pytest.skip("the CPU kernels could not be built here")
+    gen = torch.Generator().manual_seed(0)
+    B, T, H, inner = 3, 10, 4, 64
+    projections = [BlockDiagonalLinear(inner, block_size) for _ in range(3)]
+    for p in projections:
+        torch.nn.init.normal_(p.weight, generator=gen)
+        torch.nn.init.normal_(p.bias, generator=gen)
+    c0, x0 = (torch.randn(B, T, inner, generator=gen) for _ in range(2))
+    weights = [torch.randn(B, H, T, inner // H, generator=gen) for _ in range(3)]
+
+    def run(kernel_route):
+        c, x_m = (t.clone().requires_grad_() for t in (c0, x0))
+        for p in projections:
+            p.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            if kernel_route:
+                heads = layers.head_major_projections(c, x_m, H, *projections)
+                assert heads is not None and all(t.is_contiguous() for t in heads)
+            else:
+                heads = [p(t).view(B, T, H, -1).transpose(1, 2) for p, t in zip(projections, (c, c, x_m))]
+        sum((h.float() * w).sum() for h, w in zip(heads, weights)).backward()
+        grads = [c.grad, x_m.grad] + [t.grad for p in projections for t in (p.weight, p.bias)]
+        return [h.detach().float() for h in heads], grads
+
+    (heads, grads), (want_heads, want_grads) = run(True), run(False)
+    tolerance = dict(rtol=1e-2, atol=2e-2) if autocast else dict(rtol=1e-5, atol=1e-5)
+    for got, want in zip(heads, want_heads):
+        torch.testing.assert_close(got, want, **tolerance)
+    for got, want in zip(grads, want_grads):
+        assert got.dtype == want.dtype == torch.float32
+        torch.testing.assert_close(got, want, rtol=tolerance["rtol"], atol=tolerance["atol"] * want.abs().max().item())
+
+
+def test_layer_makes_no_head_major_copies_of_q_k_v(monkeypatch):
+    # With the CPU kernels, q, k, v come out of their projections in the head-major layout the cell works in, h is
+    # written in the token-major layout the output path reads, and the gradients go back the same way: a training
+    # step copies no (B, T, inner)-sized tensor between layouts (the PyTorch route made nine such copies per layer).
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from vision_lstm import fused
+    if fused.ops() is None:
+        pytest.skip("the CPU kernels could not be built here")
+    B, T, dim = 4, 16, 32
+
+    class CountCopies(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func in (torch.ops.aten.clone.default, torch.ops.aten.copy_.default) and out.numel() == B * T * 2 * dim:
+                CountCopies.count += 1
+            return out
+
+    layer = layers.ViLLayer(dim)
+    x = torch.randn(B, T, dim, requires_grad=True)
+    for autocast in (False, True):
+        CountCopies.count = 0
+        with CountCopies():
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                y = layer(x, (4, 4))
+            y.float().sum().backward()
+        assert CountCopies.count == 0, (autocast, CountCopies.count)
+
+
 def test_bf16_autocast_matches_fp32_within_bf16_rounding():
     # Under autocast the projections and the output path (norm, skip, output gate) run in bf16, and so do the
     # cell's T x T products except the scores (its gating, stabiliser and normaliser stay fp32).

@@ -170,7 +170,7 @@ class _ParallelMLSTM(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, igate, fgate, eps, low_dtype, kernels, rebuild):
+    def forward(ctx, q, k, v, igate, fgate, eps, low_dtype, kernels, rebuild, token_major):
         scale = q.shape[-1] ** -0.5
         if kernels is None:
             decay, m, argmax = _decay_matrix(igate, fgate)  # (B, H, T, T), (B, H, T, 1) x2
@@ -187,9 +187,13 @@ class _ParallelMLSTM(torch.autograd.Function):
         # forward computes the same way (and rebuild gives the same gradients bit for bit).
         if any(ctx.needs_input_grad[:2]):
             q, k = q.contiguous(), k.contiguous()  # backward's products read them in the dtype they came in
-        # h comes back in q's layout (for the ViL layer: a head view of token-major memory), written by the
-        # division that is needed anyway: the layer then reads h as (B, T, H * DH) without a copy of its own.
-        h = torch.empty_like(q if ctx.layouts[0] is None else ctx.layouts[0], dtype=v.dtype, device=v.device)
+        # h comes back in q's layout, or in token-major memory if asked (the ViL layer reads it as (B, T, H * DH)),
+        # written by the division that is needed anyway: no copy of its own.
+        if token_major:
+            B, H, T, _ = q.shape
+            h = torch.empty(B, T, H, v.shape[-1], dtype=v.dtype, device=v.device).transpose(1, 2)
+        else:
+            h = torch.empty_like(q if ctx.layouts[0] is None else ctx.layouts[0], dtype=v.dtype, device=v.device)
         if _whole_forward(kernels, q, v, low_dtype):
             # The whole forward in one kernel (AMX tiles or AVX512-BF16 dot products): S, C and its row sums, the
             # normaliser, C v (summed in fp32 and divided before its one rounding) and h, slice by slice in cache;
@@ -300,7 +304,7 @@ def _gate_and_layout_gradients(ctx, grad_q, grad_k, grad_v, grad_igate, grad_cum
     grad_fgate = grad_log_f * torch.sigmoid(-fgate)
     grad_q, grad_k, grad_v = (grad if like is None else torch.empty_like(like, device=grad.device).copy_(grad)
                               for grad, like in zip((grad_q, grad_k, grad_v), ctx.layouts))
-    return grad_q, grad_k, grad_v, grad_igate, grad_fgate, None, None, None, None
+    return grad_q, grad_k, grad_v, grad_igate, grad_fgate, None, None, None, None, None
 
 
 def _whole_forward(kernels, q: torch.Tensor, v: torch.Tensor, low_dtype) -> bool:
@@ -319,7 +323,8 @@ def _layout_of(x: torch.Tensor) -> torch.Tensor:
     return torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device="meta")
 
 
-def mlstm_parallel(q, k, v, igate, fgate, eps: float = DEFAULT_EPS, rebuild=None) -> torch.Tensor:
+def mlstm_parallel(q, k, v, igate, fgate, eps: float = DEFAULT_EPS, rebuild=None,
+                   token_major: bool = False) -> torch.Tensor:
     """Parallel form, fast path (hand-written backward). Shapes and math as :func:`mlstm_parallel_reference`.
 
     Under bf16 autocast (CPU or CUDA) q, k, v are cast to bf16, the gates to fp32, and h comes back in bf16;
@@ -327,6 +332,9 @@ def mlstm_parallel(q, k, v, igate, fgate, eps: float = DEFAULT_EPS, rebuild=None
 
     rebuild: None, or a callable that returns (q, k, v) again (same values and layouts, computed without grad);
     given, backward calls it instead of keeping q, k, v from forward (less memory for a little recomputation).
+
+    token_major: return h (B, H, T, DH) as a view of (B, T, H, DH) memory (what a layer that goes on token-major
+    reads without a copy) instead of in q's layout.
 
     Always runs eagerly, also inside ``torch.compile``d models: compiling it with the rest of ViL-T was far slower
     to compile and to train (2 cores, session 16, ad hoc), while the rest of the model compiled around an eager
@@ -336,11 +344,11 @@ def mlstm_parallel(q, k, v, igate, fgate, eps: float = DEFAULT_EPS, rebuild=None
         # The eager wrapper is made here rather than by decorating this function at import: making it imports
         # TorchDynamo, about half of ``import vision_lstm``'s time (1.2 of 2.5 s, session 18), which only users
         # who compile need, and they have imported it by now.
-        return torch.compiler.disable(_mlstm_parallel_eager)(q, k, v, igate, fgate, eps, rebuild)
-    return _mlstm_parallel_eager(q, k, v, igate, fgate, eps, rebuild)
+        return torch.compiler.disable(_mlstm_parallel_eager)(q, k, v, igate, fgate, eps, rebuild, token_major)
+    return _mlstm_parallel_eager(q, k, v, igate, fgate, eps, rebuild, token_major)
 
 
-def _mlstm_parallel_eager(q, k, v, igate, fgate, eps: float, rebuild=None) -> torch.Tensor:
+def _mlstm_parallel_eager(q, k, v, igate, fgate, eps: float, rebuild=None, token_major: bool = False) -> torch.Tensor:
     _check_inputs(q, k, v, igate, fgate)
     device = q.device.type
     if torch.is_autocast_enabled(device):
@@ -353,9 +361,9 @@ def _mlstm_parallel_eager(q, k, v, igate, fgate, eps: float, rebuild=None) -> to
             igate, fgate = igate.float(), fgate.float()
             kernels = _fused_kernels(q, k, v, igate, fgate, low_dtype)
             rebuilt = None if rebuild is None else lambda: tuple(t.to(dtype) for t in rebuild())  # as cast here
-            return _ParallelMLSTM.apply(q, k, v, igate, fgate, eps, low_dtype, kernels, rebuilt)
+            return _ParallelMLSTM.apply(q, k, v, igate, fgate, eps, low_dtype, kernels, rebuilt, token_major)
     kernels = _fused_kernels(q, k, v, igate, fgate, None)
-    return _ParallelMLSTM.apply(q, k, v, igate, fgate, eps, None, kernels, rebuild)
+    return _ParallelMLSTM.apply(q, k, v, igate, fgate, eps, None, kernels, rebuild, token_major)
 
 
 def _fused_kernels(q, k, v, igate, fgate, low_dtype):
@@ -549,12 +557,13 @@ def mlstm_external(q, k, v, igate, fgate, name: str, chunk_size: int = 64, eps: 
 
 
 def mlstm(q, k, v, igate, fgate, mode: str = "parallel", chunk_size: int = 64, eps: float = DEFAULT_EPS,
-          rebuild=None):
+          rebuild=None, token_major: bool = False):
     """Dispatch to one of the three forms, or to an ``mlstm_kernels`` kernel (mode ``"kernels:<name>"``,
-    :func:`mlstm_external`). Shapes as :func:`mlstm_parallel`. ``rebuild`` (see :func:`mlstm_parallel`) applies to
-    the parallel form; the others keep what autograd keeps."""
+    :func:`mlstm_external`). Shapes as :func:`mlstm_parallel`. ``rebuild`` and ``token_major`` (see
+    :func:`mlstm_parallel`) apply to the parallel form; the others keep what autograd keeps and return h in their
+    own layout."""
     if mode == "parallel":
-        return mlstm_parallel(q, k, v, igate, fgate, eps=eps, rebuild=rebuild)
+        return mlstm_parallel(q, k, v, igate, fgate, eps=eps, rebuild=rebuild, token_major=token_major)
     if mode == "chunkwise":
         return mlstm_chunkwise(q, k, v, igate, fgate, chunk_size=chunk_size, eps=eps)
     if mode == "recurrent":

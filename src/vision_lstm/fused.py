@@ -1,15 +1,19 @@
-"""Fused CPU kernels for the parallel mLSTM cell, compiled from ``csrc/mlstm_cpu.cpp`` at first use.
+"""CPU kernels of the package, compiled from ``csrc/`` at first use.
 
-The cell's matrix products run in PyTorch, except the bf16 scores q k^T, which one kernel computes together with
-the weights C = S D' and their row sums (AVX512-BF16 dot products, or AMX tiles through ATen's brgemm where the CPU
-has them); the other elementwise passes between the products (and the matching backward passes) run as one C++
-pass each instead of about ten PyTorch passes over (B, H, T, T) memory. The source is compiled once per machine
-with the system's C++ compiler (``torch.utils.cpp_extension``, for this CPU: ``-march=native``) and cached in
-torch's extension folder (``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``); the first build takes 20-60 s on 2 cores
-(22 s measured on the Intel host of session 20).
+For the parallel mLSTM cell (``csrc/mlstm_cpu.cpp``): the cell's matrix products run in PyTorch, except in bf16 on
+CPUs with AVX512-BF16, where one kernel computes the whole forward (the scores, the weights C = S D' and their row
+sums, C v and h; AVX512-BF16 dot products, or AMX tiles through ATen's brgemm where the CPU has them); the other
+elementwise passes between the products (and the matching backward passes) run as one C++ pass each instead of
+about ten PyTorch passes over (B, H, T, T) memory. For the ViL layer (``csrc/blockdiag_cpu.cpp``): the block-diagonal
+q, k, v projections and their gradients, one pass each, in the layouts the cell wants.
 
-Where no compiler is found or the build fails, the cell warns once and keeps its PyTorch form (same math; slower).
-``VIL_FUSED=0`` turns the kernels off without trying to build them.
+The sources are compiled once per machine with the system's C++ compiler (``torch.utils.cpp_extension``, for this
+CPU: ``-march=native``) and cached in torch's extension folder (``TORCH_EXTENSIONS_DIR``, default
+``~/.cache/torch_extensions``); the first build takes 20-60 s on 2 cores (22 s measured on the Intel host of
+session 20).
+
+Where no compiler is found or the build fails, the cell and the layer warn once and keep their PyTorch forms (same
+math; slower). ``VIL_FUSED=0`` turns the kernels off without trying to build them.
 """
 from __future__ import annotations
 
@@ -23,7 +27,9 @@ from pathlib import Path
 
 import torch
 
-_SOURCE = Path(__file__).with_name("csrc") / "mlstm_cpu.cpp"
+_CSRC = Path(__file__).with_name("csrc")
+_SOURCES = ("mlstm_cpu.cpp", "blockdiag_cpu.cpp")  # compiled; vec.h is included by both
+_FILES = (*_SOURCES, "vec.h")
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno"]
 
 
@@ -40,7 +46,8 @@ def _cpu_signature() -> str:
     except OSError:
         info = [platform.processor()]
     digest = hashlib.sha256()
-    for part in (*info, torch.__version__, sys.version, _SOURCE.read_bytes().decode(), " ".join(_FLAGS)):
+    sources = [(_CSRC / name).read_bytes().decode() for name in _FILES]
+    for part in (*info, torch.__version__, sys.version, *sources, " ".join(_FLAGS)):
         digest.update(part.encode())
     return digest.hexdigest()[:12]
 
@@ -55,25 +62,26 @@ def _build():
         build_dir = Path(cpp_extension._get_build_directory(name, verbose=False))
         build_dir.mkdir(parents=True, exist_ok=True)
         if not any(build_dir.glob("*.so")):
-            print(f"vision_lstm: compiling the fused mLSTM CPU kernels once for this machine (20-60 s; "
+            print(f"vision_lstm: compiling the CPU kernels once for this machine (20-60 s; "
                   f"cached in {build_dir}; VIL_FUSED=0 skips them)", file=sys.stderr, flush=True)
-        # Build from a copy of the source inside the build folder: ninja rebuilds whenever the source's path in its
+        # Build from a copy of the sources inside the build folder: ninja rebuilds whenever a source's path in its
         # build file changes, so two checkouts of the same source (or benchmarks/ab.py's exported revision) would
         # otherwise recompile each other's build, 20 s every time one of them is imported (measured in session 22).
-        source = build_dir / _SOURCE.name
-        if not source.is_file() or source.read_bytes() != _SOURCE.read_bytes():
-            partial = source.with_name(f"{source.name}.{os.getpid()}.tmp")
-            partial.write_bytes(_SOURCE.read_bytes())
-            os.replace(partial, source)  # atomic: a process building at the same time never reads half a file
-        cpp_extension.load(name=name, sources=[str(source)], extra_cflags=_FLAGS, extra_ldflags=["-fopenmp"],
-                           is_python_module=False, verbose=False)
+        for file in _FILES:
+            source, copy = _CSRC / file, build_dir / file
+            if not copy.is_file() or copy.read_bytes() != source.read_bytes():
+                partial = copy.with_name(f"{file}.{os.getpid()}.tmp")
+                partial.write_bytes(source.read_bytes())
+                os.replace(partial, copy)  # atomic: a process building at the same time never reads half a file
+        cpp_extension.load(name=name, sources=[str(build_dir / file) for file in _SOURCES], extra_cflags=_FLAGS,
+                           extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
         return torch.ops.vision_lstm_cpu
     except Exception as error:  # no compiler, no ninja, a failed build: the PyTorch form still works
         return error
 
 
 def ops():
-    """The fused operators (``weights_forward``, ``weights_backward``), or None (disabled or unavailable)."""
+    """The kernels' operators (``torch.ops.vision_lstm_cpu``), or None (disabled or unavailable)."""
     if not enabled():
         return None
     built = _build()

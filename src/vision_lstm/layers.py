@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import fused
 from .cell import check_mode, mlstm, mlstm_parallel_reference
 
 
@@ -268,6 +269,94 @@ def fold_block_diagonal(gate_weight: torch.Tensor, weight: torch.Tensor) -> torc
     return torch.einsum("hbo,boi->hbi", gate_weight.view(out, nb, bs), weight).reshape(out, nb * bs)
 
 
+_KERNEL_BLOCK_SIZES = (1, 2, 4, 8, 16)
+
+
+class _HeadMajorProjections(torch.autograd.Function):
+    """q = Wq c + bq, k = Wk c + bk, v = Wv x_m + bv (block-diagonal W, :class:`BlockDiagonalLinear`) written
+    straight into head-major (B, H, T, DH) memory by the CPU kernels (``csrc/blockdiag_cpu.cpp``), one pass each.
+
+    Against the PyTorch route (super-block convolutions on token-major memory, per-super-block matmuls for the
+    weight gradients) this drops the cell's copies of q, k and v into head-major memory (forward and when backward
+    rebuilds them) and of their gradients back, and computes c's gradient from q's and k's in one pass. Same math:
+    the products in the inputs' dtype (under autocast the low dtype, weights rounded to it as autocast would),
+    summed in fp32 and rounded once; the weight and bias gradients are summed in fp32 and returned in fp32.
+    """
+
+    @staticmethod
+    def forward(ctx, c, x_m, num_heads, wq, bq, wk, bk, wv, bv):
+        # c, x_m: (B, T, H * DH) contiguous, one dtype; w*: (H * DH / bs, bs, bs); b*: (H * DH,) or None
+        kernels = fused.ops()
+        B, T, inner = c.shape
+        H, dtype = num_heads, c.dtype
+        DH = inner // H
+        weights = tuple(w.to(dtype) for w in (wq, wk, wv))
+        biases = tuple(b.to(dtype) if b is not None else None for b in (bq, bk, bv))
+        outs = tuple(torch.empty(B, H, T, DH, dtype=dtype) for _ in range(3))
+        for source, weight, bias, out in zip((c, c, x_m), weights, biases, outs):
+            kernels.block_diag_mm([source.view(B, T, H, DH)], [weight], bias, out.transpose(1, 2))
+        ctx.save_for_backward(c, x_m, *weights)
+        ctx.num_heads = H
+        ctx.has_bias = tuple(b is not None for b in biases)
+        return outs  # (B, H, T, DH) each, contiguous
+
+    @staticmethod
+    def backward(ctx, grad_q, grad_k, grad_v):
+        kernels = fused.ops()
+        c, x_m, *weights = ctx.saved_tensors
+        B, T, inner = c.shape
+        H = ctx.num_heads
+        DH = inner // H
+        bs = weights[0].shape[-1]
+
+        def token_view(grad):  # (B, H, T, DH) gradient -> a (B, T, H, DH) view the kernels read in place
+            grad = grad.to(c.dtype)
+            return (grad if grad.stride(-1) == 1 else grad.contiguous()).transpose(1, 2)
+
+        grads = tuple(None if g is None else token_view(g) for g in (grad_q, grad_k, grad_v))
+        sources = (c, c, x_m)
+        needs = ctx.needs_input_grad
+        grad_c = grad_x_m = None
+        if needs[0] and (grads[0] is not None or grads[1] is not None):  # c feeds q and k: one pass for both
+            pairs = [(g, w.transpose(1, 2)) for g, w in zip(grads[:2], weights[:2]) if g is not None]
+            grad_c = torch.empty_like(c)
+            kernels.block_diag_mm([g for g, _ in pairs], [w for _, w in pairs], None, grad_c.view(B, T, H, DH))
+        if needs[1] and grads[2] is not None:
+            grad_x_m = torch.empty_like(x_m)
+            kernels.block_diag_mm([grads[2]], [weights[2].transpose(1, 2)], None, grad_x_m.view(B, T, H, DH))
+        param_grads = []
+        for i, (grad, source) in enumerate(zip(grads, sources)):
+            grad_w = grad_b = None
+            if grad is not None and (needs[3 + 2 * i] or needs[4 + 2 * i]):
+                grad_w, grad_b = kernels.block_diag_outer(grad, source.view(B, T, H, DH), bs)  # fp32
+                grad_b = grad_b if ctx.has_bias[i] else None
+            param_grads += [grad_w, grad_b]
+        return (grad_c, grad_x_m, None, *param_grads)
+
+
+def head_major_projections(c: torch.Tensor, x_m: torch.Tensor, num_heads: int, q_proj: "BlockDiagonalLinear",
+                           k_proj: "BlockDiagonalLinear", v_proj: "BlockDiagonalLinear"):
+    """q_proj(c), k_proj(c), v_proj(x_m) as head-major (B, H, T, DH) tensors, from c, x_m (B, T, H * DH).
+
+    Through the CPU kernels (:class:`_HeadMajorProjections`) where they apply, else None: then the caller takes
+    PyTorch's route. Under autocast the products run in its dtype, as ``nn.Linear``'s would. Inside
+    ``torch.compile`` PyTorch's route is taken too (the compiler cannot trace through the kernels)."""
+    if torch.compiler.is_compiling():
+        return None
+    device = c.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else c.dtype
+    B, T, inner = c.shape
+    bs = q_proj.block_size
+    usable = (device == "cpu" and dtype in (torch.float32, torch.bfloat16) and inner % num_heads == 0
+              and bs in _KERNEL_BLOCK_SIZES and (inner // num_heads) % bs == 0 and x_m.shape == c.shape
+              and all(p.block_size == bs for p in (k_proj, v_proj)) and fused.ops() is not None)
+    if not usable:
+        return None
+    c, x_m = (t.to(dtype).contiguous() for t in (c, x_m))
+    return _HeadMajorProjections.apply(c, x_m, num_heads, q_proj.weight, q_proj.bias, k_proj.weight, k_proj.bias,
+                                       v_proj.weight, v_proj.bias)
+
+
 class BlockDiagonalLinear(nn.Module):
     """y = W x + b with W block-diagonal: ``dim / block_size`` independent ``block_size x block_size`` blocks.
 
@@ -419,10 +508,10 @@ class ViLLayer(nn.Module):
         rebuild = functools.partial(self._qkv_heads_again, c.detach(), x_m.detach(), low_dtype) \
             if torch.is_grad_enabled() and self.mlstm_mode == "parallel" else None
         h = mlstm(q, k, v, igate, fgate, mode=self.mlstm_mode, chunk_size=self.chunk_size,
-                  rebuild=rebuild)  # (B, H, T, DH)
+                  rebuild=rebuild, token_major=True)  # (B, H, T, DH), token-major memory (parallel form)
         # The output path (per-head norm, skip, output gate) runs in h's dtype: under autocast the low dtype, where
         # autocast itself would run the norm and the chain after it in fp32 (four fp32 passes and two casts); the
-        # norm's statistics still accumulate in fp32. The parallel cell returns h in the token layout of q.
+        # norm's statistics still accumulate in fp32. The parallel cell writes h in token-major memory.
         h = h.transpose(1, 2)  # (B, T, H, DH)
         if low_dtype is not None:
             h = h.to(low_dtype)
@@ -431,7 +520,11 @@ class ViLLayer(nn.Module):
         return self.proj_down(y)  # (B, T, D); autocast again
 
     def _qkv_heads(self, c: torch.Tensor, x_m: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """q, k (from c) and v (from x_m), (B, T, inner) each, as head views (B, H, T, DH) of token-major memory."""
+        """q, k (from c) and v (from x_m), (B, H, T, DH) each: head-major memory from the CPU kernels, else head
+        views of token-major memory (PyTorch's route; the cell copies them)."""
+        heads = head_major_projections(c, x_m, self.num_heads, self.q_proj, self.k_proj, self.v_proj)
+        if heads is not None:
+            return heads
         B, T, _ = c.shape
         return tuple(t.view(B, T, self.num_heads, -1).transpose(1, 2)
                      for t in (self.q_proj(c), self.k_proj(c), self.v_proj(x_m)))

@@ -30,19 +30,11 @@
 #include <cstring>
 #include <vector>
 
+#include "vec.h"
+
 namespace {
 
 constexpr float kLogDecayFloor = -60.0f;  // as cell._LOG_DECAY_FLOOR: exp() of less is below rounding, and slow
-
-// ---- float32 (and bf16 storage): explicit 16-lane vectors (GCC/Clang vector extensions; the compiler splits them
-// where the CPU has narrower registers). The compiler's own vectoriser left these loops scalar (measured). ----
-typedef float vfloat __attribute__((vector_size(64)));
-typedef int32_t vint __attribute__((vector_size(64)));
-typedef uint32_t vuint __attribute__((vector_size(64)));
-typedef uint16_t vbf16 __attribute__((vector_size(32)));
-constexpr int64_t kLanes = 16;
-
-inline vfloat splat(float x) { return vfloat{} + x; }
 
 // exp(x) for x in [-60, 0] (what the decay needs): Cody-Waite reduction x = n ln2 + r, |r| <= ln2 / 2, a degree-6
 // Taylor polynomial for exp(r) (error below 2e-7 relative over that range), and 2^n from the exponent bits
@@ -71,56 +63,12 @@ inline vfloat decay_lanes(vfloat a, float row_max, float scale, int64_t s0, int6
   return lane <= static_cast<int32_t>(t) ? d : vfloat{};
 }
 
-// Loads and stores of `count` <= 16 lanes (the rest of a load is 0), in float or bf16 storage. Whole vectors take
-// a fixed-size copy, which compiles to one vector move (a variable size would call memcpy).
-template <typename V, typename T>
-inline void copy_in(V& v, const T* p, int64_t count) {
-  if (count == kLanes) {
-    std::memcpy(&v, p, sizeof(V));
-  } else {
-    std::memcpy(&v, p, count * sizeof(T));
-  }
-}
-template <typename V, typename T>
-inline void copy_out(T* p, const V& v, int64_t count) {
-  if (count == kLanes) {
-    std::memcpy(p, &v, sizeof(V));
-  } else {
-    std::memcpy(p, &v, count * sizeof(T));
-  }
-}
-inline vfloat load(const float* p, int64_t count) {
-  vfloat v{};
-  copy_in(v, p, count);
-  return v;
-}
-inline vfloat load(const at::BFloat16* p, int64_t count) {
-  vbf16 h{};
-  copy_in(h, p, count);
-  const vuint bits = __builtin_convertvector(h, vuint) << 16;
-  return reinterpret_cast<const vfloat&>(bits);
-}
-inline void store(float* p, vfloat v, int64_t count) { copy_out(p, v, count); }
-// bf16: round to nearest even; NaN stays a (quiet) NaN, as c10::BFloat16 does
-inline void store(at::BFloat16* p, vfloat v, int64_t count) {
-  const vuint bits = reinterpret_cast<const vuint&>(v);
-  const vuint rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
-  const vuint kept = v != v ? vuint{} + 0x7FC0u : rounded;
-  copy_out(p, __builtin_convertvector(kept, vbf16), count);
-}
-
 // Asks the cache for T rows of DH bf16, `stride` elements apart (one request per 64-byte line).
 inline void prefetch_rows(const at::BFloat16* p, int64_t stride, int64_t T, int64_t DH) {
   for (int64_t t = 0; t < T; ++t) {
     const char* row = reinterpret_cast<const char*>(p + t * stride);
     for (int64_t byte = 0; byte < DH * 2; byte += 64) __builtin_prefetch(row + byte);
   }
-}
-
-inline float lane_sum(vfloat v) {
-  float sum = 0.0f;
-  for (int64_t l = 0; l < kLanes; ++l) sum += v[l];
-  return sum;
 }
 
 // One row t of C = S * D' from its fp32 scores s_row, written to c_row in C's dtype; returns the row's sum.

@@ -1,0 +1,282 @@
+// Block-diagonal products of the ViL layer's q, k and v projections (the official code's LinearHeadwiseExpand):
+//   y[n, j * bs + o] = sum_i W[j, o, i] x[n, j * bs + i] (+ bias)      for blocks of bs = 1, 2, 4, 8 or 16 channels,
+// and their gradients. A product makes 2 bs FLOPs per element read, so it is bound by memory traffic, not arithmetic;
+// PyTorch's routes (grouped convolutions, per-block matmuls) cost several times that traffic, and the cell wanted q,
+// k and v head-major, so the layer also copied them there and their gradients back. Here one pass reads the inputs
+// and writes the outputs in the layouts asked for: any (B, T, H, DH) view with a unit last stride, token-major
+// (B, T, H * DH) memory or head-major (B, H, T, DH) memory alike.
+//
+// Vectorisation: 16 channels per vector, whole blocks per vector (16 % bs == 0 and DH % bs == 0, so a head's last,
+// shorter vector holds whole blocks too). For each shift s < bs, lane l of rotate_s(x) holds channel
+// (l & ~(bs - 1)) | ((l + s) & (bs - 1)): the input i = (o + s) mod bs of the block row o = l mod bs. So
+//   y = sum_s W_s * rotate_s(x)      with the weight table W_s[c] = W[c / bs, c % bs, (c % bs + s) % bs],
+// and the weight gradient sum_n gy[n, c] x[n, rotate_s(c)] comes out in that same table form. Everything is summed in
+// fp32 and rounded once to the output's dtype (bf16 or fp32).
+//
+// Compiled with mlstm_cpu.cpp by vision_lstm/fused.py; the layer keeps its PyTorch route without it.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <utility>
+#include <vector>
+
+#include "vec.h"
+
+namespace {
+
+// lane l <- lane (l & ~(BS - 1)) | ((l + S) & (BS - 1)): a rotation by S inside each group of BS lanes
+template <int BS, int S, int... L>
+inline vfloat rotate_lanes(vfloat v, std::integer_sequence<int, L...>) {
+#if defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 12)
+  return __builtin_shufflevector(v, v, ((L & ~(BS - 1)) | ((L + S) & (BS - 1)))...);
+#else
+  return __builtin_shuffle(v, vint{((L & ~(BS - 1)) | ((L + S) & (BS - 1)))...});
+#endif
+}
+template <int BS, int S>
+inline vfloat rotate(vfloat v) {
+  return S == 0 ? v : rotate_lanes<BS, S>(v, std::make_integer_sequence<int, kLanes>{});
+}
+
+template <int BS>
+using Shifts = std::make_integer_sequence<int, BS>;
+
+// A (B, T, H, DH) view with a unit last stride: row (b, t), head h starts at data + b * sb + t * st + h * sh.
+template <typename T>
+struct Rows {
+  T* data;
+  int64_t sb, st, sh;
+  T* at(int64_t b, int64_t t, int64_t h) const { return data + b * sb + t * st + h * sh; }
+};
+
+template <typename T>
+Rows<T> rows_of(const at::Tensor& x) {
+  return {static_cast<T*>(x.data_ptr()), x.stride(0), x.stride(1), x.stride(2)};
+}
+
+// W (nb, bs, bs) -> the fp32 table W_s[c] (bs rows of C = nb * bs), as the header comment defines it
+std::vector<float> weight_table(const at::Tensor& weight) {
+  const auto w = weight.to(at::kFloat).contiguous();
+  const int64_t nb = w.size(0), bs = w.size(1), C = nb * bs;
+  const float* p = w.data_ptr<float>();
+  std::vector<float> table(bs * C);
+  for (int64_t s = 0; s < bs; ++s)
+    for (int64_t c = 0; c < C; ++c) {
+      const int64_t o = c % bs;
+      table[s * C + c] = p[(c / bs) * bs * bs + o * bs + (o + s) % bs];
+    }
+  return table;
+}
+
+// acc[0, DH) (+)= sum_s W_s * rotate_s(x) over one head's channels: x and w (the table's rows, C apart) at the head's
+// first channel. The first input starts from the bias (or 0), later ones add to acc.
+template <typename T, int BS, int... S>
+inline void mm_head(const T* x, const float* w, int64_t C, const float* start, float* acc, int64_t DH,
+                    std::integer_sequence<int, S...>) {
+  for (int64_t d0 = 0; d0 < DH; d0 += kLanes) {
+    const int64_t count = std::min(kLanes, DH - d0);
+    const vfloat xv = load(x + d0, count);
+    vfloat sum = start ? load(start + d0, count) : vfloat{};
+    ((sum += load(w + S * C + d0, count) * rotate<BS, S>(xv)), ...);
+    store(acc + d0, sum, count);
+  }
+}
+
+// out = sum_j blockdiag(W_j) in_j + bias, row by row: each row summed in an fp32 buffer, then rounded once
+template <typename T, int BS>
+void block_mm(const std::vector<Rows<const T>>& ins, const std::vector<std::vector<float>>& tables,
+              const float* bias, Rows<T> out, int64_t B, int64_t Tn, int64_t H, int64_t DH) {
+  const int64_t C = H * DH;
+  at::parallel_for(0, B * Tn, 16, [&](int64_t begin, int64_t end) {
+    std::vector<float> row(C);
+    float* acc = row.data();
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t b = r / Tn, t = r % Tn;
+      for (size_t j = 0; j < ins.size(); ++j) {
+        const Rows<const T> in = ins[j];
+        const float* w = tables[j].data();
+        for (int64_t h = 0; h < H; ++h) {
+          const float* start = j > 0 ? acc + h * DH : (bias ? bias + h * DH : nullptr);
+          mm_head<T, BS>(in.at(b, t, h), w + h * DH, C, start, acc + h * DH, DH, Shifts<BS>{});
+        }
+      }
+      for (int64_t h = 0; h < H; ++h) {
+        T* y = out.at(b, t, h);
+        for (int64_t d0 = 0; d0 < DH; d0 += kLanes) {
+          const int64_t count = std::min(kLanes, DH - d0);
+          store(y + d0, load(acc + h * DH + d0, count), count);
+        }
+      }
+    }
+  });
+}
+
+// One pass of the weight gradient over rows [r0, r1) and the NV vectors of channels from (h, d0) on: adds
+// sum_n a[n, c] x[n, rotate_s(c)] to sums[s * C + c] and sum_n a[n, c] to sums[BS * C + c]. NV * (BS + 1)
+// accumulators stay in registers over the rows.
+template <typename T, int BS, int NV, int... S>
+inline void outer_tile(Rows<const T> a, Rows<const T> x, int64_t r0, int64_t r1, int64_t Tn, int64_t h, int64_t d0,
+                       int64_t count, int64_t c0, int64_t C, float* sums, std::integer_sequence<int, S...>) {
+  vfloat acc[NV][BS] = {};
+  vfloat col[NV] = {};
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t b = r / Tn, t = r % Tn;
+    const T* pa = a.at(b, t, h) + d0;
+    const T* px = x.at(b, t, h) + d0;
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) {
+      const int64_t n = NV == 1 ? count : kLanes;
+      const vfloat av = load(pa + v * kLanes, n), xv = load(px + v * kLanes, n);
+      ((acc[v][S] += av * rotate<BS, S>(xv)), ...);
+      col[v] += av;
+    }
+  }
+  for (int v = 0; v < NV; ++v) {
+    const int64_t n = NV == 1 ? count : kLanes, c = c0 + v * kLanes;
+    for (int s = 0; s < BS; ++s) store(sums + s * C + c, load(sums + s * C + c, n) + acc[v][s], n);
+    store(sums + BS * C + c, load(sums + BS * C + c, n) + col[v], n);
+  }
+}
+
+// The weight gradient of out = blockdiag(W) x for the output gradient a: the table sums (BS rows of C) and a's
+// column sums (the bias gradient), in fp32, written to table (BS + 1 rows of C).
+template <typename T, int BS, int... S>
+void block_outer(Rows<const T> a, Rows<const T> x, float* table, int64_t B, int64_t Tn, int64_t H, int64_t DH,
+                 std::integer_sequence<int, S...> shifts) {
+  constexpr int kTile = std::max(1, std::min(4, 16 / BS));  // vectors per pass: NV * (BS + 1) accumulators
+  constexpr int64_t kRowBlock = 128;  // rows per block: the block's slices of a and x stay in L2 between passes
+  const int64_t C = H * DH, N = B * Tn, threads = at::get_num_threads();
+  std::vector<float> partial(threads * (BS + 1) * C, 0.0f);
+  // one contiguous range of rows per thread, each summed into its own partial table
+  at::parallel_for(0, N, (N + threads - 1) / threads, [&](int64_t begin, int64_t end) {
+    float* sums = partial.data() + at::get_thread_num() * (BS + 1) * C;
+    for (int64_t r0 = begin; r0 < end; r0 += kRowBlock) {
+      const int64_t r1 = std::min(end, r0 + kRowBlock);
+      for (int64_t h = 0; h < H; ++h) {
+        int64_t d0 = 0;
+        for (; d0 + kTile * kLanes <= DH; d0 += kTile * kLanes)
+          outer_tile<T, BS, kTile>(a, x, r0, r1, Tn, h, d0, kLanes, h * DH + d0, C, sums, shifts);
+        for (; d0 < DH; d0 += kLanes)
+          outer_tile<T, BS, 1>(a, x, r0, r1, Tn, h, d0, std::min(kLanes, DH - d0), h * DH + d0, C, sums, shifts);
+      }
+    }
+  });
+  std::fill(table, table + (BS + 1) * C, 0.0f);
+  for (int64_t i = 0; i < threads; ++i)
+    for (int64_t e = 0; e < (BS + 1) * C; ++e) table[e] += partial[i * (BS + 1) * C + e];
+}
+
+void check_view(const at::Tensor& x, const at::Tensor& like, const char* what) {
+  TORCH_CHECK(x.device().is_cpu() && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
+              what, " must be a float32 or bfloat16 CPU tensor");
+  TORCH_CHECK(x.scalar_type() == like.scalar_type(), what, " must have the dtype ", like.scalar_type());
+  TORCH_CHECK(x.dim() == 4 && x.sizes() == like.sizes(), what, " must be a (B, T, H, DH) view of shape ",
+              like.sizes(), ", got ", x.sizes());
+  TORCH_CHECK(x.stride(3) == 1, what, " must have a unit last stride");
+}
+
+int64_t check_blocks(const at::Tensor& weight, int64_t C, int64_t DH) {
+  TORCH_CHECK(weight.dim() == 3 && weight.size(1) == weight.size(2) && weight.size(0) * weight.size(1) == C,
+              "weight must have shape (C / bs, bs, bs) with C = ", C, " channels, got ", weight.sizes());
+  const int64_t bs = weight.size(1);
+  TORCH_CHECK(bs == 1 || bs == 2 || bs == 4 || bs == 8 || bs == 16, "block size must be 1, 2, 4, 8 or 16, got ", bs);
+  TORCH_CHECK(DH % bs == 0, "the head dimension ", DH, " must be a multiple of the block size ", bs);
+  return bs;
+}
+
+// Calls fn(std::integral_constant<int, BS>) for the runtime block size bs.
+template <typename Fn>
+void with_block_size(int64_t bs, Fn&& fn) {
+  switch (bs) {
+    case 1: fn(std::integral_constant<int, 1>{}); break;
+    case 2: fn(std::integral_constant<int, 2>{}); break;
+    case 4: fn(std::integral_constant<int, 4>{}); break;
+    case 8: fn(std::integral_constant<int, 8>{}); break;
+    default: fn(std::integral_constant<int, 16>{}); break;
+  }
+}
+
+// out = sum_j blockdiag(weights[j]) inputs[j] (+ bias). inputs, out: (B, T, H, DH) views with unit last strides,
+// all float32 or all bfloat16; weights: (C / bs, bs, bs) each, one block size, any floating dtype (used in fp32);
+// bias (C,) or None. For the transposed product (an input gradient) pass W.transpose(1, 2).
+void block_diag_mm(at::TensorList inputs, at::TensorList weights, const std::optional<at::Tensor>& bias,
+                   at::Tensor out) {
+  TORCH_CHECK(!inputs.empty() && inputs.size() == weights.size(), "block_diag_mm needs one weight per input, got ",
+              inputs.size(), " inputs and ", weights.size(), " weights");
+  check_view(out, out, "out");
+  const int64_t B = out.size(0), Tn = out.size(1), H = out.size(2), DH = out.size(3), C = H * DH;
+  const int64_t bs = check_blocks(weights[0], C, DH);
+  std::vector<std::vector<float>> tables;
+  for (size_t j = 0; j < inputs.size(); ++j) {
+    check_view(inputs[j], out, "each input");
+    TORCH_CHECK(check_blocks(weights[j], C, DH) == bs, "all weights must have the same block size");
+    tables.push_back(weight_table(weights[j]));
+  }
+  at::Tensor bias32;
+  if (bias) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == C, "bias must have shape (", C, "), got ", bias->sizes());
+    bias32 = bias->to(at::kFloat).contiguous();
+  }
+  const float* pb = bias ? bias32.data_ptr<float>() : nullptr;
+  with_block_size(bs, [&](auto block) {
+    constexpr int BS = decltype(block)::value;
+    if (out.scalar_type() == at::kFloat) {
+      std::vector<Rows<const float>> in;
+      for (const auto& x : inputs) in.push_back(rows_of<const float>(x));
+      block_mm<float, BS>(in, tables, pb, rows_of<float>(out), B, Tn, H, DH);
+    } else {
+      std::vector<Rows<const at::BFloat16>> in;
+      for (const auto& x : inputs) in.push_back(rows_of<const at::BFloat16>(x));
+      block_mm<at::BFloat16, BS>(in, tables, pb, rows_of<at::BFloat16>(out), B, Tn, H, DH);
+    }
+  });
+}
+
+// The weight and bias gradients of out = blockdiag(W) x + bias for the output gradient grad_out: returns
+// (sum_n grad_out[n] x[n]^T per block: (C / bs, bs, bs), sum_n grad_out[n]: (C,)), both float32.
+// grad_out, x: (B, T, H, DH) views with unit last strides, one dtype (float32 or bfloat16).
+std::tuple<at::Tensor, at::Tensor> block_diag_outer(const at::Tensor& grad_out, const at::Tensor& x,
+                                                    int64_t block_size) {
+  check_view(grad_out, grad_out, "grad_out");
+  check_view(x, grad_out, "x");
+  const int64_t B = x.size(0), Tn = x.size(1), H = x.size(2), DH = x.size(3), C = H * DH;
+  TORCH_CHECK(block_size == 1 || block_size == 2 || block_size == 4 || block_size == 8 || block_size == 16,
+              "block size must be 1, 2, 4, 8 or 16, got ", block_size);
+  TORCH_CHECK(DH % block_size == 0, "the head dimension ", DH, " must be a multiple of the block size ", block_size);
+  const int64_t bs = block_size;
+  std::vector<float> table((bs + 1) * C);
+  with_block_size(bs, [&](auto block) {
+    constexpr int BS = decltype(block)::value;
+    if (x.scalar_type() == at::kFloat)
+      block_outer<float, BS>(rows_of<const float>(grad_out), rows_of<const float>(x), table.data(), B, Tn, H, DH,
+                             Shifts<BS>{});
+    else
+      block_outer<at::BFloat16, BS>(rows_of<const at::BFloat16>(grad_out), rows_of<const at::BFloat16>(x),
+                                    table.data(), B, Tn, H, DH, Shifts<BS>{});
+  });
+  auto grad_weight = at::empty({C / bs, bs, bs}, x.options().dtype(at::kFloat));
+  auto grad_bias = at::empty({C}, x.options().dtype(at::kFloat));
+  float* pw = grad_weight.data_ptr<float>();
+  for (int64_t s = 0; s < bs; ++s)
+    for (int64_t c = 0; c < C; ++c) {
+      const int64_t o = c % bs;
+      pw[(c / bs) * bs * bs + o * bs + (o + s) % bs] = table[s * C + c];
+    }
+  std::copy(table.begin() + bs * C, table.end(), grad_bias.data_ptr<float>());
+  return {grad_weight, grad_bias};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(vision_lstm_cpu, m) {
+  m.def("block_diag_mm(Tensor[] inputs, Tensor[] weights, Tensor? bias, Tensor(a!) out) -> ()");
+  m.def("block_diag_outer(Tensor grad_out, Tensor x, int block_size) -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(vision_lstm_cpu, CPU, m) {
+  m.impl("block_diag_mm", &block_diag_mm);
+  m.impl("block_diag_outer", &block_diag_outer);
+}
