@@ -284,9 +284,9 @@ class _HeadMajorProjections(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, c, x_m, num_heads, wq, bq, wk, bk, wv, bv):
-        # c, x_m: (B, T, H * DH) contiguous, one dtype; w*: (H * DH / bs, bs, bs); b*: (H * DH,) or None
-        kernels = fused.ops()
+    def forward(ctx, c, x_m, kernels, num_heads, wq, bq, wk, bk, wv, bv):
+        # c, x_m: (B, T, H * DH) contiguous, one dtype; kernels: fused.ops(); w*: (H * DH / bs, bs, bs);
+        # b*: (H * DH,) or None
         B, T, inner = c.shape
         H, dtype = num_heads, c.dtype
         DH = inner // H
@@ -296,13 +296,13 @@ class _HeadMajorProjections(torch.autograd.Function):
         for source, weight, bias, out in zip((c, c, x_m), weights, biases, outs):
             kernels.block_diag_mm([source.view(B, T, H, DH)], [weight], bias, out.transpose(1, 2))
         ctx.save_for_backward(c, x_m, *weights)
-        ctx.num_heads = H
+        ctx.kernels, ctx.num_heads = kernels, H
         ctx.has_bias = tuple(b is not None for b in biases)
         return outs  # (B, H, T, DH) each, contiguous
 
     @staticmethod
     def backward(ctx, grad_q, grad_k, grad_v):
-        kernels = fused.ops()
+        kernels = ctx.kernels
         c, x_m, *weights = ctx.saved_tensors
         B, T, inner = c.shape
         H = ctx.num_heads
@@ -327,11 +327,11 @@ class _HeadMajorProjections(torch.autograd.Function):
         param_grads = []
         for i, (grad, source) in enumerate(zip(grads, sources)):
             grad_w = grad_b = None
-            if grad is not None and (needs[3 + 2 * i] or needs[4 + 2 * i]):
+            if grad is not None and (needs[4 + 2 * i] or needs[5 + 2 * i]):
                 grad_w, grad_b = kernels.block_diag_outer(grad, source.view(B, T, H, DH), bs)  # fp32
                 grad_b = grad_b if ctx.has_bias[i] else None
             param_grads += [grad_w, grad_b]
-        return (grad_c, grad_x_m, None, *param_grads)
+        return (grad_c, grad_x_m, None, None, *param_grads)
 
 
 def head_major_projections(c: torch.Tensor, x_m: torch.Tensor, num_heads: int, q_proj: "BlockDiagonalLinear",
@@ -349,11 +349,12 @@ def head_major_projections(c: torch.Tensor, x_m: torch.Tensor, num_heads: int, q
     bs = q_proj.block_size
     usable = (device == "cpu" and dtype in (torch.float32, torch.bfloat16) and inner % num_heads == 0
               and bs in _KERNEL_BLOCK_SIZES and (inner // num_heads) % bs == 0 and x_m.shape == c.shape
-              and all(p.block_size == bs for p in (k_proj, v_proj)) and fused.ops() is not None)
-    if not usable:
+              and all(p.block_size == bs for p in (k_proj, v_proj)))
+    kernels = fused.ops() if usable else None
+    if kernels is None:
         return None
     c, x_m = (t.to(dtype).contiguous() for t in (c, x_m))
-    return _HeadMajorProjections.apply(c, x_m, num_heads, q_proj.weight, q_proj.bias, k_proj.weight, k_proj.bias,
+    return _HeadMajorProjections.apply(c, x_m, kernels, num_heads, q_proj.weight, q_proj.bias, k_proj.weight, k_proj.bias,
                                        v_proj.weight, v_proj.bias)
 
 

@@ -178,13 +178,16 @@ void check_view(const at::Tensor& x, const at::Tensor& like, const char* what) {
   TORCH_CHECK(x.stride(3) == 1, what, " must have a unit last stride");
 }
 
+void check_block_size(int64_t bs, int64_t DH) {
+  TORCH_CHECK(bs == 1 || bs == 2 || bs == 4 || bs == 8 || bs == 16, "block size must be 1, 2, 4, 8 or 16, got ", bs);
+  TORCH_CHECK(DH % bs == 0, "the head dimension ", DH, " must be a multiple of the block size ", bs);
+}
+
 int64_t check_blocks(const at::Tensor& weight, int64_t C, int64_t DH) {
   TORCH_CHECK(weight.dim() == 3 && weight.size(1) == weight.size(2) && weight.size(0) * weight.size(1) == C,
               "weight must have shape (C / bs, bs, bs) with C = ", C, " channels, got ", weight.sizes());
-  const int64_t bs = weight.size(1);
-  TORCH_CHECK(bs == 1 || bs == 2 || bs == 4 || bs == 8 || bs == 16, "block size must be 1, 2, 4, 8 or 16, got ", bs);
-  TORCH_CHECK(DH % bs == 0, "the head dimension ", DH, " must be a multiple of the block size ", bs);
-  return bs;
+  check_block_size(weight.size(1), DH);
+  return weight.size(1);
 }
 
 // Calls fn(std::integral_constant<int, BS>) for the runtime block size bs.
@@ -243,9 +246,7 @@ std::tuple<at::Tensor, at::Tensor> block_diag_outer(const at::Tensor& grad_out, 
   check_view(grad_out, grad_out, "grad_out");
   check_view(x, grad_out, "x");
   const int64_t B = x.size(0), Tn = x.size(1), H = x.size(2), DH = x.size(3), C = H * DH;
-  TORCH_CHECK(block_size == 1 || block_size == 2 || block_size == 4 || block_size == 8 || block_size == 16,
-              "block size must be 1, 2, 4, 8 or 16, got ", block_size);
-  TORCH_CHECK(DH % block_size == 0, "the head dimension ", DH, " must be a multiple of the block size ", block_size);
+  check_block_size(block_size, DH);
   const int64_t bs = block_size;
   std::vector<float> table((bs + 1) * C);
   with_block_size(bs, [&](auto block) {
