@@ -1,4 +1,5 @@
-"""The fused CPU kernels of the parallel cell (vision_lstm.fused, csrc/mlstm_cpu.cpp): they build where a C++
+"""The fused CPU kernels (vision_lstm.fused: the parallel cell, csrc/mlstm_cpu.cpp; the layer's block-diagonal
+projections, csrc/blockdiag_cpu.cpp; its conv + SiLU and output path, csrc/layer_cpu.cpp): they build where a C++
 compiler is, compute what the PyTorch form computes, and the cell falls back to that form when they cannot build.
 Cell-level agreement (outputs and gradients, fused and PyTorch form, float64 / float32 / bf16 autocast) is in
 tests/test_cell.py (the ``cell_path`` fixture and the ``parallel-pytorch`` form)."""
@@ -316,6 +317,122 @@ def test_block_diagonal_kernels_reject_bad_input(kernels):
         kernels.block_diag_mm([x], [w], torch.zeros(7), out)
     with pytest.raises(RuntimeError, match="float32 or bfloat16"):
         kernels.block_diag_outer(x.double(), x.double(), 4)
+
+
+def _gated_norm_want(h, c, z, weight, bias, skip, eps=1e-5):  # float64, written plainly: (B, T, H, DH) h
+    B, T, H, DH = h.shape
+    mean = h.mean(-1, keepdim=True)
+    normed = ((h - mean) / torch.sqrt(((h - mean) ** 2).mean(-1, keepdim=True) + eps)).reshape(B, T, H * DH)
+    pre = normed * (1 + weight) + (bias if bias is not None else 0) + skip * c
+    return pre * z * torch.sigmoid(z)
+
+
+def _assert_close_to(got, want, dtype):  # fp32: fp32 rounding of fp32 sums; bf16: one rounding to bf16
+    if dtype == torch.float32:
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5 * max(1.0, want.abs().max().item()))
+    else:
+        _bf16_close(got, want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("B,T,H,DH,with_bias", [(2, 5, 4, 96, True), (3, 7, 2, 40, False), (2, 3, 3, 6, True),
+                                                (1, 4, 1, 16, True), (128, 64, 4, 96, True)])
+def test_gated_norm_kernels_match_the_plain_formula(kernels, dtype, B, T, H, DH, with_bias):
+    # csrc/layer_cpu.cpp's output path (y = (HeadNorm(h) (1 + w) + b + skip c) SiLU(z)) against float64 autograd of
+    # the formula, on the same (rounded) inputs: the output, the mean and 1 / std it keeps, and every gradient. z is
+    # a column slice of a wider tensor, as the layer passes it; heads of 40 and 6 channels end in a shorter vector.
+    gen = torch.Generator().manual_seed(0)
+    C = H * DH
+    h = torch.randn(B, T, H, DH, generator=gen).mul(3).add(1).to(dtype)
+    c = torch.randn(B, T, C, generator=gen).to(dtype)
+    z_wide = torch.randn(B, T, C + 8, generator=gen).mul(4).to(dtype)  # SiLU over [-12, 12] and beyond
+    z = z_wide[..., :C]
+    weight, skip = torch.randn(C, generator=gen) * 0.3, torch.randn(C, generator=gen)
+    bias = torch.randn(C, generator=gen) * 0.3 if with_bias else None
+    out = torch.empty(B, T, C, dtype=dtype)
+    mean, rstd = kernels.gated_norm_forward(h, c, z, weight, bias, skip, 1e-5, out)
+    inputs = [t.double().requires_grad_() for t in (h, c, z, weight, skip)]
+    bias64 = bias.double().requires_grad_() if with_bias else None
+    want = _gated_norm_want(*inputs[:3], inputs[3], bias64, inputs[4])
+    _assert_close_to(out, want.detach(), dtype)
+    h64 = h.double()
+    torch.testing.assert_close(mean.double(), h64.mean(-1), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(rstd.double(), 1 / torch.sqrt(h64.var(-1, unbiased=False) + 1e-5), rtol=1e-5, atol=0)
+    grad_y = torch.randn(B, T, C, generator=gen).to(dtype)
+    want.backward(grad_y.double())
+    grads = kernels.gated_norm_backward(grad_y, h, c, z, weight, bias, skip, mean, rstd)
+    grad_h, grad_c, grad_z, grad_w, grad_b, grad_skip = grads
+    assert grad_h.shape == h.shape and grad_c.shape == grad_z.shape == (B, T, C)
+    assert grad_h.dtype == grad_c.dtype == grad_z.dtype == dtype
+    assert grad_w.dtype == grad_b.dtype == grad_skip.dtype == torch.float32
+    for got, source in ((grad_h, inputs[0]), (grad_c, inputs[1]), (grad_z, inputs[2])):
+        _assert_close_to(got, source.grad, dtype)
+    # parameter gradients: fp32 sums over B * T rows, within a few fp32 units of the sum of the magnitudes
+    for got, source in ((grad_w, inputs[3]), (grad_skip, inputs[4])) + (((grad_b, bias64),) if with_bias else ()):
+        torch.testing.assert_close(got.double(), source.grad, rtol=1e-4, atol=1e-4 * source.grad.abs().max().item())
+
+
+def _conv_silu_want(x, grid, weight, bias):  # float64: PyTorch's depthwise conv on the grid, then SiLU
+    B, T, C = x.shape
+    image = x.reshape(B, *grid, C).permute(0, 3, 1, 2)
+    u = torch.nn.functional.conv2d(image, weight, bias, padding=weight.shape[-1] // 2, groups=C)
+    return torch.nn.functional.silu(u).permute(0, 2, 3, 1).reshape(B, T, C)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("B,grid,C,k,with_bias", [(2, (8, 8), 384, 3, True), (3, (4, 6), 40, 3, False),
+                                                  (1, (5, 3), 24, 5, True), (2, (3, 4), 16, 1, True),
+                                                  (2, (7, 7), 20, 7, True), (1, (1, 9), 8, 3, True)])
+def test_conv_silu_kernels_match_pytorchs_convolution(kernels, dtype, B, grid, C, k, with_bias):
+    # csrc/layer_cpu.cpp's SiLU(depthwise conv + bias) against PyTorch's convolution in float64 on the same (rounded)
+    # inputs: output, input gradient and the weight and bias gradients, for kernel sizes 1-7, non-square grids, one
+    # row of pixels, and channel counts that end in a shorter vector (40, 24, 20, 8).
+    gen = torch.Generator().manual_seed(0)
+    T = grid[0] * grid[1]
+    x = torch.randn(B, T, C, generator=gen).to(dtype)
+    weight = torch.randn(C, 1, k, k, generator=gen) * 0.5
+    bias = torch.randn(C, generator=gen) * 0.5 if with_bias else None
+    out = torch.empty_like(x)
+    kernels.conv_silu_forward(x, *grid, weight, bias, out)
+    x64, w64 = x.double().requires_grad_(), weight.double().requires_grad_()
+    b64 = bias.double().requires_grad_() if with_bias else None
+    want = _conv_silu_want(x64, grid, w64, b64)
+    _assert_close_to(out, want.detach(), dtype)
+    grad_out = torch.randn(B, T, C, generator=gen).to(dtype)
+    want.backward(grad_out.double())
+    grad_x, grad_w, grad_b = kernels.conv_silu_backward(grad_out, x, *grid, weight, bias)
+    assert grad_x.dtype == dtype and grad_w.dtype == grad_b.dtype == torch.float32
+    assert grad_w.shape == weight.shape and grad_b.shape == (C,)
+    _assert_close_to(grad_x, x64.grad, dtype)
+    for got, source in ((grad_w, w64),) + (((grad_b, b64),) if with_bias else ()):
+        torch.testing.assert_close(got.double(), source.grad, rtol=1e-4, atol=1e-4 * source.grad.abs().max().item())
+
+
+def test_layer_kernels_reject_bad_input(kernels):
+    h, cz = torch.zeros(2, 3, 4, 8), torch.zeros(2, 3, 32)
+    w = torch.zeros(32)
+    with pytest.raises(RuntimeError, match="c must have the shape"):
+        kernels.gated_norm_forward(h, torch.zeros(2, 3, 30), cz, w, w, w, 1e-5, torch.empty_like(cz))
+    with pytest.raises(RuntimeError, match="z must have the dtype"):
+        kernels.gated_norm_forward(h, cz, cz.bfloat16(), w, w, w, 1e-5, torch.empty_like(cz))
+    with pytest.raises(RuntimeError, match="h must be contiguous"):
+        kernels.gated_norm_forward(torch.zeros(2, 4, 3, 8).transpose(1, 2), cz, cz, w, w, w, 1e-5, torch.empty_like(cz))
+    with pytest.raises(RuntimeError, match="weight must have shape"):
+        kernels.gated_norm_forward(h, cz, cz, torch.zeros(31), w, w, 1e-5, torch.empty_like(cz))
+    with pytest.raises(RuntimeError, match="mean and rstd must be"):
+        kernels.gated_norm_backward(cz, h, cz, cz, w, w, w, torch.zeros(2, 3, 4), torch.zeros(5))
+    with pytest.raises(RuntimeError, match="float32 or bfloat16"):
+        kernels.gated_norm_forward(h.double(), cz, cz, w, w, w, 1e-5, torch.empty_like(cz))
+    x = torch.zeros(2, 12, 16)
+    with pytest.raises(RuntimeError, match="got 12 tokens for a 3x5 grid"):
+        kernels.conv_silu_forward(x, 3, 5, torch.zeros(16, 1, 3, 3), None, torch.empty_like(x))
+    with pytest.raises(RuntimeError, match="k = 1, 3, 5 or 7"):
+        kernels.conv_silu_forward(x, 3, 4, torch.zeros(16, 1, 2, 2), None, torch.empty_like(x))
+    with pytest.raises(RuntimeError, match="x must be a contiguous"):
+        kernels.conv_silu_forward(torch.zeros(2, 16, 12).transpose(1, 2), 3, 4, torch.zeros(16, 1, 3, 3), None,
+                                  torch.empty_like(x))
+    with pytest.raises(RuntimeError, match="grad_out must have the dtype"):
+        kernels.conv_silu_backward(x.bfloat16(), x, 3, 4, torch.zeros(16, 1, 3, 3), None)
 
 
 def test_cell_falls_back_to_its_pytorch_form_when_the_build_fails(monkeypatch):

@@ -221,6 +221,45 @@ def test_layer_makes_no_head_major_copies_of_q_k_v(monkeypatch):
         assert CountCopies.count == 0, (autocast, CountCopies.count)
 
 
+@pytest.mark.parametrize("autocast", [False, True])
+def test_layer_kernels_match_the_pytorch_route(monkeypatch, autocast):
+    # A whole ViL layer with the CPU kernels (conv + SiLU, the output path, the q/k/v projections: layer_kernels)
+    # against the same layer with PyTorch's route for all of them: output, input gradient and every parameter's
+    # gradient, in fp32 and under bf16 autocast (there within bf16 rounding: autocast rounds the conv's weights to
+    # bf16, the kernels do not, and the PyTorch route rounds between its passes). A 4 x 6 grid: not square.
+    from vision_lstm import fused
+    if fused.ops() is None:
+        pytest.skip("the CPU kernels could not be built here")
+    torch.manual_seed(0)
+    layer = layers.ViLLayer(32, num_heads=4)
+    for param in (layer.outnorm.weight, layer.outnorm.bias, layer.learnable_skip, layer.igate.weight,
+                  layer.fgate.weight):
+        param.data.normal_(std=0.5)
+    x0 = torch.randn(3, 24, 32)
+    grad_y = torch.randn(3, 24, 32)
+
+    def run():
+        x = x0.clone().requires_grad_()
+        layer.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            y = layer(x, (4, 6))
+        y.float().backward(grad_y)
+        return y.detach().float(), x.grad, {n: p.grad.clone() for n, p in layer.named_parameters()}
+
+    calls = []
+    real = layers.layer_kernels
+    monkeypatch.setattr(layers, "layer_kernels", lambda *a: calls.append(1) or real(*a))
+    y, grad_x, grads = run()
+    assert len(calls) == 4  # conv + SiLU, projections, output path, and the projections again in backward
+    monkeypatch.setattr(layers, "layer_kernels", lambda *a: None)
+    want_y, want_grad_x, want_grads = run()
+    rtol, atol = (3e-2, 3e-2) if autocast else (1e-4, 1e-5)
+    for got, want, name in [(y, want_y, "y"), (grad_x, want_grad_x, "x")] + [(grads[n], want_grads[n], n)
+                                                                          for n in grads]:
+        assert got.dtype == want.dtype, name
+        torch.testing.assert_close(got, want, rtol=rtol, atol=atol * max(1.0, want.abs().max().item()), msg=name)
+
+
 def test_bf16_autocast_matches_fp32_within_bf16_rounding():
     # Under autocast the projections and the output path (norm, skip, output gate) run in bf16, and so do the
     # cell's T x T products except the scores (its gating, stabiliser and normaliser stay fp32).

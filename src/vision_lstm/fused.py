@@ -5,7 +5,9 @@ CPUs with AVX512-BF16, where one kernel computes the whole forward (the scores, 
 sums, C v and h; AVX512-BF16 dot products, or AMX tiles through ATen's brgemm where the CPU has them); the other
 elementwise passes between the products (and the matching backward passes) run as one C++ pass each instead of
 about ten PyTorch passes over (B, H, T, T) memory. For the ViL layer (``csrc/blockdiag_cpu.cpp``): the block-diagonal
-q, k, v projections and their gradients, one pass each, in the layouts the cell wants.
+q, k, v projections and their gradients, one pass each, in the layouts the cell wants; (``csrc/layer_cpu.cpp``) the
+depthwise convolution with its SiLU, and the output path (per-head norm, skip, output gate), one pass each forward
+and backward.
 
 The sources are compiled once per machine with the system's C++ compiler (``torch.utils.cpp_extension``, for this
 CPU: ``-march=native``) and cached in torch's extension folder (``TORCH_EXTENSIONS_DIR``, default
@@ -28,7 +30,7 @@ from pathlib import Path
 import torch
 
 _CSRC = Path(__file__).with_name("csrc")
-_SOURCES = ("mlstm_cpu.cpp", "blockdiag_cpu.cpp")  # compiled; vec.h is included by both
+_SOURCES = ("mlstm_cpu.cpp", "blockdiag_cpu.cpp", "layer_cpu.cpp")  # compiled; vec.h is included by each
 _FILES = (*_SOURCES, "vec.h")
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno"]
 

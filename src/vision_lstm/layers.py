@@ -106,15 +106,83 @@ def _head_norm_affine(normed: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     return torch.addcmul(bias.to(normed.dtype), normed, scale) if bias is not None else normed * scale
 
 
+class _GatedHeadNormKernel(torch.autograd.Function):
+    """:class:`_GatedHeadNormOutput` as the CPU kernels (``csrc/layer_cpu.cpp``): one pass forward, one backward.
+
+    Same math; everything between loading the inputs and storing the outputs in fp32 (one rounding per output), the
+    norm's statistics kept from forward (B * T * H floats) instead of computed again, the parameter gradients summed
+    in fp32. Saves the same tensors as the PyTorch route (h, c, z).
+    """
+
+    @staticmethod
+    def forward(ctx, h, c, z, kernels, weight, bias, skip, eps):
+        # h: (B, T, H, DH) contiguous; c, z: (B, T, H * DH) with unit last strides, h's dtype
+        out = torch.empty(c.shape, dtype=h.dtype)
+        mean, rstd = kernels.gated_norm_forward(h, c, z, weight, bias, skip, eps, out)
+        ctx.save_for_backward(h, c, z, weight, bias, skip, mean, rstd)
+        ctx.kernels = kernels
+        return out  # (B, T, H * DH)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        h, c, z, weight, bias, skip, mean, rstd = ctx.saved_tensors
+        grad_y = grad_y.to(h.dtype)
+        grad_y = grad_y if grad_y.stride(-1) == 1 else grad_y.contiguous()
+        grad_h, grad_c, grad_z, grad_w, grad_b, grad_skip = ctx.kernels.gated_norm_backward(
+            grad_y, h, c, z, weight, bias, skip, mean, rstd)
+        return grad_h, grad_c, grad_z, None, grad_w.to(weight.dtype), \
+            grad_b.to(bias.dtype) if bias is not None else None, grad_skip.to(skip.dtype), None
+
+
+def layer_kernels(t: torch.Tensor, dtype: torch.dtype):
+    """The CPU kernels' operators (``fused.ops()``) for a layer stage on t computed in dtype, or None: then the
+    layer takes PyTorch's route (another device or dtype, kernels off or unbuilt, or inside ``torch.compile``, which
+    cannot trace through them)."""
+    if torch.compiler.is_compiling() or t.device.type != "cpu" or dtype not in (torch.float32, torch.bfloat16):
+        return None
+    return fused.ops()
+
+
 def gated_head_norm_output(h: torch.Tensor, c: torch.Tensor, z: torch.Tensor, norm: "MultiHeadNorm",
                            skip: torch.Tensor) -> torch.Tensor:
-    """(norm(h) + skip * c) * SiLU(z) for h (B, T, H, DH) and c, z (B, T, H * DH), in h's dtype. -> (B, T, H * DH)."""
+    """(norm(h) + skip * c) * SiLU(z) for h (B, T, H, DH) and c, z (B, T, H * DH), in h's dtype. -> (B, T, H * DH).
+
+    The CPU kernels where they apply (:class:`_GatedHeadNormKernel`), else PyTorch's route."""
     B, T, H, DH = h.shape
     if H != norm.num_heads or H * DH != norm.dim:
         raise ValueError(f"h has shape {tuple(h.shape)}, expected (B, T, {norm.num_heads}, "
                          f"{norm.dim // norm.num_heads}) for this norm")
-    return _GatedHeadNormOutput.apply(h.contiguous(), c.to(h.dtype), z.to(h.dtype), norm.weight, norm.bias,
-                                      skip, norm.eps)
+    h, c, z = h.contiguous(), c.to(h.dtype), z.to(h.dtype)
+    kernels = layer_kernels(h, h.dtype)
+    if kernels is not None and c.stride(-1) == 1 and z.stride(-1) == 1:
+        return _GatedHeadNormKernel.apply(h, c, z, kernels, norm.weight, norm.bias, skip, norm.eps)
+    return _GatedHeadNormOutput.apply(h, c, z, norm.weight, norm.bias, skip, norm.eps)
+
+
+class _ConvSiLUKernel(torch.autograd.Function):
+    """SiLU(depthwise conv of the token grid + bias) as the CPU kernels (``csrc/layer_cpu.cpp``): one pass forward,
+    one backward (the convolution again, SiLU's gradient, the input, weight and bias gradients), where PyTorch runs
+    oneDNN's convolution and SiLU and in backward SiLU's gradient and two convolution kernels. Products in fp32 with
+    the fp32 weights (autocast would round them to bf16), one rounding per output; saves only the input."""
+
+    @staticmethod
+    def forward(ctx, x, kernels, height, width, weight, bias):
+        # x: (B, T, C) contiguous, T = height * width in raster order; weight (C, 1, k, k); bias (C,) or None
+        out = torch.empty_like(x)
+        kernels.conv_silu_forward(x, height, width, weight, bias, out)
+        ctx.save_for_backward(x, weight, bias)
+        ctx.kernels, ctx.grid = kernels, (height, width)
+        return out  # (B, T, C)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight, bias = ctx.saved_tensors
+        grad_x, grad_w, grad_b = ctx.kernels.conv_silu_backward(grad_out.to(x.dtype).contiguous(), x, *ctx.grid,
+                                                                weight, bias)
+        return grad_x, None, None, None, grad_w.to(weight.dtype), grad_b.to(bias.dtype) if bias is not None else None
+
+
+_KERNEL_CONV_SIZES = (1, 3, 5, 7)
 
 
 def _grouped_pointwise_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -341,16 +409,13 @@ def head_major_projections(c: torch.Tensor, x_m: torch.Tensor, num_heads: int, q
     Through the CPU kernels (:class:`_HeadMajorProjections`) where they apply, else None: then the caller takes
     PyTorch's route. Under autocast the products run in its dtype, as ``nn.Linear``'s would. Inside
     ``torch.compile`` PyTorch's route is taken too (the compiler cannot trace through the kernels)."""
-    if torch.compiler.is_compiling():
-        return None
     device = c.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else c.dtype
     B, T, inner = c.shape
     bs = q_proj.block_size
-    usable = (device == "cpu" and dtype in (torch.float32, torch.bfloat16) and inner % num_heads == 0
-              and bs in _KERNEL_BLOCK_SIZES and (inner // num_heads) % bs == 0 and x_m.shape == c.shape
-              and all(p.block_size == bs for p in (k_proj, v_proj)))
-    kernels = fused.ops() if usable else None
+    usable = (inner % num_heads == 0 and bs in _KERNEL_BLOCK_SIZES and (inner // num_heads) % bs == 0
+              and x_m.shape == c.shape and all(p.block_size == bs for p in (k_proj, v_proj)))
+    kernels = layer_kernels(c, dtype) if usable else None
     if kernels is None:
         return None
     c, x_m = (t.to(dtype).contiguous() for t in (c, x_m))
@@ -468,6 +533,18 @@ class ViLLayer(nn.Module):
         y = self.conv(x.reshape(B, h, w, C).permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last))
         return y.permute(0, 2, 3, 1).reshape(B, T, C)
 
+    def _conv_silu(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:  # (B, T, C) -> (B, T, C)
+        """SiLU(conv on the grid): the CPU kernels (:class:`_ConvSiLUKernel`) where they apply, else PyTorch's."""
+        device = x.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        kernels = layer_kernels(x, dtype) if self.conv.kernel_size[0] in _KERNEL_CONV_SIZES else None
+        if kernels is None:
+            return F.silu(self._conv_on_grid(x, grid))
+        h, w = grid
+        if h * w != x.shape[1]:
+            raise ValueError(f"got {x.shape[1]} tokens for a {h}x{w} grid")
+        return _ConvSiLUKernel.apply(x.to(dtype).contiguous(), kernels, h, w, self.conv.weight, self.conv.bias)
+
     def _folded_projections(self):
         """Weights that merge the gate projection into the products that already read the same inputs.
 
@@ -499,7 +576,7 @@ class ViLLayer(nn.Module):
             x = x.to(low_dtype)
         x_m = F.linear(x, w_m, b_m)  # (B, T, inner); its own product so the conv gets a contiguous input
         z, gates_x = F.linear(x, zg_w, zg_b).split([inner, 2 * H], dim=-1)  # (B, T, inner), (B, T, 2H)
-        c = F.silu(self._conv_on_grid(x_m, grid))  # (B, T, inner)
+        c = self._conv_silu(x_m, grid)  # (B, T, inner)
         q, k, v = self._qkv_heads(c, x_m)  # (B, H, T, DH) each
         gates = (gates_x + F.linear(c, gate_c)).transpose(1, 2)  # (B, 2H, T)
         igate, fgate = gates[:, :H].contiguous(), gates[:, H:].contiguous()  # (B, H, T) each

@@ -36,30 +36,12 @@ namespace {
 
 constexpr float kLogDecayFloor = -60.0f;  // as cell._LOG_DECAY_FLOOR: exp() of less is below rounding, and slow
 
-// exp(x) for x in [-60, 0] (what the decay needs): Cody-Waite reduction x = n ln2 + r, |r| <= ln2 / 2, a degree-6
-// Taylor polynomial for exp(r) (error below 2e-7 relative over that range), and 2^n from the exponent bits
-// (n >= -87: always a normal float). n is rounded by adding and subtracting 1.5 * 2^23.
-inline vfloat exp_decay(vfloat x) {
-  const vfloat round = splat(12582912.0f);
-  const vfloat n = (x * 1.44269504088896341f + round) - round;
-  const vfloat r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
-  vfloat p = splat(1.0f / 720.0f);
-  p = p * r + 1.0f / 120.0f;
-  p = p * r + 1.0f / 24.0f;
-  p = p * r + 1.0f / 6.0f;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  const vint bits = (__builtin_convertvector(n, vint) + 127) << 23;
-  return p * reinterpret_cast<const vfloat&>(bits);
-}
-
 // D'[t, s] for lanes s0 .. s0 + 15 of row t (0 above the diagonal)
 inline vfloat decay_lanes(vfloat a, float row_max, float scale, int64_t s0, int64_t t) {
   const vint lane = vint{0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15} + static_cast<int32_t>(s0);
   vfloat x = a - row_max;
   x = x < kLogDecayFloor ? splat(kLogDecayFloor) : x;
-  const vfloat d = exp_decay(x) * scale;
+  const vfloat d = exp_core(x) * scale;  // x in [-60, 0]
   return lane <= static_cast<int32_t>(t) ? d : vfloat{};
 }
 

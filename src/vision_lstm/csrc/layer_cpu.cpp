@@ -1,0 +1,426 @@
+// The elementwise stages of the ViL layer around the cell, each one pass over memory forward and one backward:
+//
+//   conv_silu:   c = SiLU(depthwise k x k conv of x_m on the token grid + bias)      (the q/k branch's input)
+//   gated_norm:  y = (HeadNorm(h) * (1 + w) + b + skip * c) * SiLU(z)                (the layer's output path)
+//
+// PyTorch runs these as separate passes: a oneDNN depthwise convolution and SiLU (and in backward SiLU's gradient
+// and the convolution's two gradient kernels); a layer norm, two multiply-adds, SiLU and a product (backward about
+// fifteen passes: the recomputed norm, the gate's gradient, three products and column sums for the parameters, the
+// norm's gradient). Each pass reads and writes a (B, T, C) tensor, and on 2 cores at batch 128 these passes took
+// about a sixth of a ViL-T training step and a quarter of inference (profile, session 25). Here everything between
+// loading the inputs and storing the outputs runs in fp32 registers: one rounding per output (bf16 or fp32), the
+// norm's statistics and the parameter gradients summed in fp32.
+//
+// Compiled with mlstm_cpu.cpp and blockdiag_cpu.cpp by vision_lstm/fused.py; the layer keeps its PyTorch route
+// without it.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <tuple>
+#include <vector>
+
+#include "vec.h"
+
+namespace {
+
+const vint kLaneIndex = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+
+// A (B, T, C) view with a unit last stride: row (b, t) starts at data + b * sb + t * st.
+template <typename T>
+struct Tokens {
+  T* data;
+  int64_t sb, st;
+  T* at(int64_t b, int64_t t) const { return data + b * sb + t * st; }
+};
+
+template <typename T>
+Tokens<T> tokens_of(const at::Tensor& x) {
+  return {static_cast<T*>(x.data_ptr()), x.stride(0), x.stride(1)};
+}
+
+void check_tokens(const at::Tensor& x, at::IntArrayRef shape, at::ScalarType dtype, const char* what) {
+  TORCH_CHECK(x.device().is_cpu() && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
+              what, " must be a float32 or bfloat16 CPU tensor, got ", x.scalar_type(), " on ", x.device());
+  TORCH_CHECK(x.scalar_type() == dtype, what, " must have the dtype ", dtype, ", got ", x.scalar_type());
+  TORCH_CHECK(x.sizes() == shape, what, " must have the shape ", shape, ", got ", x.sizes());
+  TORCH_CHECK(x.stride(-1) == 1, what, " must have a unit last stride");
+}
+
+// A per-channel parameter (C,) as fp32 (zeros for None)
+at::Tensor channel_param(const std::optional<at::Tensor>& p, int64_t C, const char* what) {
+  if (!p) return at::zeros({C}, at::kFloat);
+  TORCH_CHECK(p->dim() == 1 && p->size(0) == C, what, " must have shape (", C, "), got ", p->sizes());
+  return p->to(at::kFloat).contiguous();
+}
+
+// Calls fn(T{}) with T the storage type (float or at::BFloat16) of dtype.
+template <typename Fn>
+void with_dtype(at::ScalarType dtype, Fn&& fn) {
+  if (dtype == at::kFloat)
+    fn(float{});
+  else
+    fn(at::BFloat16{});
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// gated_norm
+
+// Mean and 1 / std of one head's DH values (two passes over the values: no cancellation in the variance).
+template <typename T>
+inline void head_stats(const T* h, int64_t DH, float eps, float& mean, float& rstd) {
+  vfloat sum{};
+  for_vectors(DH, [&](int64_t d0, int64_t count) { sum += load(h + d0, count); });
+  mean = lane_sum(sum) / DH;
+  vfloat squares{};
+  for_vectors(DH, [&](int64_t d0, int64_t count) {
+    const vfloat centred = load(h + d0, count) - mean;
+    // lanes past count load as 0: keep them out of the sum
+    squares += count == kLanes ? centred * centred
+                               : (kLaneIndex < static_cast<int32_t>(count)) ? centred * centred : vfloat{};
+  });
+  rstd = 1.0f / std::sqrt(lane_sum(squares) / DH + eps);
+}
+
+// y = (norm(h) * scale + bias + skip * c) * SiLU(z) for (B, T, H, DH) h and (B, T, C) c, z, y; scale = 1 + w;
+// mean and rstd (B * T * H,) are written for backward.
+template <typename T>
+void gated_norm_fwd(Tokens<const T> h, Tokens<const T> c, Tokens<const T> z, const float* scale, const float* bias,
+                    const float* skip, float eps, Tokens<T> y, float* mean, float* rstd, int64_t B, int64_t Tn,
+                    int64_t H, int64_t DH) {
+  at::parallel_for(0, B * Tn, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t b = r / Tn, t = r % Tn;
+      const T *ph = h.at(b, t), *pc = c.at(b, t), *pz = z.at(b, t);
+      T* py = y.at(b, t);
+      for (int64_t head = 0; head < H; ++head) {
+        const int64_t off = head * DH;
+        float mu, rs;
+        head_stats(ph + off, DH, eps, mu, rs);
+        mean[r * H + head] = mu;
+        rstd[r * H + head] = rs;
+        for_vectors(DH, [&](int64_t d0, int64_t count) {
+          const int64_t i = off + d0;
+          const vfloat normed = (load(ph + i, count) - mu) * rs;
+          const vfloat pre = normed * load(scale + i, count) + load(bias + i, count) +
+                             load(skip + i, count) * load(pc + i, count);
+          const vfloat zv = load(pz + i, count);
+          store(py + i, pre * zv * sigmoid(zv), count);
+        });
+      }
+    }
+  });
+}
+
+// The gradients of gated_norm_fwd for grad_y: grad_h, grad_c, grad_z (in the inputs' dtype) and the per-channel
+// sums for w, b and skip (fp32, 3 rows of C in `sums`). Each thread sums its contiguous range of rows into its own
+// partial rows.
+template <typename T>
+void gated_norm_bwd(Tokens<const T> gy, Tokens<const T> h, Tokens<const T> c, Tokens<const T> z, const float* scale,
+                    const float* bias, const float* skip, const float* mean, const float* rstd, Tokens<T> gh,
+                    Tokens<T> gc, Tokens<T> gz, float* sums, int64_t B, int64_t Tn, int64_t H, int64_t DH) {
+  const int64_t C = H * DH, N = B * Tn, threads = at::get_num_threads();
+  std::vector<float> partial(threads * 3 * C, 0.0f);
+  at::parallel_for(0, N, (N + threads - 1) / threads, [&](int64_t begin, int64_t end) {
+    float* gw = partial.data() + at::get_thread_num() * 3 * C;
+    float *gb = gw + C, *gs = gw + 2 * C;
+    std::vector<float> buffer(2 * DH);
+    float *normed_row = buffer.data(), *grad_normed = buffer.data() + DH;
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t b = r / Tn, t = r % Tn;
+      const T *pgy = gy.at(b, t), *ph = h.at(b, t), *pc = c.at(b, t), *pz = z.at(b, t);
+      T *pgh = gh.at(b, t), *pgc = gc.at(b, t), *pgz = gz.at(b, t);
+      for (int64_t head = 0; head < H; ++head) {
+        const int64_t off = head * DH;
+        const float mu = mean[r * H + head], rs = rstd[r * H + head];
+        vfloat sum_g{}, sum_gn{};  // sums over the head of d(loss)/d(normed) and of it times normed
+        for_vectors(DH, [&](int64_t d0, int64_t count) {
+          const int64_t i = off + d0;
+          const vfloat normed = (load(ph + i, count) - mu) * rs;
+          const vfloat sc = load(scale + i, count), sk = load(skip + i, count), cv = load(pc + i, count);
+          const vfloat pre = normed * sc + load(bias + i, count) + sk * cv;
+          const vfloat zv = load(pz + i, count), gyv = load(pgy + i, count);
+          const vfloat sg = sigmoid(zv);
+          // d/dz of z sigmoid(z) = sigmoid(z) (1 + z (1 - sigmoid(z)))
+          store(pgz + i, gyv * pre * sg * (1.0f + zv * (1.0f - sg)), count);
+          const vfloat g_pre = gyv * zv * sg;  // lanes past count are 0 (gy loads as 0)
+          store(pgc + i, g_pre * sk, count);
+          store(gw + i, load(gw + i, count) + g_pre * normed, count);
+          store(gb + i, load(gb + i, count) + g_pre, count);
+          store(gs + i, load(gs + i, count) + g_pre * cv, count);
+          const vfloat g_normed = g_pre * sc;
+          sum_g += g_normed;
+          sum_gn += g_normed * normed;
+          store(normed_row + d0, normed, count);
+          store(grad_normed + d0, g_normed, count);
+        });
+        // layer norm backward: grad_h = rstd (g - mean(g) - normed mean(g normed))
+        const float mean_g = lane_sum(sum_g) / DH, mean_gn = lane_sum(sum_gn) / DH;
+        for_vectors(DH, [&](int64_t d0, int64_t count) {
+          const vfloat g = load(grad_normed + d0, count), normed = load(normed_row + d0, count);
+          store(pgh + off + d0, (g - mean_g - normed * mean_gn) * rs, count);
+        });
+      }
+    }
+  });
+  std::fill(sums, sums + 3 * C, 0.0f);
+  for (int64_t i = 0; i < threads; ++i)
+    for (int64_t e = 0; e < 3 * C; ++e) sums[e] += partial[i * 3 * C + e];
+}
+
+struct NormArgs {
+  int64_t B, Tn, H, DH;
+  at::Tensor scale, bias, skip;  // fp32 (C,)
+};
+
+NormArgs check_norm_args(const at::Tensor& h, const at::Tensor& c, const at::Tensor& z, const at::Tensor& weight,
+                         const std::optional<at::Tensor>& bias, const at::Tensor& skip) {
+  TORCH_CHECK(h.dim() == 4, "h must be a (B, T, H, DH) tensor, got ", h.sizes());
+  const int64_t B = h.size(0), Tn = h.size(1), H = h.size(2), DH = h.size(3), C = H * DH;
+  TORCH_CHECK(h.is_contiguous(), "h must be contiguous");
+  check_tokens(h, h.sizes(), h.scalar_type(), "h");
+  check_tokens(c, {B, Tn, C}, h.scalar_type(), "c");
+  check_tokens(z, {B, Tn, C}, h.scalar_type(), "z");
+  return {B, Tn, H, DH, channel_param(weight, C, "weight") + 1.0f, channel_param(bias, C, "bias"),
+          channel_param(skip, C, "skip")};
+}
+
+// out = (HeadNorm(h) * (1 + weight) + bias + skip * c) * SiLU(z); returns the norm's mean and 1 / std (B, T, H),
+// fp32. h: (B, T, H, DH) contiguous; c, z, out: (B, T, H * DH) views with unit last strides, h's dtype.
+std::tuple<at::Tensor, at::Tensor> gated_norm_forward(const at::Tensor& h, const at::Tensor& c, const at::Tensor& z,
+                                                      const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                                                      const at::Tensor& skip, double eps, at::Tensor out) {
+  const NormArgs a = check_norm_args(h, c, z, weight, bias, skip);
+  check_tokens(out, c.sizes(), h.scalar_type(), "out");
+  auto mean = at::empty({a.B, a.Tn, a.H}, h.options().dtype(at::kFloat));
+  auto rstd = at::empty_like(mean);
+  with_dtype(h.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    gated_norm_fwd<T>(tokens_of<const T>(h.view({a.B, a.Tn, -1})), tokens_of<const T>(c), tokens_of<const T>(z),
+                      a.scale.data_ptr<float>(), a.bias.data_ptr<float>(), a.skip.data_ptr<float>(),
+                      static_cast<float>(eps), tokens_of<T>(out), mean.data_ptr<float>(), rstd.data_ptr<float>(),
+                      a.B, a.Tn, a.H, a.DH);
+  });
+  return {mean, rstd};
+}
+
+// The gradients of gated_norm_forward: (grad_h (B, T, H, DH), grad_c, grad_z (B, T, C), in h's dtype; the sums for
+// weight, bias and skip (C,) each, fp32). mean, rstd: as gated_norm_forward returned them.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_norm_backward(
+    const at::Tensor& grad_y, const at::Tensor& h, const at::Tensor& c, const at::Tensor& z, const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias, const at::Tensor& skip, const at::Tensor& mean, const at::Tensor& rstd) {
+  const NormArgs a = check_norm_args(h, c, z, weight, bias, skip);
+  const int64_t C = a.H * a.DH;
+  check_tokens(grad_y, c.sizes(), h.scalar_type(), "grad_y");
+  for (const auto* stat : {&mean, &rstd})
+    TORCH_CHECK(stat->scalar_type() == at::kFloat && stat->is_contiguous() && stat->numel() == a.B * a.Tn * a.H,
+                "mean and rstd must be the contiguous float32 (B, T, H) statistics from gated_norm_forward");
+  auto grad_h = at::empty_like(h);
+  auto grad_c = at::empty({a.B, a.Tn, C}, h.options());
+  auto grad_z = at::empty_like(grad_c);
+  auto sums = at::empty({3, C}, h.options().dtype(at::kFloat));
+  with_dtype(h.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    gated_norm_bwd<T>(tokens_of<const T>(grad_y), tokens_of<const T>(h.view({a.B, a.Tn, -1})), tokens_of<const T>(c),
+                      tokens_of<const T>(z), a.scale.data_ptr<float>(), a.bias.data_ptr<float>(),
+                      a.skip.data_ptr<float>(), mean.data_ptr<float>(), rstd.data_ptr<float>(),
+                      tokens_of<T>(grad_h.view({a.B, a.Tn, -1})), tokens_of<T>(grad_c), tokens_of<T>(grad_z),
+                      sums.data_ptr<float>(), a.B, a.Tn, a.H, a.DH);
+  });
+  return {grad_h, grad_c, grad_z, sums[0], sums[1], sums[2]};
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// conv_silu: a depthwise K x K convolution (zero padding K / 2, stride 1) of (B, T, C) tokens laid on a (height,
+// width) grid row by row, then SiLU. One task per (image, 16-channel vector): the image's pixels of that vector are
+// loaded once into a zero-bordered fp32 buffer, so each output is K * K multiply-adds from L1 without bounds checks,
+// and the vector's K * K weights (in backward also their gradient sums) stay in registers.
+
+template <int K>
+struct Padded {  // a (height + K - 1) x (width + K - 1) grid of vectors, zero border of K / 2
+  int64_t height, width, row;
+  std::vector<vfloat> cells;
+  Padded(int64_t h, int64_t w) : height(h), width(w), row(w + K - 1), cells((h + K - 1) * (w + K - 1)) {}
+  vfloat* at(int64_t y, int64_t x) { return cells.data() + (y + K / 2) * row + x + K / 2; }  // y, x of the grid
+};
+
+// u = bias + sum_{ky, kx} w[ky, kx] x[y + ky - K / 2, x + kx - K / 2] at the pixel `centre` of a padded buffer
+template <int K>
+inline vfloat taps_sum(const vfloat* centre, int64_t row, const vfloat* w, vfloat start) {
+  vfloat u = start;
+#pragma GCC unroll 7
+  for (int ky = 0; ky < K; ++ky)
+#pragma GCC unroll 7
+    for (int kx = 0; kx < K; ++kx) u += w[ky * K + kx] * centre[(ky - K / 2) * row + kx - K / 2];
+  return u;
+}
+
+// Fill the buffer's interior with one image's pixels of 16 channels from c0 (count of them; the rest 0)
+template <int K, typename T>
+inline void load_image(Padded<K>& buffer, const T* image, int64_t C, int64_t count) {
+  for (int64_t y = 0; y < buffer.height; ++y)
+    for (int64_t x = 0; x < buffer.width; ++x) *buffer.at(y, x) = load(image + (y * buffer.width + x) * C, count);
+}
+
+template <int K, typename T>
+void conv_silu_fwd(const T* x, const float* table, const float* bias, T* out, int64_t B, int64_t C, int64_t height,
+                   int64_t width) {
+  const int64_t T_ = height * width, vectors = (C + kLanes - 1) / kLanes;
+  // one task per (image, channel vector): enough tasks for 2 threads at any batch size
+  at::parallel_for(0, B * vectors, 1, [&](int64_t begin, int64_t end) {
+    Padded<K> image(height, width);
+    vfloat w[K * K];
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / vectors, c0 = (task % vectors) * kLanes, count = std::min(kLanes, C - c0);
+      for (int i = 0; i < K * K; ++i) w[i] = load(table + i * C + c0, count);
+      const vfloat bv = load(bias + c0, count);
+      load_image(image, x + b * T_ * C + c0, C, count);
+      T* o = out + b * T_ * C + c0;
+      for (int64_t y = 0; y < height; ++y)
+        for (int64_t xx = 0; xx < width; ++xx) {
+          const vfloat u = taps_sum<K>(image.at(y, xx), image.row, w, bv);
+          store(o + (y * width + xx) * C, u * sigmoid(u), count);
+        }
+    }
+  });
+}
+
+// The gradients of conv_silu_fwd for grad_out: grad_x (x's dtype) and the sums of the weight table and the bias
+// (fp32, K * K + 1 rows of C in `sums`). Per (image, channel vector): the convolution again, SiLU's gradient into a
+// second padded buffer, the weight sums from the two buffers, then the transposed convolution of the second.
+template <int K, typename T>
+void conv_silu_bwd(const T* grad_out, const T* x, const float* table, const float* bias, T* grad_x, float* sums,
+                   int64_t B, int64_t C, int64_t height, int64_t width) {
+  const int64_t T_ = height * width, vectors = (C + kLanes - 1) / kLanes;
+  const int64_t threads = at::get_num_threads();
+  std::vector<float> partial(threads * (K * K + 1) * C, 0.0f);
+  at::parallel_for(0, B * vectors, 1, [&](int64_t begin, int64_t end) {
+    float* part = partial.data() + at::get_thread_num() * (K * K + 1) * C;
+    Padded<K> image(height, width), grad_u(height, width);
+    vfloat w[K * K], w_flipped[K * K];
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / vectors, c0 = (task % vectors) * kLanes, count = std::min(kLanes, C - c0);
+      for (int i = 0; i < K * K; ++i) {
+        w[i] = load(table + i * C + c0, count);
+        w_flipped[K * K - 1 - i] = w[i];
+      }
+      const vfloat bv = load(bias + c0, count);
+      load_image(image, x + b * T_ * C + c0, C, count);
+      const T* go = grad_out + b * T_ * C + c0;
+      vfloat gw[K * K] = {}, gb{};
+      for (int64_t y = 0; y < height; ++y)
+        for (int64_t xx = 0; xx < width; ++xx) {
+          const vfloat* centre = image.at(y, xx);
+          const vfloat u = taps_sum<K>(centre, image.row, w, bv);
+          const vfloat s = sigmoid(u);
+          // d/du of u sigmoid(u) = sigmoid(u) (1 + u (1 - sigmoid(u)))
+          const vfloat gu = load(go + (y * width + xx) * C, count) * s * (1.0f + u * (1.0f - s));
+          *grad_u.at(y, xx) = gu;
+          gb += gu;
+#pragma GCC unroll 7
+          for (int ky = 0; ky < K; ++ky)
+#pragma GCC unroll 7
+            for (int kx = 0; kx < K; ++kx) gw[ky * K + kx] += gu * centre[(ky - K / 2) * image.row + kx - K / 2];
+        }
+      for (int i = 0; i < K * K; ++i) store(part + i * C + c0, load(part + i * C + c0, count) + gw[i], count);
+      store(part + K * K * C + c0, load(part + K * K * C + c0, count) + gb, count);
+      // grad_x[y, x] = sum_{ky, kx} w[ky, kx] grad_u[y - ky + K / 2, x - kx + K / 2]: the flipped kernel
+      T* gx = grad_x + b * T_ * C + c0;
+      for (int64_t y = 0; y < height; ++y)
+        for (int64_t xx = 0; xx < width; ++xx)
+          store(gx + (y * width + xx) * C, taps_sum<K>(grad_u.at(y, xx), grad_u.row, w_flipped, vfloat{}), count);
+    }
+  });
+  std::fill(sums, sums + (K * K + 1) * C, 0.0f);
+  for (int64_t i = 0; i < threads; ++i)
+    for (int64_t e = 0; e < (K * K + 1) * C; ++e) sums[e] += partial[i * (K * K + 1) * C + e];
+}
+
+// Calls fn(std::integral_constant<int, K>) for the kernel size k (1, 3, 5 or 7)
+template <typename Fn>
+void with_kernel_size(int64_t k, Fn&& fn) {
+  switch (k) {
+    case 1: fn(std::integral_constant<int, 1>{}); break;
+    case 3: fn(std::integral_constant<int, 3>{}); break;
+    case 5: fn(std::integral_constant<int, 5>{}); break;
+    default: fn(std::integral_constant<int, 7>{}); break;
+  }
+}
+
+// The weight (C, 1, k, k) as the (k * k, C) fp32 table, after checking the shapes
+at::Tensor conv_table(const at::Tensor& x, int64_t height, int64_t width, const at::Tensor& weight) {
+  TORCH_CHECK(x.dim() == 3 && x.is_contiguous(), "x must be a contiguous (B, T, C) tensor, got ", x.sizes());
+  check_tokens(x, x.sizes(), x.scalar_type(), "x");
+  const int64_t C = x.size(2);
+  TORCH_CHECK(height > 0 && width > 0 && height * width == x.size(1), "got ", x.size(1), " tokens for a ", height,
+              "x", width, " grid");
+  TORCH_CHECK(weight.dim() == 4 && weight.size(0) == C && weight.size(1) == 1 && weight.size(2) == weight.size(3) &&
+                  weight.size(2) % 2 == 1 && weight.size(2) <= 7,
+              "weight must have shape (", C, ", 1, k, k) with k = 1, 3, 5 or 7 (a depthwise kernel), got ",
+              weight.sizes());
+  return weight.to(at::kFloat).reshape({C, -1}).t().contiguous();
+}
+
+// out = SiLU(depthwise conv(x) + bias): x, out (B, T, C) contiguous, one dtype; weight (C, 1, k, k); bias (C,) or None
+void conv_silu_forward(const at::Tensor& x, int64_t height, int64_t width, const at::Tensor& weight,
+                       const std::optional<at::Tensor>& bias, at::Tensor out) {
+  const auto table = conv_table(x, height, width, weight);
+  TORCH_CHECK(out.is_contiguous(), "out must be contiguous");
+  check_tokens(out, x.sizes(), x.scalar_type(), "out");
+  const auto b32 = channel_param(bias, x.size(2), "bias");
+  with_kernel_size(weight.size(2), [&](auto size) {
+    constexpr int K = decltype(size)::value;
+    with_dtype(x.scalar_type(), [&](auto tag) {
+      using T = decltype(tag);
+      conv_silu_fwd<K, T>(x.data_ptr<T>(), table.data_ptr<float>(), b32.data_ptr<float>(), out.data_ptr<T>(),
+                          x.size(0), x.size(2), height, width);
+    });
+  });
+}
+
+// The gradients of conv_silu_forward: (grad_x (B, T, C) in x's dtype, grad_weight (C, 1, k, k) and grad_bias (C,)
+// in fp32)
+std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_silu_backward(const at::Tensor& grad_out, const at::Tensor& x,
+                                                                  int64_t height, int64_t width,
+                                                                  const at::Tensor& weight,
+                                                                  const std::optional<at::Tensor>& bias) {
+  const auto table = conv_table(x, height, width, weight);
+  TORCH_CHECK(grad_out.is_contiguous(), "grad_out must be contiguous");
+  check_tokens(grad_out, x.sizes(), x.scalar_type(), "grad_out");
+  const int64_t C = x.size(2), k = weight.size(2);
+  const auto b32 = channel_param(bias, C, "bias");
+  auto grad_x = at::empty_like(x);
+  auto sums = at::empty({k * k + 1, C}, x.options().dtype(at::kFloat));
+  with_kernel_size(k, [&](auto size) {
+    constexpr int K = decltype(size)::value;
+    with_dtype(x.scalar_type(), [&](auto tag) {
+      using T = decltype(tag);
+      conv_silu_bwd<K, T>(grad_out.data_ptr<T>(), x.data_ptr<T>(), table.data_ptr<float>(), b32.data_ptr<float>(),
+                          grad_x.data_ptr<T>(), sums.data_ptr<float>(), x.size(0), C, height, width);
+    });
+  });
+  auto grad_weight = sums.narrow(0, 0, k * k).t().reshape({C, 1, k, k});
+  return {grad_x, grad_weight, sums[k * k].clone()};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(vision_lstm_cpu, m) {
+  m.def("gated_norm_forward(Tensor h, Tensor c, Tensor z, Tensor weight, Tensor? bias, Tensor skip, float eps, "
+        "Tensor(a!) out) -> (Tensor, Tensor)");
+  m.def("gated_norm_backward(Tensor grad_y, Tensor h, Tensor c, Tensor z, Tensor weight, Tensor? bias, Tensor skip, "
+        "Tensor mean, Tensor rstd) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("conv_silu_forward(Tensor x, int height, int width, Tensor weight, Tensor? bias, Tensor(a!) out) -> ()");
+  m.def("conv_silu_backward(Tensor grad_out, Tensor x, int height, int width, Tensor weight, Tensor? bias) "
+        "-> (Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(vision_lstm_cpu, CPU, m) {
+  m.impl("gated_norm_forward", &gated_norm_forward);
+  m.impl("gated_norm_backward", &gated_norm_backward);
+  m.impl("conv_silu_forward", &conv_silu_forward);
+  m.impl("conv_silu_backward", &conv_silu_backward);
+}
