@@ -408,6 +408,39 @@ def test_conv_silu_kernels_match_pytorchs_convolution(kernels, dtype, B, grid, C
         torch.testing.assert_close(got.double(), source.grad, rtol=1e-4, atol=1e-4 * source.grad.abs().max().item())
 
 
+@pytest.mark.parametrize("x_dtype,out_dtype", [(torch.float32, torch.float32), (torch.float32, torch.bfloat16),
+                                               (torch.bfloat16, torch.bfloat16)])
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("B,T,D", [(2, 5, 192), (3, 7, 40), (1, 4, 6)])
+def test_token_norm_and_reversed_sum_kernels_match_pytorch(kernels, x_dtype, out_dtype, reverse, B, T, D):
+    # The block's input norm (written in the layer's dtype and, for the reversed block, token order) and the reversed
+    # residual sum against PyTorch in float64 on the same (rounded) inputs: output, statistics, every gradient.
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(B, T, D, generator=gen).mul(2).add(1).to(x_dtype)
+    weight, bias = torch.randn(D, generator=gen) * 0.3, torch.randn(D, generator=gen) * 0.3
+    out = torch.empty(B, T, D, dtype=out_dtype)
+    mean, rstd = kernels.token_norm_forward(x, weight, bias, 1e-5, reverse, out)
+    x64, w64, b64 = (t.double().requires_grad_() for t in (x, weight, bias))
+    want = torch.nn.functional.layer_norm(x64, (D,), 1 + w64, b64, 1e-5)
+    want = want.flip(1) if reverse else want
+    _assert_close_to(out, want.detach(), out_dtype)
+    torch.testing.assert_close(mean.double(), x.double().mean(-1), rtol=1e-5, atol=1e-5)
+    grad_out = torch.randn(B, T, D, generator=gen).to(out_dtype)
+    want.backward(grad_out.double())
+    grad_x, grad_w, grad_b = kernels.token_norm_backward(grad_out, x, weight, mean, rstd, reverse)
+    assert grad_x.dtype == x_dtype and grad_w.dtype == grad_b.dtype == torch.float32
+    _assert_close_to(grad_x, x64.grad, x_dtype)
+    for got, source in ((grad_w, w64), (grad_b, b64)):
+        torch.testing.assert_close(got.double(), source.grad, rtol=1e-4, atol=1e-4 * source.grad.abs().max().item())
+    y = torch.randn(B, T, D, generator=gen).to(out_dtype)
+    total = torch.empty(B, T, D, dtype=x_dtype)
+    kernels.add_reversed(x, y, total)
+    _assert_close_to(total, x.double() + y.double().flip(1), x_dtype)
+    flipped = torch.empty(B, T, D, dtype=out_dtype)
+    kernels.add_reversed(None, x, flipped)  # the sum's gradient for y: flipped, cast to y's dtype
+    assert torch.equal(flipped, x.flip(1).to(out_dtype))
+
+
 def test_layer_kernels_reject_bad_input(kernels):
     h, cz = torch.zeros(2, 3, 4, 8), torch.zeros(2, 3, 32)
     w = torch.zeros(32)
@@ -433,6 +466,18 @@ def test_layer_kernels_reject_bad_input(kernels):
                                   torch.empty_like(x))
     with pytest.raises(RuntimeError, match="grad_out must have the dtype"):
         kernels.conv_silu_backward(x.bfloat16(), x, 3, 4, torch.zeros(16, 1, 3, 3), None)
+    with pytest.raises(RuntimeError, match="out must have the shape"):
+        kernels.token_norm_forward(x, torch.zeros(16), None, 1e-5, False, torch.empty(2, 12, 8))
+    with pytest.raises(RuntimeError, match="x must be a contiguous"):
+        kernels.token_norm_forward(x.transpose(0, 1), torch.zeros(16), None, 1e-5, False, torch.empty(12, 2, 16))
+    with pytest.raises(RuntimeError, match="weight must have shape"):
+        kernels.token_norm_forward(x, torch.zeros(15), None, 1e-5, False, torch.empty_like(x))
+    with pytest.raises(RuntimeError, match="mean and rstd must be"):
+        kernels.token_norm_backward(x, x, torch.zeros(16), torch.zeros(2, 11), torch.zeros(2, 12), False)
+    with pytest.raises(RuntimeError, match="out must have x's dtype"):
+        kernels.add_reversed(x, x, torch.empty_like(x).bfloat16())
+    with pytest.raises(RuntimeError, match="x must have the shape"):
+        kernels.add_reversed(torch.zeros(2, 11, 16), x, torch.empty_like(x))
 
 
 def test_cell_falls_back_to_its_pytorch_form_when_the_build_fails(monkeypatch):

@@ -260,6 +260,48 @@ def test_layer_kernels_match_the_pytorch_route(monkeypatch, autocast):
         torch.testing.assert_close(got, want, rtol=rtol, atol=atol * max(1.0, want.abs().max().item()), msg=name)
 
 
+@pytest.mark.parametrize("autocast", [False, True])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_block_kernels_match_the_pytorch_route(monkeypatch, autocast, reverse):
+    # A ViL block with the CPU kernels (its input norm writing the layer's dtype and order, the reversed residual
+    # sum, and the layer's own kernels) against PyTorch's route for all of them: output and every gradient, fp32 and
+    # bf16 autocast, both traversal directions. With drop path active (training) the sum takes PyTorch's route.
+    from vision_lstm import fused
+    if fused.ops() is None:
+        pytest.skip("the CPU kernels could not be built here")
+    torch.manual_seed(0)
+    block = layers.ViLBlock(32, reverse=reverse, num_heads=4)
+    for param in (block.norm.weight, block.norm.bias, block.layer.outnorm.weight, block.layer.learnable_skip):
+        param.data.normal_(std=0.5)
+    x0, grad_y = torch.randn(3, 24, 32), torch.randn(3, 24, 32)
+
+    def run():
+        x = x0.clone().requires_grad_()
+        block.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            y = block(x, (4, 6))
+        y.backward(grad_y)
+        return y.detach(), x.grad, {n: p.grad.clone() for n, p in block.named_parameters()}
+
+    y, grad_x, grads = run()
+    assert y.dtype == torch.float32  # the residual stream keeps x's dtype
+    real = layers.layer_kernels
+    monkeypatch.setattr(layers, "layer_kernels", lambda *a: None)
+    want_y, want_grad_x, want_grads = run()
+    rtol, atol = (3e-2, 3e-2) if autocast else (1e-4, 1e-5)
+    for got, want, name in [(y, want_y, "y"), (grad_x, want_grad_x, "x")] + [(grads[n], want_grads[n], n)
+                                                                          for n in grads]:
+        torch.testing.assert_close(got, want, rtol=rtol, atol=atol * max(1.0, want.abs().max().item()), msg=name)
+    # drop path in training: same random mask on both routes
+    monkeypatch.setattr(layers, "layer_kernels", real)
+    block.drop_path.drop_prob = 0.5
+    torch.manual_seed(1)
+    dropped = run()[0]
+    monkeypatch.setattr(layers, "layer_kernels", lambda *a: None)
+    torch.manual_seed(1)
+    torch.testing.assert_close(dropped, run()[0], rtol=rtol, atol=atol * max(1.0, dropped.abs().max().item()))
+
+
 def test_bf16_autocast_matches_fp32_within_bf16_rounding():
     # Under autocast the projections and the output path (norm, skip, output gate) run in bf16, and so do the
     # cell's T x T products except the scores (its gating, stabiliser and normaliser stay fp32).

@@ -630,6 +630,50 @@ class ViLLayer(nn.Module):
         return self.proj_down(h * F.silu(z))
 
 
+class _TokenNormKernel(torch.autograd.Function):
+    """The block's input norm (:class:`OffsetLayerNorm`) as the CPU kernels (``csrc/layer_cpu.cpp``): one pass
+    writes the normalised tokens in the layer's dtype (under autocast its low dtype, which the layer's first products
+    would cast them to anyway) and, for the reversed block, in reversed order; backward reads the gradient in that
+    order. PyTorch's route: the norm in fp32, a flip, a cast (and backward the same). Statistics in fp32, kept from
+    forward; parameter gradients summed in fp32."""
+
+    @staticmethod
+    def forward(ctx, x, kernels, weight, bias, eps, reverse, dtype):
+        # x: (B, T, D) contiguous -> (B, T, D) in dtype, tokens reversed when reverse
+        out = torch.empty(x.shape, dtype=dtype)
+        mean, rstd = kernels.token_norm_forward(x, weight, bias, eps, reverse, out)
+        ctx.save_for_backward(x, weight, mean, rstd)
+        ctx.kernels, ctx.reverse, ctx.has_bias = kernels, reverse, bias is not None
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight, mean, rstd = ctx.saved_tensors
+        grad_x, grad_w, grad_b = ctx.kernels.token_norm_backward(grad_out.contiguous(), x, weight, mean, rstd,
+                                                                 ctx.reverse)
+        return grad_x, None, grad_w.to(weight.dtype), grad_b.to(weight.dtype) if ctx.has_bias else None, None, None, \
+            None
+
+
+class _AddReversedKernel(torch.autograd.Function):
+    """x + y.flip(1) as one pass of the CPU kernels, in x's dtype; backward: x's gradient as it is, y's flipped and
+    cast to y's dtype in one pass (PyTorch's route: a flip and an add forward, a flip and a cast backward)."""
+
+    @staticmethod
+    def forward(ctx, x, y, kernels):  # x, y: (B, T, D) contiguous
+        out = torch.empty_like(x)
+        kernels.add_reversed(x, y, out)
+        ctx.kernels, ctx.y_dtype = kernels, y.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_out = grad_out.contiguous()
+        grad_y = torch.empty(grad_out.shape, dtype=ctx.y_dtype)
+        ctx.kernels.add_reversed(None, grad_out, grad_y)
+        return grad_out, grad_y, None
+
+
 class ViLBlock(nn.Module):
     """x + DropPath(Layer(LayerNorm(x))) with the layer run over the tokens in one traversal direction."""
 
@@ -641,12 +685,24 @@ class ViLBlock(nn.Module):
         self.drop_path = DropPath(drop_path)
 
     def forward(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:  # (B, T, D) raster order -> same
-        y = self.norm(x)
-        if self.reverse:  # traverse from the bottom-right patch: reverse before the layer, back after
-            y = self.layer(y.flip(1), grid).flip(1)
-        else:
-            y = self.layer(y, grid)
-        return x + self.drop_path(y)
+        device = x.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        kernels = layer_kernels(x, dtype) if x.dtype in (torch.float32, torch.bfloat16) else None
+        if kernels is None or self.layer.reference_path:
+            y = self.norm(x)
+            if self.reverse:  # traverse from the bottom-right patch: reverse before the layer, back after
+                y = self.layer(y.flip(1), grid).flip(1)
+            else:
+                y = self.layer(y, grid)
+            return x + self.drop_path(y)
+        # The CPU kernels: the norm writes the layer's dtype and order; the reversed block's sum flips y back
+        x = x.contiguous()
+        y = self.layer(_TokenNormKernel.apply(x, kernels, self.norm.weight, self.norm.bias, self.norm.eps,
+                                              self.reverse, dtype), grid)
+        dropping = self.drop_path.training and self.drop_path.drop_prob > 0
+        if self.reverse and not dropping and y.dtype in (torch.float32, torch.bfloat16):
+            return _AddReversedKernel.apply(x, y.contiguous(), kernels)
+        return x + self.drop_path(y.flip(1) if self.reverse else y)
 
 
 class ViLBlockPair(nn.Module):

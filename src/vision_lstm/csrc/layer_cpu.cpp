@@ -1,18 +1,21 @@
-// The elementwise stages of the ViL layer around the cell, each one pass over memory forward and one backward:
+// The elementwise stages of the ViL block around the matrix products and the cell, each one pass over memory
+// forward and one backward:
 //
-//   conv_silu:   c = SiLU(depthwise k x k conv of x_m on the token grid + bias)      (the q/k branch's input)
-//   gated_norm:  y = (HeadNorm(h) * (1 + w) + b + skip * c) * SiLU(z)                (the layer's output path)
+//   conv_silu:    c = SiLU(depthwise k x k conv of x_m on the token grid + bias)     (the q/k branch's input)
+//   gated_norm:   y = (HeadNorm(h) * (1 + w) + b + skip * c) * SiLU(z)               (the layer's output path)
+//   token_norm:   the block's input norm, LayerNorm(x) * (1 + w) + b, written in the layer's dtype and token order
+//   add_reversed: the reversed block's residual sum x + flip(y)
 //
 // PyTorch runs these as separate passes: a oneDNN depthwise convolution and SiLU (and in backward SiLU's gradient
 // and the convolution's two gradient kernels); a layer norm, two multiply-adds, SiLU and a product (backward about
 // fifteen passes: the recomputed norm, the gate's gradient, three products and column sums for the parameters, the
-// norm's gradient). Each pass reads and writes a (B, T, C) tensor, and on 2 cores at batch 128 these passes took
-// about a sixth of a ViL-T training step and a quarter of inference (profile, session 25). Here everything between
-// loading the inputs and storing the outputs runs in fp32 registers: one rounding per output (bf16 or fp32), the
-// norm's statistics and the parameter gradients summed in fp32.
+// norm's gradient); a layer norm, a flip and a cast; a flip and an add. Each pass reads and writes a whole (B, T, C)
+// tensor, and these stages are memory-bound. Here everything between loading the inputs and storing the outputs
+// runs in fp32 registers: one rounding per output (bf16 or fp32), the norms' statistics and the parameter gradients
+// summed in fp32.
 //
-// Compiled with mlstm_cpu.cpp and blockdiag_cpu.cpp by vision_lstm/fused.py; the layer keeps its PyTorch route
-// without it.
+// Compiled with mlstm_cpu.cpp and blockdiag_cpu.cpp by vision_lstm/fused.py; the layer and the block keep their
+// PyTorch routes without it.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -83,6 +86,18 @@ inline void head_stats(const T* h, int64_t DH, float eps, float& mean, float& rs
                                : (kLaneIndex < static_cast<int32_t>(count)) ? centred * centred : vfloat{};
   });
   rstd = 1.0f / std::sqrt(lane_sum(squares) / DH + eps);
+}
+
+// A layer norm's input gradient over n values: rstd (g - mean(g) - normed mean(g normed)) from the normalised
+// values, the gradient g for them, and the lane sums of g and g normed
+template <typename T>
+inline void norm_input_grad(const float* normed_row, const float* grad_normed, vfloat sum_g, vfloat sum_gn, float rstd,
+                            int64_t n, T* out) {
+  const float mean_g = lane_sum(sum_g) / n, mean_gn = lane_sum(sum_gn) / n;
+  for_vectors(n, [&](int64_t i, int64_t count) {
+    const vfloat g = load(grad_normed + i, count), normed = load(normed_row + i, count);
+    store(out + i, (g - mean_g - normed * mean_gn) * rstd, count);
+  });
 }
 
 // y = (norm(h) * scale + bias + skip * c) * SiLU(z) for (B, T, H, DH) h and (B, T, C) c, z, y; scale = 1 + w;
@@ -157,12 +172,7 @@ void gated_norm_bwd(Tokens<const T> gy, Tokens<const T> h, Tokens<const T> c, To
           store(normed_row + d0, normed, count);
           store(grad_normed + d0, g_normed, count);
         });
-        // layer norm backward: grad_h = rstd (g - mean(g) - normed mean(g normed))
-        const float mean_g = lane_sum(sum_g) / DH, mean_gn = lane_sum(sum_gn) / DH;
-        for_vectors(DH, [&](int64_t d0, int64_t count) {
-          const vfloat g = load(grad_normed + d0, count), normed = load(normed_row + d0, count);
-          store(pgh + off + d0, (g - mean_g - normed * mean_gn) * rs, count);
-        });
+        norm_input_grad(normed_row, grad_normed, sum_g, sum_gn, rs, DH, pgh + off);
       }
     }
   });
@@ -406,6 +416,162 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_silu_backward(const at::Tens
   return {grad_x, grad_weight, sums[k * k].clone()};
 }
 
+// ---------------------------------------------------------------------------------------------------------------
+// token_norm and add_reversed: the ViL block around its layer. The block normalises its (B, T, D) input (an offset
+// layer norm), hands it to the layer (in the reversed block in reversed token order, in the autocast dtype), and
+// adds the layer's output back (reversed again). PyTorch: a layer norm in fp32, a flip, a cast; a flip and an add
+// (and in backward the same in reverse). Here: one pass each way for the norm (reading the input in its dtype,
+// writing the output in the layer's dtype and order), and one for the residual sum.
+
+template <typename TI, typename TO>
+void token_norm_fwd(const TI* x, const float* scale, const float* bias, float eps, bool reverse, TO* y, float* mean,
+                    float* rstd, int64_t B, int64_t Tn, int64_t D) {
+  at::parallel_for(0, B * Tn, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t b = r / Tn, t = r % Tn;
+      const TI* px = x + r * D;
+      TO* py = y + (b * Tn + (reverse ? Tn - 1 - t : t)) * D;
+      float mu, rs;
+      head_stats(px, D, eps, mu, rs);
+      mean[r] = mu;
+      rstd[r] = rs;
+      for_vectors(D, [&](int64_t i, int64_t count) {
+        store(py + i, (load(px + i, count) - mu) * rs * load(scale + i, count) + load(bias + i, count), count);
+      });
+    }
+  });
+}
+
+// The gradients of token_norm_fwd for gy (in y's order): grad_x (x's dtype, x's order) and the sums of the scale's
+// and the bias's gradients (fp32, 2 rows of D in `sums`), per-thread partial rows as in gated_norm_bwd.
+template <typename TI, typename TO>
+void token_norm_bwd(const TO* gy, const TI* x, const float* scale, const float* mean, const float* rstd, bool reverse,
+                    TI* gx, float* sums, int64_t B, int64_t Tn, int64_t D) {
+  const int64_t N = B * Tn, threads = at::get_num_threads();
+  std::vector<float> partial(threads * 2 * D, 0.0f);
+  at::parallel_for(0, N, (N + threads - 1) / threads, [&](int64_t begin, int64_t end) {
+    float* gw = partial.data() + at::get_thread_num() * 2 * D;
+    float* gb = gw + D;
+    std::vector<float> buffer(2 * D);
+    float *normed_row = buffer.data(), *grad_normed = buffer.data() + D;
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t b = r / Tn, t = r % Tn;
+      const TI* px = x + r * D;
+      const TO* pg = gy + (b * Tn + (reverse ? Tn - 1 - t : t)) * D;
+      const float mu = mean[r], rs = rstd[r];
+      vfloat sum_g{}, sum_gn{};
+      for_vectors(D, [&](int64_t i, int64_t count) {
+        const vfloat normed = (load(px + i, count) - mu) * rs, g = load(pg + i, count);
+        store(gw + i, load(gw + i, count) + g * normed, count);
+        store(gb + i, load(gb + i, count) + g, count);
+        const vfloat g_normed = g * load(scale + i, count);  // lanes past count are 0 (g loads as 0)
+        sum_g += g_normed;
+        sum_gn += g_normed * normed;
+        store(normed_row + i, normed, count);
+        store(grad_normed + i, g_normed, count);
+      });
+      norm_input_grad(normed_row, grad_normed, sum_g, sum_gn, rs, D, gx + r * D);
+    }
+  });
+  std::fill(sums, sums + 2 * D, 0.0f);
+  for (int64_t i = 0; i < threads; ++i)
+    for (int64_t e = 0; e < 2 * D; ++e) sums[e] += partial[i * 2 * D + e];
+}
+
+// out[b, t] = x[b, t] + y[b, T - 1 - t] (in x's dtype); with x == nullptr, out[b, t] = y[b, T - 1 - t] (a flip and a
+// cast: the residual sum's gradient for y)
+template <typename TX, typename TY>
+void add_reversed_rows(const TX* x, const TY* y, TX* out, int64_t B, int64_t Tn, int64_t D) {
+  at::parallel_for(0, B * Tn, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t b = r / Tn, t = r % Tn;
+      const TY* py = y + (b * Tn + Tn - 1 - t) * D;
+      for_vectors(D, [&](int64_t i, int64_t count) {
+        const vfloat v = load(py + i, count);
+        store(out + r * D + i, x ? load(x + r * D + i, count) + v : v, count);
+      });
+    }
+  });
+}
+
+void check_rows(const at::Tensor& x, const char* what) {
+  TORCH_CHECK(x.device().is_cpu() && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
+              what, " must be a float32 or bfloat16 CPU tensor, got ", x.scalar_type(), " on ", x.device());
+  TORCH_CHECK(x.dim() == 3 && x.is_contiguous(), what, " must be a contiguous (B, T, D) tensor, got ", x.sizes());
+}
+
+// out (B, T, D), its dtype the layer's = LayerNorm(x) * (1 + weight) + bias, token order reversed when `reverse`;
+// returns the norm's mean and 1 / std per token of x (B, T), fp32. x: (B, T, D) contiguous.
+std::tuple<at::Tensor, at::Tensor> token_norm_forward(const at::Tensor& x, const at::Tensor& weight,
+                                                      const std::optional<at::Tensor>& bias, double eps, bool reverse,
+                                                      at::Tensor out) {
+  check_rows(x, "x");
+  check_rows(out, "out");
+  TORCH_CHECK(out.sizes() == x.sizes(), "out must have the shape ", x.sizes(), ", got ", out.sizes());
+  const int64_t B = x.size(0), Tn = x.size(1), D = x.size(2);
+  const auto scale = channel_param(weight, D, "weight") + 1.0f;
+  const auto b32 = channel_param(bias, D, "bias");
+  auto mean = at::empty({B, Tn}, x.options().dtype(at::kFloat));
+  auto rstd = at::empty_like(mean);
+  with_dtype(x.scalar_type(), [&](auto in_tag) {
+    using TI = decltype(in_tag);
+    with_dtype(out.scalar_type(), [&](auto out_tag) {
+      using TO = decltype(out_tag);
+      token_norm_fwd<TI, TO>(x.data_ptr<TI>(), scale.data_ptr<float>(), b32.data_ptr<float>(),
+                             static_cast<float>(eps), reverse, out.data_ptr<TO>(), mean.data_ptr<float>(),
+                             rstd.data_ptr<float>(), B, Tn, D);
+    });
+  });
+  return {mean, rstd};
+}
+
+// The gradients of token_norm_forward: (grad_x in x's dtype, grad_weight and grad_bias (D,) in fp32)
+std::tuple<at::Tensor, at::Tensor, at::Tensor> token_norm_backward(const at::Tensor& grad_out, const at::Tensor& x,
+                                                                   const at::Tensor& weight, const at::Tensor& mean,
+                                                                   const at::Tensor& rstd, bool reverse) {
+  check_rows(x, "x");
+  check_rows(grad_out, "grad_out");
+  TORCH_CHECK(grad_out.sizes() == x.sizes(), "grad_out must have the shape ", x.sizes(), ", got ", grad_out.sizes());
+  const int64_t B = x.size(0), Tn = x.size(1), D = x.size(2);
+  for (const auto* stat : {&mean, &rstd})
+    TORCH_CHECK(stat->scalar_type() == at::kFloat && stat->is_contiguous() && stat->numel() == B * Tn,
+                "mean and rstd must be the contiguous float32 (B, T) statistics from token_norm_forward");
+  const auto scale = channel_param(weight, D, "weight") + 1.0f;
+  auto grad_x = at::empty_like(x);
+  auto sums = at::empty({2, D}, x.options().dtype(at::kFloat));
+  with_dtype(x.scalar_type(), [&](auto in_tag) {
+    using TI = decltype(in_tag);
+    with_dtype(grad_out.scalar_type(), [&](auto out_tag) {
+      using TO = decltype(out_tag);
+      token_norm_bwd<TI, TO>(grad_out.data_ptr<TO>(), x.data_ptr<TI>(), scale.data_ptr<float>(),
+                             mean.data_ptr<float>(), rstd.data_ptr<float>(), reverse, grad_x.data_ptr<TI>(),
+                             sums.data_ptr<float>(), B, Tn, D);
+    });
+  });
+  return {grad_x, sums[0], sums[1]};
+}
+
+// out = x + y with y's tokens in reverse order (out[b, t] = x[b, t] + y[b, T - 1 - t]), in x's dtype; without x,
+// y reversed alone, cast to out's dtype. x, y, out: (B, T, D) contiguous.
+void add_reversed(const std::optional<at::Tensor>& x, const at::Tensor& y, at::Tensor out) {
+  check_rows(y, "y");
+  check_rows(out, "out");
+  TORCH_CHECK(out.sizes() == y.sizes(), "out must have the shape ", y.sizes(), ", got ", out.sizes());
+  if (x) {
+    check_rows(*x, "x");
+    TORCH_CHECK(x->sizes() == y.sizes(), "x must have the shape ", y.sizes(), ", got ", x->sizes());
+    TORCH_CHECK(x->scalar_type() == out.scalar_type(), "out must have x's dtype ", x->scalar_type());
+  }
+  with_dtype(out.scalar_type(), [&](auto out_tag) {
+    using TX = decltype(out_tag);
+    with_dtype(y.scalar_type(), [&](auto y_tag) {
+      using TY = decltype(y_tag);
+      add_reversed_rows<TX, TY>(x ? x->data_ptr<TX>() : nullptr, y.data_ptr<TY>(), out.data_ptr<TX>(), y.size(0),
+                                y.size(1), y.size(2));
+    });
+  });
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(vision_lstm_cpu, m) {
@@ -416,6 +582,11 @@ TORCH_LIBRARY_FRAGMENT(vision_lstm_cpu, m) {
   m.def("conv_silu_forward(Tensor x, int height, int width, Tensor weight, Tensor? bias, Tensor(a!) out) -> ()");
   m.def("conv_silu_backward(Tensor grad_out, Tensor x, int height, int width, Tensor weight, Tensor? bias) "
         "-> (Tensor, Tensor, Tensor)");
+  m.def("token_norm_forward(Tensor x, Tensor weight, Tensor? bias, float eps, bool reverse, Tensor(a!) out) "
+        "-> (Tensor, Tensor)");
+  m.def("token_norm_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor mean, Tensor rstd, bool reverse) "
+        "-> (Tensor, Tensor, Tensor)");
+  m.def("add_reversed(Tensor? x, Tensor y, Tensor(a!) out) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(vision_lstm_cpu, CPU, m) {
@@ -423,4 +594,7 @@ TORCH_LIBRARY_IMPL(vision_lstm_cpu, CPU, m) {
   m.impl("gated_norm_backward", &gated_norm_backward);
   m.impl("conv_silu_forward", &conv_silu_forward);
   m.impl("conv_silu_backward", &conv_silu_backward);
+  m.impl("token_norm_forward", &token_norm_forward);
+  m.impl("token_norm_backward", &token_norm_backward);
+  m.impl("add_reversed", &add_reversed);
 }
