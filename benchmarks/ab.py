@@ -102,17 +102,14 @@ def main():
         raise SystemExit(f"--ref {args.ref!r} is not a commit of {REPO}: give a revision git knows (HEAD, a sha, a "
                          "branch)")
     ref_sha = found.stdout.strip()
-    dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "src"], capture_output=True,
-                           text=True).stdout.strip()
-    head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
-                          text=True).stdout.strip()
     import torch
+    from throughput import code_revision  # benchmarks/ is this script's folder, first on sys.path
     from vision_lstm.runtime import cpu_details, device_name, resolve_precision
     if args.precision == "auto":
         args.precision, note = resolve_precision("auto")
         print(note, flush=True)
     report = {"command": "python benchmarks/ab.py " + " ".join(sys.argv[1:]), "ref": ref_sha,
-              "tree": head + (" + uncommitted changes in src/" if dirty else ""),
+              "tree": code_revision(),
               "date": time.strftime("%Y-%m-%d %H:%M:%S"), "precision": args.precision, "mode": args.mode,
               "machine": {"cpu": device_name("cpu"), "cpu_details": cpu_details(), "threads": args.threads, "torch": torch.__version__,
                           "python": platform.python_version()}, "results": []}

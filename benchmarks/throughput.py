@@ -59,6 +59,17 @@ def load_recipe_configs():
         CONFIGS["recipe_" + "+".join(stems)] = (model, args, shape)
 
 
+def code_revision() -> str:
+    """The commit this checkout's library code is at, and whether src/ has uncommitted changes ("unknown" outside
+    git): recorded with every benchmark, so a figure can be traced to its code."""
+    head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    if head.returncode:
+        return "unknown (not a git checkout)"
+    dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "src"], capture_output=True,
+                           text=True).stdout.strip()
+    return head.stdout.strip() + (" + uncommitted changes in src/" if dirty else "")
+
+
 def resolve_config(name: str) -> str:
     """A --configs entry -> its CONFIGS key; ``recipe_<stem>`` also names a group that holds that recipe."""
     if name in CONFIGS:
@@ -380,7 +391,8 @@ def main():
     report = {"machine": {"cpu": device_name("cpu"), "cpu_details": cpu_details(), "threads": args.threads,
                           "torch": torch.__version__, "python": platform.python_version()},
               "device": args.device if args.device == "cpu" else f"{args.device} ({device_name(args.device)})",
-              "command": " ".join([Path(sys.executable).name] + sys.argv), "batch": args.batch,
+              "command": " ".join([Path(sys.executable).name] + sys.argv), "code": code_revision(),
+              "batch": args.batch,
               "date": time.strftime("%Y-%m-%d %H:%M:%S"), "rounds": args.rounds}
     print(f"measuring matmul peak ({args.device}, {args.threads} threads) ...", flush=True)
     report["matmul_peak"] = run_worker("matmul", args.threads, device=args.device)
@@ -454,7 +466,8 @@ def median_round(results: list[dict]) -> dict:
 def markdown(report: dict) -> str:
     peak = report["matmul_peak"]
     lines = [f"# Throughput ({report['date']})", "",
-             f"Command: `{report['command']}`  ", f"Machine: {report['machine']}  "]
+             f"Command: `{report['command']}`  ",
+             f"Code: {report.get('code', 'not recorded')}  ", f"Machine: {report['machine']}  "]
     device = report.get("device", "cpu")  # "cpu", or e.g. "cuda (NVIDIA H200)"
     if device != "cpu":
         lines += [f"Device: {device}  "]

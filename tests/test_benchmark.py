@@ -27,6 +27,9 @@ def test_throughput_benchmark_writes_json_and_table(tmp_path):
     assert all("time_ms" in r for r in report["seqlen"])
     table = (tmp_path / "smoke.md").read_text()
     assert "| recipe_mnist | fast | fp32 | train |" in table and "## Sequence length" in table
+    head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    if head.returncode == 0:  # the code a figure came from is recorded (a checkout without git says so instead)
+        assert report["code"].startswith(head.stdout.strip()) and f"Code: {report['code']}" in table
 
 
 def test_throughput_rounds_report_the_median_round(tmp_path):
