@@ -6,8 +6,8 @@ sums, C v and h; AVX512-BF16 dot products, or AMX tiles through ATen's brgemm wh
 elementwise passes between the products (and the matching backward passes) run as one C++ pass each instead of
 about ten PyTorch passes over (B, H, T, T) memory. For the ViL layer (``csrc/blockdiag_cpu.cpp``): the block-diagonal
 q, k, v projections and their gradients, one pass each, in the layouts the cell wants; (``csrc/layer_cpu.cpp``) the
-depthwise convolution with its SiLU, and the output path (per-head norm, skip, output gate), one pass each forward
-and backward.
+depthwise convolution with its SiLU, the output path (per-head norm, skip, output gate), the block's input norm and
+the reversed block's residual sum, one pass each forward and backward.
 
 The sources are compiled once per machine with the system's C++ compiler (``torch.utils.cpp_extension``, for this
 CPU: ``-march=native``) and cached in torch's extension folder (``TORCH_EXTENSIONS_DIR``, default

@@ -134,6 +134,13 @@ class _GatedHeadNormKernel(torch.autograd.Function):
             grad_b.to(bias.dtype) if bias is not None else None, grad_skip.to(skip.dtype), None
 
 
+def compute_dtype(t: torch.Tensor) -> torch.dtype:
+    """The dtype a stage computes t's products in: autocast's low dtype where autocast is on for t's device, else
+    t's own."""
+    device = t.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else t.dtype
+
+
 def layer_kernels(t: torch.Tensor, dtype: torch.dtype):
     """The CPU kernels' operators (``fused.ops()``) for a layer stage on t computed in dtype, or None: then the
     layer takes PyTorch's route (another device or dtype, kernels off or unbuilt, or inside ``torch.compile``, which
@@ -409,8 +416,7 @@ def head_major_projections(c: torch.Tensor, x_m: torch.Tensor, num_heads: int, q
     Through the CPU kernels (:class:`_HeadMajorProjections`) where they apply, else None: then the caller takes
     PyTorch's route. Under autocast the products run in its dtype, as ``nn.Linear``'s would. Inside
     ``torch.compile`` PyTorch's route is taken too (the compiler cannot trace through the kernels)."""
-    device = c.device.type
-    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else c.dtype
+    dtype = compute_dtype(c)
     B, T, inner = c.shape
     bs = q_proj.block_size
     usable = (inner % num_heads == 0 and bs in _KERNEL_BLOCK_SIZES and (inner // num_heads) % bs == 0
@@ -535,8 +541,7 @@ class ViLLayer(nn.Module):
 
     def _conv_silu(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:  # (B, T, C) -> (B, T, C)
         """SiLU(conv on the grid): the CPU kernels (:class:`_ConvSiLUKernel`) where they apply, else PyTorch's."""
-        device = x.device.type
-        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        dtype = compute_dtype(x)
         kernels = layer_kernels(x, dtype) if self.conv.kernel_size[0] in _KERNEL_CONV_SIZES else None
         if kernels is None:
             return F.silu(self._conv_on_grid(x, grid))
@@ -643,7 +648,8 @@ class _TokenNormKernel(torch.autograd.Function):
         out = torch.empty(x.shape, dtype=dtype)
         mean, rstd = kernels.token_norm_forward(x, weight, bias, eps, reverse, out)
         ctx.save_for_backward(x, weight, mean, rstd)
-        ctx.kernels, ctx.reverse, ctx.has_bias = kernels, reverse, bias is not None
+        ctx.kernels, ctx.reverse = kernels, reverse
+        ctx.bias_dtype = bias.dtype if bias is not None else None
         return out
 
     @staticmethod
@@ -651,8 +657,8 @@ class _TokenNormKernel(torch.autograd.Function):
         x, weight, mean, rstd = ctx.saved_tensors
         grad_x, grad_w, grad_b = ctx.kernels.token_norm_backward(grad_out.contiguous(), x, weight, mean, rstd,
                                                                  ctx.reverse)
-        return grad_x, None, grad_w.to(weight.dtype), grad_b.to(weight.dtype) if ctx.has_bias else None, None, None, \
-            None
+        grad_b = grad_b.to(ctx.bias_dtype) if ctx.bias_dtype is not None else None
+        return grad_x, None, grad_w.to(weight.dtype), grad_b, None, None, None
 
 
 class _AddReversedKernel(torch.autograd.Function):
@@ -685,8 +691,7 @@ class ViLBlock(nn.Module):
         self.drop_path = DropPath(drop_path)
 
     def forward(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:  # (B, T, D) raster order -> same
-        device = x.device.type
-        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        dtype = compute_dtype(x)
         kernels = layer_kernels(x, dtype) if x.dtype in (torch.float32, torch.bfloat16) else None
         if kernels is None or self.layer.reference_path:
             y = self.norm(x)

@@ -45,9 +45,20 @@ Tokens<T> tokens_of(const at::Tensor& x) {
   return {static_cast<T*>(x.data_ptr()), x.stride(0), x.stride(1)};
 }
 
-void check_tokens(const at::Tensor& x, at::IntArrayRef shape, at::ScalarType dtype, const char* what) {
+void check_float_cpu(const at::Tensor& x, const char* what) {
   TORCH_CHECK(x.device().is_cpu() && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
               what, " must be a float32 or bfloat16 CPU tensor, got ", x.scalar_type(), " on ", x.device());
+}
+
+// A contiguous float32 or bfloat16 (B, T, D) CPU tensor
+void check_rows(const at::Tensor& x, const char* what) {
+  check_float_cpu(x, what);
+  TORCH_CHECK(x.dim() == 3 && x.is_contiguous(), what, " must be a contiguous (B, T, D) tensor, got ", x.sizes());
+}
+
+// A float32 or bfloat16 CPU view of the given shape and dtype with a unit last stride
+void check_tokens(const at::Tensor& x, at::IntArrayRef shape, at::ScalarType dtype, const char* what) {
+  check_float_cpu(x, what);
   TORCH_CHECK(x.scalar_type() == dtype, what, " must have the dtype ", dtype, ", got ", x.scalar_type());
   TORCH_CHECK(x.sizes() == shape, what, " must have the shape ", shape, ", got ", x.sizes());
   TORCH_CHECK(x.stride(-1) == 1, what, " must have a unit last stride");
@@ -362,8 +373,7 @@ void with_kernel_size(int64_t k, Fn&& fn) {
 
 // The weight (C, 1, k, k) as the (k * k, C) fp32 table, after checking the shapes
 at::Tensor conv_table(const at::Tensor& x, int64_t height, int64_t width, const at::Tensor& weight) {
-  TORCH_CHECK(x.dim() == 3 && x.is_contiguous(), "x must be a contiguous (B, T, C) tensor, got ", x.sizes());
-  check_tokens(x, x.sizes(), x.scalar_type(), "x");
+  check_rows(x, "x");
   const int64_t C = x.size(2);
   TORCH_CHECK(height > 0 && width > 0 && height * width == x.size(1), "got ", x.size(1), " tokens for a ", height,
               "x", width, " grid");
@@ -492,12 +502,6 @@ void add_reversed_rows(const TX* x, const TY* y, TX* out, int64_t B, int64_t Tn,
       });
     }
   });
-}
-
-void check_rows(const at::Tensor& x, const char* what) {
-  TORCH_CHECK(x.device().is_cpu() && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
-              what, " must be a float32 or bfloat16 CPU tensor, got ", x.scalar_type(), " on ", x.device());
-  TORCH_CHECK(x.dim() == 3 && x.is_contiguous(), what, " must be a contiguous (B, T, D) tensor, got ", x.sizes());
 }
 
 // out (B, T, D), its dtype the layer's = LayerNorm(x) * (1 + weight) + bias, token order reversed when `reverse`;
