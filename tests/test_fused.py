@@ -313,6 +313,8 @@ def test_block_diagonal_kernels_reject_bad_input(kernels):
         kernels.block_diag_mm([x], [w], None, torch.empty(2, 3, 8, 4).transpose(2, 3))
     with pytest.raises(RuntimeError, match="one weight per input"):
         kernels.block_diag_mm([x, x], [w], None, out)
+    with pytest.raises(RuntimeError, match="one or two inputs"):
+        kernels.block_diag_mm([x, x, x], [w, w, w], None, out)
     with pytest.raises(RuntimeError, match="bias must have shape"):
         kernels.block_diag_mm([x], [w], torch.zeros(7), out)
     with pytest.raises(RuntimeError, match="float32 or bfloat16"):

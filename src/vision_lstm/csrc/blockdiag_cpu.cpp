@@ -71,55 +71,52 @@ std::vector<float> weight_table(const at::Tensor& weight) {
   return table;
 }
 
-// acc[0, DH) (+)= sum_s W_s * rotate_s(x) over one head's channels: x and w (the table's rows, C apart) at the head's
-// first channel. The first input starts from the bias (or 0), later ones add to acc.
+// sum_s W_s * rotate_s(x) for one vector of count channels: x and w (the table's rows, C apart) at its first channel
 template <typename T, int BS, int... S>
-inline void mm_head(const T* x, const float* w, int64_t C, const float* start, float* acc, int64_t DH,
-                    std::integer_sequence<int, S...>) {
-  for (int64_t d0 = 0; d0 < DH; d0 += kLanes) {
-    const int64_t count = std::min(kLanes, DH - d0);
-    const vfloat xv = load(x + d0, count);
-    vfloat sum = start ? load(start + d0, count) : vfloat{};
-    ((sum += load(w + S * C + d0, count) * rotate<BS, S>(xv)), ...);
-    store(acc + d0, sum, count);
-  }
+__attribute__((always_inline)) inline vfloat mm_vector(const T* x, const float* w, int64_t C, int64_t count,
+                                                       std::integer_sequence<int, S...>) {
+  const vfloat xv = load(x, count);
+  vfloat sum{};
+  ((sum += load(w + S * C, count) * rotate<BS, S>(xv)), ...);
+  return sum;
 }
 
-// out = sum_j blockdiag(W_j) in_j + bias, row by row: each row summed in an fp32 buffer, then rounded once
-template <typename T, int BS>
-void block_mm(const std::vector<Rows<const T>>& ins, const std::vector<std::vector<float>>& tables,
-              const float* bias, Rows<T> out, int64_t B, int64_t Tn, int64_t H, int64_t DH) {
+// out = sum_j blockdiag(W_j) in_j + bias for NIN inputs, vector by vector: the products summed in registers (fp32),
+// then rounded once. Whole vectors take the constant count (for_vectors): a count the compiler cannot see sent each
+// bf16 load through the stack.
+template <typename T, int BS, int NIN>
+void block_mm(const Rows<const T>* ins, const float* const* tables, const float* bias, Rows<T> out, int64_t B,
+              int64_t Tn, int64_t H, int64_t DH) {
   const int64_t C = H * DH;
   at::parallel_for(0, B * Tn, 16, [&](int64_t begin, int64_t end) {
-    std::vector<float> row(C);
-    float* acc = row.data();
     for (int64_t r = begin; r < end; ++r) {
       const int64_t b = r / Tn, t = r % Tn;
-      for (size_t j = 0; j < ins.size(); ++j) {
-        const Rows<const T> in = ins[j];
-        const float* w = tables[j].data();
-        for (int64_t h = 0; h < H; ++h) {
-          const float* start = j > 0 ? acc + h * DH : (bias ? bias + h * DH : nullptr);
-          mm_head<T, BS>(in.at(b, t, h), w + h * DH, C, start, acc + h * DH, DH, Shifts<BS>{});
-        }
-      }
       for (int64_t h = 0; h < H; ++h) {
+        const T* x[NIN];
+        const float* w[NIN];
+        for (int j = 0; j < NIN; ++j) x[j] = ins[j].at(b, t, h), w[j] = tables[j] + h * DH;
+        const float* start = bias ? bias + h * DH : nullptr;
         T* y = out.at(b, t, h);
-        for (int64_t d0 = 0; d0 < DH; d0 += kLanes) {
-          const int64_t count = std::min(kLanes, DH - d0);
-          store(y + d0, load(acc + h * DH + d0, count), count);
-        }
+        for_vectors(DH, [&](int64_t d0, int64_t count) {
+          vfloat sum = start ? load(start + d0, count) : vfloat{};
+#pragma GCC unroll 2
+          for (int j = 0; j < NIN; ++j) sum += mm_vector<T, BS>(x[j] + d0, w[j] + d0, C, count, Shifts<BS>{});
+          store(y + d0, sum, count);
+        });
       }
     }
   });
 }
 
-// One pass of the weight gradient over rows [r0, r1) and the NV vectors of channels from (h, d0) on: adds
+// One pass of the weight gradient over rows [r0, r1) and the NV vectors of channels from (h, d0) on (whole vectors,
+// or one vector of count channels when NV is 0): adds
 // sum_n a[n, c] x[n, rotate_s(c)] to sums[s * C + c] and sum_n a[n, c] to sums[BS * C + c]. NV * (BS + 1)
 // accumulators stay in registers over the rows.
-template <typename T, int BS, int NV, int... S>
+template <typename T, int BS, int NV_, int... S>
 inline void outer_tile(Rows<const T> a, Rows<const T> x, int64_t r0, int64_t r1, int64_t Tn, int64_t h, int64_t d0,
                        int64_t count, int64_t c0, int64_t C, float* sums, std::integer_sequence<int, S...>) {
+  constexpr int NV = NV_ > 0 ? NV_ : 1;
+  const int64_t n = NV_ > 0 ? kLanes : count;  // a constant for whole vectors: plain vector loads
   vfloat acc[NV][BS] = {};
   vfloat col[NV] = {};
   for (int64_t r = r0; r < r1; ++r) {
@@ -128,14 +125,13 @@ inline void outer_tile(Rows<const T> a, Rows<const T> x, int64_t r0, int64_t r1,
     const T* px = x.at(b, t, h) + d0;
 #pragma GCC unroll 4
     for (int v = 0; v < NV; ++v) {
-      const int64_t n = NV == 1 ? count : kLanes;
       const vfloat av = load(pa + v * kLanes, n), xv = load(px + v * kLanes, n);
       ((acc[v][S] += av * rotate<BS, S>(xv)), ...);
       col[v] += av;
     }
   }
   for (int v = 0; v < NV; ++v) {
-    const int64_t n = NV == 1 ? count : kLanes, c = c0 + v * kLanes;
+    const int64_t c = c0 + v * kLanes;
     for (int s = 0; s < BS; ++s) store(sums + s * C + c, load(sums + s * C + c, n) + acc[v][s], n);
     store(sums + BS * C + c, load(sums + BS * C + c, n) + col[v], n);
   }
@@ -159,8 +155,9 @@ void block_outer(Rows<const T> a, Rows<const T> x, float* table, int64_t B, int6
         int64_t d0 = 0;
         for (; d0 + kTile * kLanes <= DH; d0 += kTile * kLanes)
           outer_tile<T, BS, kTile>(a, x, r0, r1, Tn, h, d0, kLanes, h * DH + d0, C, sums, shifts);
-        for (; d0 < DH; d0 += kLanes)
-          outer_tile<T, BS, 1>(a, x, r0, r1, Tn, h, d0, std::min(kLanes, DH - d0), h * DH + d0, C, sums, shifts);
+        for (; d0 + kLanes <= DH; d0 += kLanes)
+          outer_tile<T, BS, 1>(a, x, r0, r1, Tn, h, d0, kLanes, h * DH + d0, C, sums, shifts);
+        if (d0 < DH) outer_tile<T, BS, 0>(a, x, r0, r1, Tn, h, d0, DH - d0, h * DH + d0, C, sums, shifts);
       }
     }
   });
@@ -202,13 +199,14 @@ void with_block_size(int64_t bs, Fn&& fn) {
   }
 }
 
-// out = sum_j blockdiag(weights[j]) inputs[j] (+ bias). inputs, out: (B, T, H, DH) views with unit last strides,
+// out = sum_j blockdiag(weights[j]) inputs[j] (+ bias) for one or two inputs. inputs, out: (B, T, H, DH) views with unit last strides,
 // all float32 or all bfloat16; weights: (C / bs, bs, bs) each, one block size, any floating dtype (used in fp32);
 // bias (C,) or None. For the transposed product (an input gradient) pass W.transpose(1, 2).
 void block_diag_mm(at::TensorList inputs, at::TensorList weights, const std::optional<at::Tensor>& bias,
                    at::Tensor out) {
-  TORCH_CHECK(!inputs.empty() && inputs.size() == weights.size(), "block_diag_mm needs one weight per input, got ",
-              inputs.size(), " inputs and ", weights.size(), " weights");
+  TORCH_CHECK(!inputs.empty() && inputs.size() <= 2 && inputs.size() == weights.size(),
+              "block_diag_mm takes one or two inputs and one weight per input, got ", inputs.size(), " inputs and ",
+              weights.size(), " weights");
   check_view(out, out, "out");
   const int64_t B = out.size(0), Tn = out.size(1), H = out.size(2), DH = out.size(3), C = H * DH;
   const int64_t bs = check_blocks(weights[0], C, DH);
@@ -226,15 +224,19 @@ void block_diag_mm(at::TensorList inputs, at::TensorList weights, const std::opt
   const float* pb = bias ? bias32.data_ptr<float>() : nullptr;
   with_block_size(bs, [&](auto block) {
     constexpr int BS = decltype(block)::value;
-    if (out.scalar_type() == at::kFloat) {
-      std::vector<Rows<const float>> in;
-      for (const auto& x : inputs) in.push_back(rows_of<const float>(x));
-      block_mm<float, BS>(in, tables, pb, rows_of<float>(out), B, Tn, H, DH);
-    } else {
-      std::vector<Rows<const at::BFloat16>> in;
-      for (const auto& x : inputs) in.push_back(rows_of<const at::BFloat16>(x));
-      block_mm<at::BFloat16, BS>(in, tables, pb, rows_of<at::BFloat16>(out), B, Tn, H, DH);
-    }
+    auto run = [&](auto zero) {
+      using T = decltype(zero);
+      const Rows<const T> in[2] = {rows_of<const T>(inputs[0]), rows_of<const T>(inputs.back())};
+      const float* w[2] = {tables[0].data(), tables.back().data()};
+      if (inputs.size() == 1)
+        block_mm<T, BS, 1>(in, w, pb, rows_of<T>(out), B, Tn, H, DH);
+      else
+        block_mm<T, BS, 2>(in, w, pb, rows_of<T>(out), B, Tn, H, DH);
+    };
+    if (out.scalar_type() == at::kFloat)
+      run(float{});
+    else
+      run(at::BFloat16{});
   });
 }
 

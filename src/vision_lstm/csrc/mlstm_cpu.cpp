@@ -59,15 +59,14 @@ template <typename out_t>
 inline float forward_row(const float* s_row, const float* a_i, float row_max, float scale, out_t* c_row, int64_t t,
                          int64_t T) {
   vfloat sum{};
-  for (int64_t s0 = 0; s0 < T; s0 += kLanes) {
-    const int64_t count = std::min(kLanes, T - s0);
+  for_vectors(T, [&](int64_t s0, int64_t count) {
     vfloat c{};
     if (s0 <= t) {
       c = load(s_row + s0, count) * decay_lanes(load(a_i + s0, count), row_max, scale, s0, t);
       sum += c;
     }
     store(c_row + s0, c, count);
-  }
+  });
   return lane_sum(sum);
 }
 
@@ -104,18 +103,17 @@ void backward_f32(const mm_t* grad_c, const float* grad_row_sum, const mm_t* wei
         const float m = row_max[i * T + t];
         const float g = grad_row_sum[i * T + t];
         vfloat sum{};
-        for (int64_t b = 0; b < blocks; ++b) {
-          const int64_t s0 = b * kLanes, count = std::min(kLanes, T - s0);
+        for_vectors(T, [&](int64_t s0, int64_t count) {
           vfloat ds{};
           if (s0 <= t) {
             const vfloat dc = load(grad_c + row + s0, count) + g;
             ds = dc * decay_lanes(load(a_i + s0, count), m, scale, s0, t);
             const vfloat dlog = dc * load(weights + row + s0, count);  // C is 0 above the diagonal
             sum += dlog;
-            cols[b] += dlog;
+            cols[s0 / kLanes] += dlog;
           }
           store(grad_scores + row + s0, ds, count);
-        }
+        });
         row_sums[i * T + t] = lane_sum(sum);
       }
       for (int64_t b = 0; b < blocks; ++b)
@@ -155,12 +153,11 @@ void divide_rows_bf16(const at::Tensor& num, const at::Tensor& denom, const at::
         at::BFloat16* o_row = o_i + t * o2;
         const vfloat d = splat(pd[r]);
         vfloat sum{};
-        for (int64_t s0 = 0; s0 < DH; s0 += kLanes) {
-          const int64_t count = std::min(kLanes, DH - s0);
+        for_vectors(DH, [&](int64_t s0, int64_t count) {
           const vfloat q = load(n_row + s0, count) / d;
           store(o_row + s0, q, count);
           if (h_i) sum += load(o_row + s0, count) * load(h_i + t * h2 + s0, count);
-        }
+        });
         if (dot) dot[r] = lane_sum(sum);
       }
     }
@@ -582,13 +579,12 @@ void forward_whole_bf16(const at::Tensor& q, const at::Tensor& k, const at::Tens
       } else {
         cv_dots(c.data(), 2 * token_pairs, T, v_packed.data(), dhp, num.data());
       }
+      const float* num_rows = num.data();
       for (int64_t t = 0; t < T; ++t) {
         const vfloat denom = splat(normaliser[i * T + t] + eps);
         at::BFloat16* h_row = h_i + t * h2;
-        for (int64_t d0 = 0; d0 < DH; d0 += kLanes) {
-          const int64_t count = std::min(kLanes, DH - d0);
-          store(h_row + d0, load(num.data() + t * dhp + d0, count) / denom, count);
-        }
+        const float* num_row = num_rows + t * dhp;
+        for_vectors(DH, [&](int64_t d0, int64_t count) { store(h_row + d0, load(num_row + d0, count) / denom, count); });
       }
     }
     if (tiles) at::native::cpublas::brgemm_release(true);
