@@ -257,7 +257,8 @@ def worker_model(args) -> dict:
     import vision_lstm
     result = {"img_per_s": args.batch / median, "step_s": median, "best_step_s": times[0], "steps": len(times),
               "first_step_s": first_step_s, "peak_rss_mb": peak_rss_mb(), "rss_before_mb": rss_before,
-              "malloc_setting": vision_lstm.MALLOC_SETTING}
+              "malloc_setting": vision_lstm.MALLOC_SETTING,
+              "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default")}
     if device.startswith("cuda"):
         result["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2 ** 20
     return result
@@ -301,9 +302,11 @@ def worker_seqlen(args) -> dict:
 # Orchestration
 
 
-def run_worker(kind: str, threads: int, malloc: str = "kept", **kw) -> dict:
+def run_worker(kind: str, threads: int, malloc: str = "kept", omp_wait: str = "default", **kw) -> dict:
     """Run one measurement in a fresh process. malloc: "kept" -- as importing vision_lstm sets glibc up (freed memory
-    kept for reuse, src/vision_lstm/runtime.py); "default" -- glibc's defaults (VIL_MALLOC=default)."""
+    kept for reuse, src/vision_lstm/runtime.py); "default" -- glibc's defaults (VIL_MALLOC=default). omp_wait:
+    "default" -- OpenMP's own wait policy (as a script that imports torch before vision_lstm gets it); "active" --
+    OMP_WAIT_POLICY=ACTIVE (as importing vision_lstm first, e.g. train.py, sets it up: runtime.py)."""
     cmd = [sys.executable, __file__, "--worker", kind, "--threads", str(threads)]
     for key, value in kw.items():
         if value is not None:
@@ -312,6 +315,11 @@ def run_worker(kind: str, threads: int, malloc: str = "kept", **kw) -> dict:
     env.pop("VIL_MALLOC", None)
     if malloc == "default":
         env["VIL_MALLOC"] = "default"
+    for name in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT"):  # this process's own (importing vision_lstm may set one)
+        env.pop(name, None)
+    env["VIL_OMP_WAIT"] = "default"
+    if omp_wait == "active":
+        env["OMP_WAIT_POLICY"] = "ACTIVE"
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"}
@@ -346,6 +354,10 @@ def main():
     p.add_argument("--skip-models", action="store_true")
     p.add_argument("--output", default=str(REPO / "results" / "benchmarks"))
     p.add_argument("--tag", default="throughput")
+    p.add_argument("--omp-wait", choices=("default", "both"), default="default",
+                   help="OpenMP's wait policy for the model measurements: default (unset, as a plain script that "
+                        "imports torch first runs), or both: every measurement also with OMP_WAIT_POLICY=ACTIVE "
+                        "(what importing vision_lstm before torch sets, as train.py does)")
     p.add_argument("--malloc", choices=("as-shipped", "both"), default="as-shipped",
                    help="as-shipped: each path as its users get it -- ours with the glibc setting that importing "
                         "vision_lstm applies (freed memory kept), the official code with glibc's defaults; both: "
@@ -410,16 +422,18 @@ def main():
                 continue
             mallocs = ("kept", "default") if args.malloc == "both" else \
                 ("default" if path.startswith("official") else "kept",)
-            for precision, mode, malloc in itertools.product(args.precisions.split(","), args.modes.split(","),
-                                                             mallocs):
+            waits = ("default", "active") if args.omp_wait == "both" else ("default",)
+            for precision, mode, malloc, wait in itertools.product(args.precisions.split(","),
+                                                                   args.modes.split(","), mallocs, waits):
                 specs.append({"config": config, "path": path, "precision": precision, "mode": mode,
-                              "malloc": malloc, "fwd_gflop_per_img": flops / 1e9})
+                              "malloc": malloc, "omp_wait": wait, "fwd_gflop_per_img": flops / 1e9})
     measured = [[] for _ in specs]
     for round_ in range(args.rounds):
         order = range(len(specs)) if round_ % 2 == 0 else reversed(range(len(specs)))
         for n in order:
             spec = specs[n]
-            r = run_worker("model", args.threads, malloc=spec["malloc"], config=spec["config"], path=spec["path"],
+            r = run_worker("model", args.threads, malloc=spec["malloc"], omp_wait=spec["omp_wait"],
+                           config=spec["config"], path=spec["path"],
                            precision=spec["precision"], mode=spec["mode"], batch=args.batch, seconds=args.seconds,
                            official=args.official, device=args.device,
                            kernel=args.kernel if spec["path"] == "kernels" else None)
@@ -485,11 +499,15 @@ def markdown(report: dict) -> str:
                   + f"; memory is {memory}; first step: the first "
                   f"warm-up step (on the compiled path it includes compilation; on the kernels path Triton's).", "",
                   ("malloc: `kept` is the glibc setting that importing vision_lstm applies (freed memory kept for "
-                   "reuse); `default` is glibc's defaults (the official code as its users run it)."), "",
-                  "| config | path | precision | mode | malloc | GFLOP/img (fwd) | img/s | peak memory (MB) "
-                  f"| MFU (of {peak_name} peak) | first step (s) |", "|---|---|---|---|---|---|---|---|---|---|"]
+                   "reuse); `default` is glibc's defaults (the official code as its users run it). OpenMP wait: "
+                   "`default` is OpenMP's own policy (a script that imports torch before vision_lstm), `active` "
+                   "is OMP_WAIT_POLICY=ACTIVE (set by importing vision_lstm first, as train.py does)."), "",
+                  "| config | path | precision | mode | malloc | OpenMP wait | GFLOP/img (fwd) | img/s "
+                  f"| peak memory (MB) | MFU (of {peak_name} peak) | first step (s) |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in report["models"]:
-        head = f"| {r['config']} | {r['path']} | {r['precision']} | {r['mode']} | {r.get('malloc', 'default')} | "
+        head = (f"| {r['config']} | {r['path']} | {r['precision']} | {r['mode']} | {r.get('malloc', 'default')} "
+                f"| {r.get('omp_wait', 'default')} | ")
         if "img_per_s" not in r:
             lines.append(f"{head} | error: {r.get('error', '?')} | | | |")
             continue

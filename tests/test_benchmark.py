@@ -164,3 +164,14 @@ def test_ab_times_the_tree_against_a_revision(tmp_path):
     subprocess.run(infer, check=True, capture_output=True, text=True, timeout=600)
     assert json.loads((tmp_path / "ab-i.json").read_text())["mode"] == "infer"
     assert "| recipe_mnist | img/s (inference) |" in (tmp_path / "ab-i.md").read_text()
+
+
+def test_omp_wait_both_measures_each_path_under_both_policies(tmp_path):
+    cmd = [sys.executable, str(REPO / "benchmarks" / "throughput.py"), "--configs", "recipe_mnist", "--paths", "fast",
+           "--precisions", "fp32", "--modes", "infer", "--batch", "8", "--seconds", "0.05", "--skip-seqlen",
+           "--omp-wait", "both", "--output", str(tmp_path), "--tag", "omp"]
+    subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=300)
+    rows = json.loads((tmp_path / "omp.json").read_text())["models"]
+    assert {(r["omp_wait"], r["omp_wait_policy"]) for r in rows} == {("default", "default"), ("active", "ACTIVE")}
+    table = (tmp_path / "omp.md").read_text()
+    assert "| recipe_mnist | fast | fp32 | infer | kept | active |" in table
