@@ -305,8 +305,8 @@ def worker_seqlen(args) -> dict:
 def run_worker(kind: str, threads: int, malloc: str = "kept", omp_wait: str = "default", **kw) -> dict:
     """Run one measurement in a fresh process. malloc: "kept" -- as importing vision_lstm sets glibc up (freed memory
     kept for reuse, src/vision_lstm/runtime.py); "default" -- glibc's defaults (VIL_MALLOC=default). omp_wait:
-    "default" -- OpenMP's own wait policy (as a script that imports torch before vision_lstm gets it); "active" --
-    OMP_WAIT_POLICY=ACTIVE (as importing vision_lstm first, e.g. train.py, sets it up: runtime.py)."""
+    "default" -- OpenMP's own wait policy; "active" -- OMP_WAIT_POLICY=ACTIVE (waiting threads spin instead of
+    sleeping). Either way set here, not inherited from this process's environment."""
     cmd = [sys.executable, __file__, "--worker", kind, "--threads", str(threads)]
     for key, value in kw.items():
         if value is not None:
@@ -315,9 +315,8 @@ def run_worker(kind: str, threads: int, malloc: str = "kept", omp_wait: str = "d
     env.pop("VIL_MALLOC", None)
     if malloc == "default":
         env["VIL_MALLOC"] = "default"
-    for name in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT"):  # this process's own (importing vision_lstm may set one)
+    for name in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT"):
         env.pop(name, None)
-    env["VIL_OMP_WAIT"] = "default"
     if omp_wait == "active":
         env["OMP_WAIT_POLICY"] = "ACTIVE"
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -355,9 +354,8 @@ def main():
     p.add_argument("--output", default=str(REPO / "results" / "benchmarks"))
     p.add_argument("--tag", default="throughput")
     p.add_argument("--omp-wait", choices=("default", "both"), default="default",
-                   help="OpenMP's wait policy for the model measurements: default (unset, as a plain script that "
-                        "imports torch first runs), or both: every measurement also with OMP_WAIT_POLICY=ACTIVE "
-                        "(what importing vision_lstm before torch sets, as train.py does)")
+                   help="OpenMP's wait policy for the model measurements: default (unset), or both: every "
+                        "measurement also with OMP_WAIT_POLICY=ACTIVE (waiting threads spin instead of sleeping)")
     p.add_argument("--malloc", choices=("as-shipped", "both"), default="as-shipped",
                    help="as-shipped: each path as its users get it -- ours with the glibc setting that importing "
                         "vision_lstm applies (freed memory kept), the official code with glibc's defaults; both: "
@@ -500,8 +498,8 @@ def markdown(report: dict) -> str:
                   f"warm-up step (on the compiled path it includes compilation; on the kernels path Triton's).", "",
                   ("malloc: `kept` is the glibc setting that importing vision_lstm applies (freed memory kept for "
                    "reuse); `default` is glibc's defaults (the official code as its users run it). OpenMP wait: "
-                   "`default` is OpenMP's own policy (a script that imports torch before vision_lstm), `active` "
-                   "is OMP_WAIT_POLICY=ACTIVE (set by importing vision_lstm first, as train.py does)."), "",
+                   "`default` is OpenMP's own policy, `active` is OMP_WAIT_POLICY=ACTIVE (waiting threads spin)."),
+                  "",
                   "| config | path | precision | mode | malloc | OpenMP wait | GFLOP/img (fwd) | img/s "
                   f"| peak memory (MB) | MFU (of {peak_name} peak) | first step (s) |",
                   "|---|---|---|---|---|---|---|---|---|---|---|"]

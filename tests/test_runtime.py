@@ -76,36 +76,3 @@ def test_cpu_details_name_what_sets_the_speed():
         assert details["cpu_family"].isdigit() and details["model"].isdigit()
     if Path("/sys/devices/system/cpu/cpu0/cache/index0").is_dir():
         assert details.get("L1d", "").endswith("K")
-
-
-@pytest.mark.parametrize("script, env, expected", [
-    ("import vision_lstm", {}, "on ACTIVE"),  # imported first: OpenMP is not loaded yet
-    ("import torch; import vision_lstm", {}, "off (OpenMP was loaded before vision_lstm"),
-    ("import vision_lstm", {"OMP_WAIT_POLICY": "passive"}, "off (left to OMP_WAIT_POLICY=passive) passive"),
-    ("import vision_lstm", {"VIL_OMP_WAIT": "default"}, "off (VIL_OMP_WAIT=default) None"),
-])
-def test_openmp_wait_policy_is_set_only_before_openmp_loads(script, env, expected):
-    # libgomp reads OMP_WAIT_POLICY once, when it is loaded: importing vision_lstm before torch can set it (train.py
-    # does), after torch it must say that it could not, and a user's own setting is left alone
-    import os
-    import subprocess
-    import sys
-    from conftest import REPO
-    base = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "VIL_OMP_WAIT")}
-    code = f"{script}; import os; print(vision_lstm.OMP_WAIT_SETTING, os.environ.get('OMP_WAIT_POLICY'))"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120,
-                         env={**base, **env, "PYTHONPATH": str(REPO / "src")}).stdout.strip()
-    assert out.startswith(expected), out
-
-
-def test_train_py_imports_vision_lstm_before_torch():
-    # so that its runs get the OpenMP setting above (and any later edit that imports torch first fails here)
-    import subprocess
-    import sys
-    from conftest import REPO
-    code = ("import runpy, sys; sys.argv = ['train.py', '--help']\n"
-            "try:\n    runpy.run_path('train.py', run_name='__main__')\nexcept SystemExit:\n    pass\n"
-            "import vision_lstm; print('SETTING', vision_lstm.OMP_WAIT_SETTING)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120,
-                         cwd=REPO, env={"PATH": "/usr/bin:/bin", "HOME": "/tmp"}).stdout
-    assert "SETTING on" in out, out

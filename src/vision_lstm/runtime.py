@@ -11,22 +11,12 @@ PyTorch's own GPU allocator does.
 Applied once when ``vision_lstm`` is imported, so a plain PyTorch loop around ``create_model`` gets it too. It is
 left alone when the user has tuned malloc through glibc's environment variables, when ``VIL_MALLOC=default`` is
 set, and on systems without glibc.
-
-OpenMP's worker threads (PyTorch's intra-op pool) sleep when the main thread has spent a short while between parallel
-regions (Python, dispatch, single-threaded operations), and waking them costs time on every next region; on the
-virtual 2-core machines we measure on, that cost changed with the host's load (session 26: a ViL-T bf16 training
-step in 2.3 s with OMP_WAIT_POLICY=ACTIVE against 2.9-3.1 s without, in the same hour; results/benchmarks/ has the
-side-by-side runs). libgomp reads the policy once, when it is loaded, so importing ``vision_lstm`` before ``torch``
-(as ``train.py`` does) sets OMP_WAIT_POLICY=ACTIVE for this process and its children; imported after ``torch``, it
-can only report that it was too late. Left alone when the user has set OMP_WAIT_POLICY or GOMP_SPINCOUNT, or
-``VIL_OMP_WAIT=default``. The cost: a waiting worker keeps its core busy (spinning) instead of yielding it.
 """
 from __future__ import annotations
 
 import ctypes
 import os
 import platform
-import sys
 from pathlib import Path
 
 # mallopt parameter numbers from glibc's malloc.h
@@ -58,35 +48,6 @@ def keep_freed_memory() -> str:
 
 
 MALLOC_SETTING = keep_freed_memory()
-
-_OPENMP_USER_SETTINGS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
-_OPENMP_LIBRARIES = ("libgomp", "libiomp", "libomp")
-
-
-def _openmp_loaded() -> bool:
-    """Whether an OpenMP runtime is already mapped into this process (then it has read its environment)."""
-    try:
-        maps = Path("/proc/self/maps").read_text()
-    except OSError:
-        return "torch" in sys.modules
-    return any(name in maps for name in _OPENMP_LIBRARIES)
-
-
-def spin_waiting_threads() -> str:
-    """Set OMP_WAIT_POLICY=ACTIVE if no OpenMP runtime has been loaded yet (module docstring). Returns what was done,
-    for logs: 'on', or why not."""
-    if os.environ.get("VIL_OMP_WAIT", "").lower() == "default":
-        return "off (VIL_OMP_WAIT=default)"
-    user = [name for name in _OPENMP_USER_SETTINGS if name in os.environ]
-    if user:
-        return f"off (left to {', '.join(f'{name}={os.environ[name]}' for name in user)})"
-    if _openmp_loaded():
-        return "off (OpenMP was loaded before vision_lstm: import vision_lstm before torch, or set OMP_WAIT_POLICY)"
-    os.environ["OMP_WAIT_POLICY"] = "ACTIVE"
-    return "on"
-
-
-OMP_WAIT_SETTING = spin_waiting_threads()
 
 
 def device_name(device: str = "cpu") -> str:
