@@ -4,6 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import REPO
 
 
@@ -79,15 +80,22 @@ def test_recipe_names_resolve_inside_groups():
         raise AssertionError("an unknown name must fail")
 
 
-def test_malloc_both_measures_each_path_under_both_settings(tmp_path):
+@pytest.mark.parametrize("option, pairs, row", [
+    ("--malloc", {("malloc", "malloc_setting"): {("kept", "on"), ("default", "off (VIL_MALLOC=default)")}},
+     "| recipe_mnist | fast | fp32 | infer | default |"),
+    ("--omp-wait", {("omp_wait", "omp_wait_policy"): {("default", "default"), ("active", "ACTIVE")}},
+     "| recipe_mnist | fast | fp32 | infer | kept | active |"),
+])
+def test_both_settings_measure_each_path_under_each(tmp_path, option, pairs, row):
+    # --malloc both: glibc kept / default; --omp-wait both: OpenMP's wait policy default / ACTIVE, given to each worker
     cmd = [sys.executable, str(REPO / "benchmarks" / "throughput.py"), "--configs", "recipe_mnist", "--paths", "fast",
            "--precisions", "fp32", "--modes", "infer", "--batch", "8", "--seconds", "0.05", "--skip-seqlen",
-           "--malloc", "both", "--output", str(tmp_path), "--tag", "malloc"]
+           option, "both", "--output", str(tmp_path), "--tag", "both"]
     subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=300)
-    rows = json.loads((tmp_path / "malloc.json").read_text())["models"]
-    assert {(r["malloc"], r["malloc_setting"]) for r in rows} == {("kept", "on"),
-                                                                 ("default", "off (VIL_MALLOC=default)")}
-    assert "| recipe_mnist | fast | fp32 | infer | default |" in (tmp_path / "malloc.md").read_text()
+    rows = json.loads((tmp_path / "both.json").read_text())["models"]
+    for (key, measured), want in pairs.items():
+        assert {(r[key], r[measured]) for r in rows} == want
+    assert row in (tmp_path / "both.md").read_text()
 
 
 def test_kernels_path_times_an_mlstm_kernels_kernel(tmp_path):
@@ -164,14 +172,3 @@ def test_ab_times_the_tree_against_a_revision(tmp_path):
     subprocess.run(infer, check=True, capture_output=True, text=True, timeout=600)
     assert json.loads((tmp_path / "ab-i.json").read_text())["mode"] == "infer"
     assert "| recipe_mnist | img/s (inference) |" in (tmp_path / "ab-i.md").read_text()
-
-
-def test_omp_wait_both_measures_each_path_under_both_policies(tmp_path):
-    cmd = [sys.executable, str(REPO / "benchmarks" / "throughput.py"), "--configs", "recipe_mnist", "--paths", "fast",
-           "--precisions", "fp32", "--modes", "infer", "--batch", "8", "--seconds", "0.05", "--skip-seqlen",
-           "--omp-wait", "both", "--output", str(tmp_path), "--tag", "omp"]
-    subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=300)
-    rows = json.loads((tmp_path / "omp.json").read_text())["models"]
-    assert {(r["omp_wait"], r["omp_wait_policy"]) for r in rows} == {("default", "default"), ("active", "ACTIVE")}
-    table = (tmp_path / "omp.md").read_text()
-    assert "| recipe_mnist | fast | fp32 | infer | kept | active |" in table

@@ -1,6 +1,6 @@
-// Explicit 16-lane float vectors for the CPU kernels (mlstm_cpu.cpp, blockdiag_cpu.cpp): GCC/Clang vector
-// extensions, which the compiler splits where the CPU has narrower registers, with loads and stores of float and
-// bf16 storage. Internal to the extension (an anonymous namespace in each source that includes it).
+// Explicit 16-lane float vectors for the CPU kernels (mlstm_cpu.cpp, blockdiag_cpu.cpp, layer_cpu.cpp): GCC/Clang
+// vector extensions, which the compiler splits where the CPU has narrower registers, with loads and stores of float
+// and bf16 storage. Internal to the extension (an anonymous namespace in each source that includes it).
 #pragma once
 
 #include <ATen/ATen.h>
