@@ -199,9 +199,9 @@ void with_block_size(int64_t bs, Fn&& fn) {
   }
 }
 
-// out = sum_j blockdiag(weights[j]) inputs[j] (+ bias) for one or two inputs. inputs, out: (B, T, H, DH) views with unit last strides,
-// all float32 or all bfloat16; weights: (C / bs, bs, bs) each, one block size, any floating dtype (used in fp32);
-// bias (C,) or None. For the transposed product (an input gradient) pass W.transpose(1, 2).
+// out = sum_j blockdiag(weights[j]) inputs[j] (+ bias) for one or two inputs. inputs, out: (B, T, H, DH) views with
+// unit last strides, all float32 or all bfloat16; weights: (C / bs, bs, bs) each, one block size, any floating dtype
+// (used in fp32); bias (C,) or None. For the transposed product (an input gradient) pass W.transpose(1, 2).
 void block_diag_mm(at::TensorList inputs, at::TensorList weights, const std::optional<at::Tensor>& bias,
                    at::Tensor out) {
   TORCH_CHECK(!inputs.empty() && inputs.size() <= 2 && inputs.size() == weights.size(),
@@ -226,6 +226,7 @@ void block_diag_mm(at::TensorList inputs, at::TensorList weights, const std::opt
     constexpr int BS = decltype(block)::value;
     auto run = [&](auto zero) {
       using T = decltype(zero);
+      // (with one input, block_mm<..., 1> reads only the first entry of each array)
       const Rows<const T> in[2] = {rows_of<const T>(inputs[0]), rows_of<const T>(inputs.back())};
       const float* w[2] = {tables[0].data(), tables.back().data()};
       if (inputs.size() == 1)

@@ -584,7 +584,9 @@ void forward_whole_bf16(const at::Tensor& q, const at::Tensor& k, const at::Tens
         const vfloat denom = splat(normaliser[i * T + t] + eps);
         at::BFloat16* h_row = h_i + t * h2;
         const float* num_row = num_rows + t * dhp;
-        for_vectors(DH, [&](int64_t d0, int64_t count) { store(h_row + d0, load(num_row + d0, count) / denom, count); });
+        for_vectors(DH, [&](int64_t d0, int64_t count) {
+          store(h_row + d0, load(num_row + d0, count) / denom, count);
+        });
       }
     }
     if (tiles) at::native::cpublas::brgemm_release(true);
