@@ -289,6 +289,19 @@ def test_block_diagonal_kernels_match_the_dense_product(kernels, dtype, B, T, H,
         torch.testing.assert_close(grad_x.view(-1, C).double(), want_x, rtol=1e-5, atol=1e-5)
     else:
         _bf16_close(grad_x.view(-1, C), want_x)
+    # with an addend (a gradient from elsewhere, summed in by the same pass): into other memory, and in place
+    addend = torch.randn(B, T, C, generator=gen).to(dtype)
+    summed, in_place = torch.empty(B, T, C, dtype=dtype), addend.clone()
+    kernels.block_diag_mm([g1.transpose(1, 2)], [w1_used.transpose(1, 2)], None, summed.view(B, T, H, DH),
+                          addend.view(B, T, H, DH))
+    kernels.block_diag_mm([g1.transpose(1, 2)], [w1_used.transpose(1, 2)], None, in_place.view(B, T, H, DH),
+                          in_place.view(B, T, H, DH))
+    want_sum = g1_rows @ _block_dense(w1_used) + addend.double().view(-1, C)
+    for got in (summed, in_place):
+        if dtype == torch.float32:
+            torch.testing.assert_close(got.view(-1, C).double(), want_sum, rtol=1e-5, atol=1e-5)
+        else:
+            _bf16_close(got.view(-1, C), want_sum)
     grad_w, grad_b = kernels.block_diag_outer(g1.transpose(1, 2), x.view(B, T, H, DH), bs)
     assert grad_w.shape == (C // bs, bs, bs) and grad_w.dtype == grad_b.dtype == torch.float32
     blocks = (g1_rows.view(-1, C // bs, bs), x.double().view(-1, C // bs, bs))
@@ -317,6 +330,10 @@ def test_block_diagonal_kernels_reject_bad_input(kernels):
         kernels.block_diag_mm([x, x, x], [w, w, w], None, out)
     with pytest.raises(RuntimeError, match="bias must have shape"):
         kernels.block_diag_mm([x], [w], torch.zeros(7), out)
+    with pytest.raises(RuntimeError, match="addend must have the dtype"):
+        kernels.block_diag_mm([x], [w], None, out, x.bfloat16())
+    with pytest.raises(RuntimeError, match="addend must be a"):
+        kernels.block_diag_mm([x], [w], None, out, torch.zeros(2, 3, 32))
     with pytest.raises(RuntimeError, match="float32 or bfloat16"):
         kernels.block_diag_outer(x.double(), x.double(), 4)
 

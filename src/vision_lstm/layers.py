@@ -347,6 +347,59 @@ def fold_block_diagonal(gate_weight: torch.Tensor, weight: torch.Tensor) -> torc
 _KERNEL_BLOCK_SIZES = (1, 2, 4, 8, 16)
 
 
+def _project_heads(kernels, c: torch.Tensor, x_m: torch.Tensor, num_heads: int, weights, biases):
+    """q, k (from c) and v (from x_m) written head-major by the block-diagonal kernels, one pass each.
+    c, x_m: (B, T, H * DH) contiguous, one dtype; weights, biases in that dtype -> three (B, H, T, DH) tensors."""
+    B, T, inner = c.shape
+    H = num_heads
+    DH = inner // H
+    outs = tuple(torch.empty(B, H, T, DH, dtype=c.dtype) for _ in range(3))
+    for source, weight, bias, out in zip((c, c, x_m), weights, biases, outs):
+        kernels.block_diag_mm([source.view(B, T, H, DH)], [weight], bias, out.transpose(1, 2))
+    return outs
+
+
+def _head_token_views(grads, dtype):
+    """(B, H, T, DH) gradients (or None) -> (B, T, H, DH) views in dtype with unit last strides, for the kernels."""
+    def view(grad):
+        grad = grad.to(dtype)
+        return (grad if grad.stride(-1) == 1 else grad.contiguous()).transpose(1, 2)
+    return tuple(None if g is None else view(g) for g in grads)
+
+
+def _head_input_grad(kernels, grads, weights, like: torch.Tensor, addend=None, in_place: bool = False):
+    """sum_j W_j^T grads_j (+ addend): the gradient of the source (like: (B, T, H * DH)) of the products with the
+    weights W_j, from their gradients' token views (None: no gradient). The addend, a gradient of the same source
+    from elsewhere, is summed in by the same pass instead of by autograd in one of its own; it is overwritten with
+    the sum when in_place (the caller made it), else left as it is. None when there is nothing to sum."""
+    pairs = [(g, w.transpose(1, 2)) for g, w in zip(grads, weights) if g is not None]
+    if not pairs:
+        return addend
+    B, T, H, DH = pairs[0][0].shape
+    if addend is not None:
+        addend = addend.to(like.dtype)
+        if addend.stride(-1) != 1 or not addend.is_contiguous():
+            addend, in_place = addend.contiguous(), True
+    out = addend if in_place and addend is not None else torch.empty_like(like)
+    kernels.block_diag_mm([g for g, _ in pairs], [w for _, w in pairs], None, out.view(B, T, H, DH),
+                          None if addend is None else addend.view(B, T, H, DH))
+    return out
+
+
+def _head_param_grads(kernels, grads, sources, block_size: int, has_bias, needs):
+    """The weight and bias gradients (fp32; None where not needed or without a bias) of the three products, from
+    their gradients' token views and their sources (c, c, x_m)."""
+    param_grads = []
+    for i, (grad, source) in enumerate(zip(grads, sources)):
+        grad_w = grad_b = None
+        if grad is not None and (needs[2 * i] or needs[2 * i + 1]):
+            B, T, H, DH = grad.shape
+            grad_w, grad_b = kernels.block_diag_outer(grad, source.view(B, T, H, DH), block_size)  # fp32
+            grad_b = grad_b if has_bias[i] else None
+        param_grads += [grad_w, grad_b]
+    return param_grads
+
+
 class _HeadMajorProjections(torch.autograd.Function):
     """q = Wq c + bq, k = Wk c + bk, v = Wv x_m + bv (block-diagonal W, :class:`BlockDiagonalLinear`) written
     straight into head-major (B, H, T, DH) memory by the CPU kernels (``csrc/blockdiag_cpu.cpp``), one pass each.
@@ -362,51 +415,80 @@ class _HeadMajorProjections(torch.autograd.Function):
     def forward(ctx, c, x_m, kernels, num_heads, wq, bq, wk, bk, wv, bv):
         # c, x_m: (B, T, H * DH) contiguous, one dtype; kernels: fused.ops(); w*: (H * DH / bs, bs, bs);
         # b*: (H * DH,) or None
-        B, T, inner = c.shape
-        H, dtype = num_heads, c.dtype
-        DH = inner // H
+        dtype = c.dtype
         weights = tuple(w.to(dtype) for w in (wq, wk, wv))
         biases = tuple(b.to(dtype) if b is not None else None for b in (bq, bk, bv))
-        outs = tuple(torch.empty(B, H, T, DH, dtype=dtype) for _ in range(3))
-        for source, weight, bias, out in zip((c, c, x_m), weights, biases, outs):
-            kernels.block_diag_mm([source.view(B, T, H, DH)], [weight], bias, out.transpose(1, 2))
         ctx.save_for_backward(c, x_m, *weights)
-        ctx.kernels, ctx.num_heads = kernels, H
+        ctx.kernels, ctx.num_heads = kernels, num_heads
         ctx.has_bias = tuple(b is not None for b in biases)
-        return outs  # (B, H, T, DH) each, contiguous
+        return _project_heads(kernels, c, x_m, num_heads, weights, biases)  # (B, H, T, DH) each, contiguous
 
     @staticmethod
     def backward(ctx, grad_q, grad_k, grad_v):
-        kernels = ctx.kernels
         c, x_m, *weights = ctx.saved_tensors
-        B, T, inner = c.shape
-        H = ctx.num_heads
-        DH = inner // H
-        bs = weights[0].shape[-1]
-
-        def token_view(grad):  # (B, H, T, DH) gradient -> a (B, T, H, DH) view the kernels read in place
-            grad = grad.to(c.dtype)
-            return (grad if grad.stride(-1) == 1 else grad.contiguous()).transpose(1, 2)
-
-        grads = tuple(None if g is None else token_view(g) for g in (grad_q, grad_k, grad_v))
-        sources = (c, c, x_m)
         needs = ctx.needs_input_grad
-        grad_c = grad_x_m = None
-        if needs[0] and (grads[0] is not None or grads[1] is not None):  # c feeds q and k: one pass for both
-            pairs = [(g, w.transpose(1, 2)) for g, w in zip(grads[:2], weights[:2]) if g is not None]
-            grad_c = torch.empty_like(c)
-            kernels.block_diag_mm([g for g, _ in pairs], [w for _, w in pairs], None, grad_c.view(B, T, H, DH))
-        if needs[1] and grads[2] is not None:
-            grad_x_m = torch.empty_like(x_m)
-            kernels.block_diag_mm([grads[2]], [weights[2].transpose(1, 2)], None, grad_x_m.view(B, T, H, DH))
-        param_grads = []
-        for i, (grad, source) in enumerate(zip(grads, sources)):
-            grad_w = grad_b = None
-            if grad is not None and (needs[4 + 2 * i] or needs[5 + 2 * i]):
-                grad_w, grad_b = kernels.block_diag_outer(grad, source.view(B, T, H, DH), bs)  # fp32
-                grad_b = grad_b if ctx.has_bias[i] else None
-            param_grads += [grad_w, grad_b]
+        grads = _head_token_views((grad_q, grad_k, grad_v), c.dtype)
+        grad_c = _head_input_grad(ctx.kernels, grads[:2], weights[:2], c) if needs[0] else None  # q and k: one pass
+        grad_x_m = _head_input_grad(ctx.kernels, grads[2:], weights[2:], x_m) if needs[1] else None
+        param_grads = _head_param_grads(ctx.kernels, grads, (c, c, x_m), weights[0].shape[-1], ctx.has_bias, needs[4:])
         return (grad_c, grad_x_m, None, None, *param_grads)
+
+
+class _ConvHeadProjections(torch.autograd.Function):
+    """c = SiLU(conv(x_m)) (:class:`_ConvSiLUKernel`), c's part of the gates, c @ gate_c^T, and q, k, v head-major
+    (:class:`_HeadMajorProjections`) as one autograd node over the CPU kernels.
+
+    c feeds the q, k and gate products and the output path's skip, x_m the conv and v. As separate nodes, autograd
+    sums their gradients in passes of their own: three additions of a (B, T, inner) tensor per layer, each reading
+    two and writing one, from memory that has left the cache by then (on a 2-core Xeon with AMX, session 27, about a
+    tenth of a training step). Here c's gradient from the skip and the gates is summed by one addmm, q's and k's are
+    added by the pass that computes theirs (block_diag_mm's addend), and v's into the conv's input gradient the same
+    way. Same math as the separate nodes, fewer roundings of the partial sums.
+    """
+
+    @staticmethod
+    def forward(ctx, x_m, kernels, height, width, conv_w, conv_b, gate_c, num_heads, wq, bq, wk, bk, wv, bv):
+        # x_m: (B, T, inner) contiguous, T = height * width in the layer's order; conv_w (inner, 1, k, k); gate_c
+        # (2H, inner); w*: (inner / bs, bs, bs); b*: (inner,) or None. Products in x_m's dtype.
+        dtype = x_m.dtype
+        c = torch.empty_like(x_m)
+        kernels.conv_silu_forward(x_m, height, width, conv_w, conv_b, c)
+        gate_c_used = gate_c.to(dtype)
+        with torch.autocast(x_m.device.type, enabled=False):
+            gates_c = F.linear(c, gate_c_used)  # (B, T, 2H)
+        weights = tuple(w.to(dtype) for w in (wq, wk, wv))
+        biases = tuple(b.to(dtype) if b is not None else None for b in (bq, bk, bv))
+        ctx.save_for_backward(x_m, c, conv_w, conv_b, gate_c_used, *weights)
+        ctx.kernels, ctx.grid, ctx.num_heads = kernels, (height, width), num_heads
+        ctx.has_bias = tuple(b is not None for b in biases)
+        ctx.gate_dtype = gate_c.dtype
+        return (c, gates_c, *_project_heads(kernels, c, x_m, num_heads, weights, biases))
+
+    @staticmethod
+    def backward(ctx, grad_c, grad_gates, grad_q, grad_k, grad_v):
+        x_m, c, conv_w, conv_b, gate_c, *weights = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        B, T, inner = c.shape
+        grad_gate_c, own = None, False
+        if grad_gates is not None:  # c's gradient through the gates, with the skip's summed in by the same product
+            grad_gates = grad_gates.to(c.dtype).reshape(B * T, -1)
+            grad_c = (torch.addmm(grad_c.to(c.dtype).reshape(B * T, inner), grad_gates, gate_c)
+                      if grad_c is not None else grad_gates @ gate_c).view(B, T, inner)
+            own = True
+            if needs[6]:
+                grad_gate_c = (grad_gates.t() @ c.view(B * T, inner)).to(ctx.gate_dtype)
+        grads = _head_token_views((grad_q, grad_k, grad_v), c.dtype)
+        grad_c = _head_input_grad(ctx.kernels, grads[:2], weights[:2], c, grad_c, own)  # + q's and k's, one pass
+        grad_x_m = grad_w = grad_b = None
+        if grad_c is not None:
+            grad_x_m, grad_w, grad_b = ctx.kernels.conv_silu_backward(grad_c.to(c.dtype).contiguous(), x_m,
+                                                                      *ctx.grid, conv_w, conv_b)
+            grad_w = grad_w.to(conv_w.dtype)
+            grad_b = grad_b.to(conv_b.dtype) if conv_b is not None else None
+        grad_x_m = _head_input_grad(ctx.kernels, grads[2:], weights[2:], x_m, grad_x_m, True)  # + v's, one pass
+        param_grads = _head_param_grads(ctx.kernels, grads, (c, c, x_m), weights[0].shape[-1], ctx.has_bias,
+                                        needs[8:])
+        return (grad_x_m, None, None, None, grad_w, grad_b, grad_gate_c, None, *param_grads)
 
 
 def head_major_projections(c: torch.Tensor, x_m: torch.Tensor, num_heads: int, q_proj: "BlockDiagonalLinear",
@@ -581,9 +663,8 @@ class ViLLayer(nn.Module):
             x = x.to(low_dtype)
         x_m = F.linear(x, w_m, b_m)  # (B, T, inner); its own product so the conv gets a contiguous input
         z, gates_x = F.linear(x, zg_w, zg_b).split([inner, 2 * H], dim=-1)  # (B, T, inner), (B, T, 2H)
-        c = self._conv_silu(x_m, grid)  # (B, T, inner)
-        q, k, v = self._qkv_heads(c, x_m)  # (B, H, T, DH) each
-        gates = (gates_x + F.linear(c, gate_c)).transpose(1, 2)  # (B, 2H, T)
+        c, gates_c, q, k, v = self._conv_gates_heads(x_m, grid, gate_c)
+        gates = (gates_x + gates_c).transpose(1, 2)  # (B, 2H, T)
         igate, fgate = gates[:, :H].contiguous(), gates[:, H:].contiguous()  # (B, H, T) each
         # The cell's backward recomputes q, k, v from c and x_m (which the projections, the conv and the output path
         # keep anyway) instead of holding them from forward: 3 cheap block-diagonal products per layer in backward
@@ -601,6 +682,27 @@ class ViLLayer(nn.Module):
         with torch.autocast(device, enabled=False):
             y = gated_head_norm_output(h, c, z, self.outnorm, self.learnable_skip)  # (B, T, inner)
         return self.proj_down(y)  # (B, T, D); autocast again
+
+    def _conv_gates_heads(self, x_m: torch.Tensor, grid: tuple[int, int], gate_c: torch.Tensor):
+        """c = SiLU(conv(x_m)) (B, T, inner), c's part of the gates c @ gate_c^T (B, T, 2H), and q, k, v (B, H, T, DH)
+        each: one node over the CPU kernels where they apply (:class:`_ConvHeadProjections`), else the conv, the
+        projections and the product separately."""
+        dtype = compute_dtype(x_m)
+        B, T, inner = x_m.shape
+        h, w = grid
+        bs = self.q_proj.block_size
+        usable = (self.conv.kernel_size[0] in _KERNEL_CONV_SIZES and bs in _KERNEL_BLOCK_SIZES
+                  and (inner // self.num_heads) % bs == 0
+                  and all(p.block_size == bs for p in (self.k_proj, self.v_proj)))
+        kernels = layer_kernels(x_m, dtype) if usable else None
+        if kernels is None:
+            c = self._conv_silu(x_m, grid)
+            return (c, F.linear(c, gate_c), *self._qkv_heads(c, x_m))
+        if h * w != T:
+            raise ValueError(f"got {T} tokens for a {h}x{w} grid")
+        return _ConvHeadProjections.apply(x_m.to(dtype).contiguous(), kernels, h, w, self.conv.weight, self.conv.bias,
+                                          gate_c, self.num_heads, self.q_proj.weight, self.q_proj.bias,
+                                          self.k_proj.weight, self.k_proj.bias, self.v_proj.weight, self.v_proj.bias)
 
     def _qkv_heads(self, c: torch.Tensor, x_m: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """q, k (from c) and v (from x_m), (B, H, T, DH) each: head-major memory from the CPU kernels, else head

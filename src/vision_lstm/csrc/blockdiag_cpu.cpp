@@ -81,12 +81,13 @@ __attribute__((always_inline)) inline vfloat mm_vector(const T* x, const float* 
   return sum;
 }
 
-// out = sum_j blockdiag(W_j) in_j + bias for NIN inputs, vector by vector: the products summed in registers (fp32),
-// then rounded once. Whole vectors take the constant count (for_vectors): a count the compiler cannot see sent each
-// bf16 load through the stack.
+// out = addend + sum_j blockdiag(W_j) in_j + bias for NIN inputs, vector by vector: the products summed in registers
+// (fp32), then rounded once. Whole vectors take the constant count (for_vectors): a count the compiler cannot see sent
+// each bf16 load through the stack. The addend (a gradient summed into, optional) may be out itself: each vector is
+// read before it is written.
 template <typename T, int BS, int NIN>
-void block_mm(const Rows<const T>* ins, const float* const* tables, const float* bias, Rows<T> out, int64_t B,
-              int64_t Tn, int64_t H, int64_t DH) {
+void block_mm(const Rows<const T>* ins, const float* const* tables, const float* bias, const Rows<const T>* addend,
+              Rows<T> out, int64_t B, int64_t Tn, int64_t H, int64_t DH) {
   const int64_t C = H * DH;
   at::parallel_for(0, B * Tn, 16, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
@@ -96,9 +97,11 @@ void block_mm(const Rows<const T>* ins, const float* const* tables, const float*
         const float* w[NIN];
         for (int j = 0; j < NIN; ++j) x[j] = ins[j].at(b, t, h), w[j] = tables[j] + h * DH;
         const float* start = bias ? bias + h * DH : nullptr;
+        const T* plus = addend ? addend->at(b, t, h) : nullptr;
         T* y = out.at(b, t, h);
         for_vectors(DH, [&](int64_t d0, int64_t count) {
           vfloat sum = start ? load(start + d0, count) : vfloat{};
+          if (plus) sum += load(plus + d0, count);
 #pragma GCC unroll 2
           for (int j = 0; j < NIN; ++j) sum += mm_vector<T, BS>(x[j] + d0, w[j] + d0, C, count, Shifts<BS>{});
           store(y + d0, sum, count);
@@ -199,11 +202,12 @@ void with_block_size(int64_t bs, Fn&& fn) {
   }
 }
 
-// out = sum_j blockdiag(weights[j]) inputs[j] (+ bias) for one or two inputs. inputs, out: (B, T, H, DH) views with
-// unit last strides, all float32 or all bfloat16; weights: (C / bs, bs, bs) each, one block size, any floating dtype
-// (used in fp32); bias (C,) or None. For the transposed product (an input gradient) pass W.transpose(1, 2).
+// out = addend + sum_j blockdiag(weights[j]) inputs[j] (+ bias) for one or two inputs. inputs, out, addend:
+// (B, T, H, DH) views with unit last strides, all float32 or all bfloat16; weights: (C / bs, bs, bs) each, one block
+// size, any floating dtype (used in fp32); bias (C,) or None; addend or None, which may be out itself (out +=). For
+// the transposed product (an input gradient) pass W.transpose(1, 2).
 void block_diag_mm(at::TensorList inputs, at::TensorList weights, const std::optional<at::Tensor>& bias,
-                   at::Tensor out) {
+                   at::Tensor out, const std::optional<at::Tensor>& addend) {
   TORCH_CHECK(!inputs.empty() && inputs.size() <= 2 && inputs.size() == weights.size(),
               "block_diag_mm takes one or two inputs and one weight per input, got ", inputs.size(), " inputs and ",
               weights.size(), " weights");
@@ -216,6 +220,7 @@ void block_diag_mm(at::TensorList inputs, at::TensorList weights, const std::opt
     TORCH_CHECK(check_blocks(weights[j], C, DH) == bs, "all weights must have the same block size");
     tables.push_back(weight_table(weights[j]));
   }
+  if (addend) check_view(*addend, out, "addend");
   at::Tensor bias32;
   if (bias) {
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == C, "bias must have shape (", C, "), got ", bias->sizes());
@@ -229,10 +234,12 @@ void block_diag_mm(at::TensorList inputs, at::TensorList weights, const std::opt
       // (with one input, block_mm<..., 1> reads only the first entry of each array)
       const Rows<const T> in[2] = {rows_of<const T>(inputs[0]), rows_of<const T>(inputs.back())};
       const float* w[2] = {tables[0].data(), tables.back().data()};
+      const Rows<const T> plus = addend ? rows_of<const T>(*addend) : Rows<const T>{};
+      const Rows<const T>* pp = addend ? &plus : nullptr;
       if (inputs.size() == 1)
-        block_mm<T, BS, 1>(in, w, pb, rows_of<T>(out), B, Tn, H, DH);
+        block_mm<T, BS, 1>(in, w, pb, pp, rows_of<T>(out), B, Tn, H, DH);
       else
-        block_mm<T, BS, 2>(in, w, pb, rows_of<T>(out), B, Tn, H, DH);
+        block_mm<T, BS, 2>(in, w, pb, pp, rows_of<T>(out), B, Tn, H, DH);
     };
     if (out.scalar_type() == at::kFloat)
       run(float{});
@@ -276,7 +283,8 @@ std::tuple<at::Tensor, at::Tensor> block_diag_outer(const at::Tensor& grad_out, 
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(vision_lstm_cpu, m) {
-  m.def("block_diag_mm(Tensor[] inputs, Tensor[] weights, Tensor? bias, Tensor(a!) out) -> ()");
+  m.def("block_diag_mm(Tensor[] inputs, Tensor[] weights, Tensor? bias, Tensor(a!) out, Tensor? addend=None) "
+        "-> ()");
   m.def("block_diag_outer(Tensor grad_out, Tensor x, int block_size) -> (Tensor, Tensor)");
 }
 
