@@ -451,6 +451,9 @@ def test_token_norm_and_reversed_sum_kernels_match_pytorch(kernels, x_dtype, out
     _assert_close_to(grad_x, x64.grad, x_dtype)
     for got, source in ((grad_w, w64), (grad_b, b64)):
         torch.testing.assert_close(got.double(), source.grad, rtol=1e-4, atol=1e-4 * source.grad.abs().max().item())
+    residual = torch.randn(B, T, D, generator=gen).to(x_dtype)  # the residual path's gradient, summed in
+    summed = kernels.token_norm_backward(grad_out, x, weight, mean, rstd, reverse, residual)[0]
+    _assert_close_to(summed, x64.grad + residual.double(), x_dtype)
     y = torch.randn(B, T, D, generator=gen).to(out_dtype)
     total = torch.empty(B, T, D, dtype=x_dtype)
     kernels.add_reversed(x, y, total)
@@ -493,6 +496,8 @@ def test_layer_kernels_reject_bad_input(kernels):
         kernels.token_norm_forward(x, torch.zeros(15), None, 1e-5, False, torch.empty_like(x))
     with pytest.raises(RuntimeError, match="mean and rstd must be"):
         kernels.token_norm_backward(x, x, torch.zeros(16), torch.zeros(2, 11), torch.zeros(2, 12), False)
+    with pytest.raises(RuntimeError, match="addend must have x's shape"):
+        kernels.token_norm_backward(x, x, torch.zeros(16), torch.zeros(2, 12), torch.zeros(2, 12), False, x.bfloat16())
     with pytest.raises(RuntimeError, match="out must have x's dtype"):
         kernels.add_reversed(x, x, torch.empty_like(x).bfloat16())
     with pytest.raises(RuntimeError, match="x must have the shape"):

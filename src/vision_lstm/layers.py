@@ -742,23 +742,31 @@ class _TokenNormKernel(torch.autograd.Function):
     writes the normalised tokens in the layer's dtype (under autocast its low dtype, which the layer's first products
     would cast them to anyway) and, for the reversed block, in reversed order; backward reads the gradient in that
     order. PyTorch's route: the norm in fp32, a flip, a cast (and backward the same). Statistics in fp32, kept from
-    forward; parameter gradients summed in fp32."""
+    forward; parameter gradients summed in fp32.
+
+    Returns x as well (a view of it, for the block's residual sum): then the residual path's gradient comes back to
+    this node and the backward pass sums it into the norm's input gradient as it writes that, instead of autograd
+    adding the two (B, T, D) gradients in a pass of its own."""
 
     @staticmethod
     def forward(ctx, x, kernels, weight, bias, eps, reverse, dtype):
-        # x: (B, T, D) contiguous -> (B, T, D) in dtype, tokens reversed when reverse
+        # x: (B, T, D) contiguous -> ((B, T, D) in dtype, tokens reversed when reverse; x itself)
         out = torch.empty(x.shape, dtype=dtype)
         mean, rstd = kernels.token_norm_forward(x, weight, bias, eps, reverse, out)
         ctx.save_for_backward(x, weight, mean, rstd)
         ctx.kernels, ctx.reverse = kernels, reverse
         ctx.bias_dtype = bias.dtype if bias is not None else None
-        return out
+        return out, x  # (autograd returns an input as a view of it, with this node as its gradient's destination)
 
     @staticmethod
-    def backward(ctx, grad_out):
+    def backward(ctx, grad_out, grad_residual):
         x, weight, mean, rstd = ctx.saved_tensors
+        if grad_residual is not None:
+            grad_residual = grad_residual.to(x.dtype).contiguous()
+        if grad_out is None:
+            return grad_residual, None, None, None, None, None, None
         grad_x, grad_w, grad_b = ctx.kernels.token_norm_backward(grad_out.contiguous(), x, weight, mean, rstd,
-                                                                 ctx.reverse)
+                                                                 ctx.reverse, grad_residual)
         grad_b = grad_b.to(ctx.bias_dtype) if ctx.bias_dtype is not None else None
         return grad_x, None, grad_w.to(weight.dtype), grad_b, None, None, None
 
@@ -803,9 +811,9 @@ class ViLBlock(nn.Module):
                 y = self.layer(y, grid)
             return x + self.drop_path(y)
         # The CPU kernels: the norm writes the layer's dtype and order; the reversed block's sum flips y back
-        x = x.contiguous()
-        y = self.layer(_TokenNormKernel.apply(x, kernels, self.norm.weight, self.norm.bias, self.norm.eps,
-                                              self.reverse, dtype), grid)
+        normed, x = _TokenNormKernel.apply(x.contiguous(), kernels, self.norm.weight, self.norm.bias, self.norm.eps,
+                                           self.reverse, dtype)
+        y = self.layer(normed, grid)
         dropping = self.drop_path.training and self.drop_path.drop_prob > 0
         if self.reverse and not dropping and y.dtype in (torch.float32, torch.bfloat16):
             return _AddReversedKernel.apply(x, y.contiguous(), kernels)

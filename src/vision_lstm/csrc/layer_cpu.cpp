@@ -103,11 +103,12 @@ inline void head_stats(const T* h, int64_t DH, float eps, float& mean, float& rs
 // values, the gradient g for them, and the lane sums of g and g normed
 template <typename T>
 inline void norm_input_grad(const float* normed_row, const float* grad_normed, vfloat sum_g, vfloat sum_gn, float rstd,
-                            int64_t n, T* out) {
+                            int64_t n, T* out, const T* plus = nullptr) {
   const float mean_g = lane_sum(sum_g) / n, mean_gn = lane_sum(sum_gn) / n;
   for_vectors(n, [&](int64_t i, int64_t count) {
     const vfloat g = load(grad_normed + i, count), normed = load(normed_row + i, count);
-    store(out + i, (g - mean_g - normed * mean_gn) * rstd, count);
+    const vfloat grad = (g - mean_g - normed * mean_gn) * rstd;
+    store(out + i, plus ? grad + load(plus + i, count) : grad, count);
   });
 }
 
@@ -456,7 +457,7 @@ void token_norm_fwd(const TI* x, const float* scale, const float* bias, float ep
 // and the bias's gradients (fp32, 2 rows of D in `sums`), per-thread partial rows as in gated_norm_bwd.
 template <typename TI, typename TO>
 void token_norm_bwd(const TO* gy, const TI* x, const float* scale, const float* mean, const float* rstd, bool reverse,
-                    TI* gx, float* sums, int64_t B, int64_t Tn, int64_t D) {
+                    const TI* plus, TI* gx, float* sums, int64_t B, int64_t Tn, int64_t D) {
   const int64_t N = B * Tn, threads = at::get_num_threads();
   std::vector<float> partial(threads * 2 * D, 0.0f);
   at::parallel_for(0, N, (N + threads - 1) / threads, [&](int64_t begin, int64_t end) {
@@ -480,7 +481,7 @@ void token_norm_bwd(const TO* gy, const TI* x, const float* scale, const float* 
         store(normed_row + i, normed, count);
         store(grad_normed + i, g_normed, count);
       });
-      norm_input_grad(normed_row, grad_normed, sum_g, sum_gn, rs, D, gx + r * D);
+      norm_input_grad(normed_row, grad_normed, sum_g, sum_gn, rs, D, gx + r * D, plus ? plus + r * D : nullptr);
     }
   });
   std::fill(sums, sums + 2 * D, 0.0f);
@@ -529,13 +530,22 @@ std::tuple<at::Tensor, at::Tensor> token_norm_forward(const at::Tensor& x, const
   return {mean, rstd};
 }
 
-// The gradients of token_norm_forward: (grad_x in x's dtype, grad_weight and grad_bias (D,) in fp32)
+// The gradients of token_norm_forward: (grad_x in x's dtype, grad_weight and grad_bias (D,) in fp32). addend: a
+// gradient of x from elsewhere (the block's residual sum; x's dtype, shape and order) summed into grad_x by the same
+// pass, or None.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> token_norm_backward(const at::Tensor& grad_out, const at::Tensor& x,
                                                                    const at::Tensor& weight, const at::Tensor& mean,
-                                                                   const at::Tensor& rstd, bool reverse) {
+                                                                   const at::Tensor& rstd, bool reverse,
+                                                                   const std::optional<at::Tensor>& addend) {
   check_rows(x, "x");
   check_rows(grad_out, "grad_out");
   TORCH_CHECK(grad_out.sizes() == x.sizes(), "grad_out must have the shape ", x.sizes(), ", got ", grad_out.sizes());
+  if (addend) {
+    check_rows(*addend, "addend");
+    TORCH_CHECK(addend->sizes() == x.sizes() && addend->scalar_type() == x.scalar_type(),
+                "addend must have x's shape ", x.sizes(), " and dtype ", x.scalar_type(), ", got ", addend->sizes(),
+                " and ", addend->scalar_type());
+  }
   const int64_t B = x.size(0), Tn = x.size(1), D = x.size(2);
   for (const auto* stat : {&mean, &rstd})
     TORCH_CHECK(stat->scalar_type() == at::kFloat && stat->is_contiguous() && stat->numel() == B * Tn,
@@ -548,8 +558,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> token_norm_backward(const at::Ten
     with_dtype(grad_out.scalar_type(), [&](auto out_tag) {
       using TO = decltype(out_tag);
       token_norm_bwd<TI, TO>(grad_out.data_ptr<TO>(), x.data_ptr<TI>(), scale.data_ptr<float>(),
-                             mean.data_ptr<float>(), rstd.data_ptr<float>(), reverse, grad_x.data_ptr<TI>(),
-                             sums.data_ptr<float>(), B, Tn, D);
+                             mean.data_ptr<float>(), rstd.data_ptr<float>(), reverse,
+                             addend ? addend->data_ptr<TI>() : nullptr, grad_x.data_ptr<TI>(), sums.data_ptr<float>(),
+                             B, Tn, D);
     });
   });
   return {grad_x, sums[0], sums[1]};
@@ -588,8 +599,8 @@ TORCH_LIBRARY_FRAGMENT(vision_lstm_cpu, m) {
         "-> (Tensor, Tensor, Tensor)");
   m.def("token_norm_forward(Tensor x, Tensor weight, Tensor? bias, float eps, bool reverse, Tensor(a!) out) "
         "-> (Tensor, Tensor)");
-  m.def("token_norm_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor mean, Tensor rstd, bool reverse) "
-        "-> (Tensor, Tensor, Tensor)");
+  m.def("token_norm_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor mean, Tensor rstd, bool reverse, "
+        "Tensor? addend=None) -> (Tensor, Tensor, Tensor)");
   m.def("add_reversed(Tensor? x, Tensor y, Tensor(a!) out) -> ()");
 }
 
