@@ -434,6 +434,42 @@ class _HeadMajorProjections(torch.autograd.Function):
         return (grad_c, grad_x_m, None, None, *param_grads)
 
 
+class _UpProjections(torch.autograd.Function):
+    """The layer's products of its input x: x_m = x W_m^T + b_m, z = x W_z^T + b_z and the gates' part from x,
+    x W_g^T + b_g, as one autograd node. As separate linears (or one split in three) autograd would add their input
+    gradients in a (B, T, D) pass of its own (and concatenate a split's gradients first); here the products
+    accumulate x's gradient themselves (addmm into one output). Products in x's dtype (under autocast its low
+    dtype; the weights rounded to it, as autocast would), summed in fp32 by the matrix products; weight and bias
+    gradients returned in the parameters' dtypes."""
+
+    @staticmethod
+    def forward(ctx, x, *weights_and_biases):
+        # x: (B, T, D); weights_and_biases: W_m, b_m, W_z, b_z, W_g, b_g with W (out, D), b (out,)
+        rows = x.reshape(-1, x.shape[-1])
+        used = [t.to(x.dtype) for t in weights_and_biases]
+        outs = tuple(torch.addmm(b, rows, w.t()).view(*x.shape[:-1], -1) for w, b in zip(used[0::2], used[1::2]))
+        ctx.save_for_backward(x, *used[0::2])
+        ctx.dtypes = [t.dtype for t in weights_and_biases]
+        return outs  # (B, T, out) each
+
+    @staticmethod
+    def backward(ctx, *grads):
+        x, *weights = ctx.saved_tensors
+        rows = x.reshape(-1, x.shape[-1])
+        grad_x, param_grads = None, []
+        for i, (grad, weight) in enumerate(zip(grads, weights)):
+            if grad is None:
+                param_grads += [None, None]
+                continue
+            grad = grad.to(x.dtype).reshape(-1, weight.shape[0])
+            if ctx.needs_input_grad[0]:
+                grad_x = grad @ weight if grad_x is None else grad_x.addmm_(grad, weight)
+            grad_w = (grad.t() @ rows).to(ctx.dtypes[2 * i]) if ctx.needs_input_grad[1 + 2 * i] else None
+            grad_b = grad.sum(0).to(ctx.dtypes[2 * i + 1]) if ctx.needs_input_grad[2 + 2 * i] else None
+            param_grads += [grad_w, grad_b]
+        return (None if grad_x is None else grad_x.view(x.shape), *param_grads)
+
+
 class _ConvHeadProjections(torch.autograd.Function):
     """c = SiLU(conv(x_m)) (:class:`_ConvSiLUKernel`), c's part of the gates, c @ gate_c^T, and q, k, v head-major
     (:class:`_HeadMajorProjections`) as one autograd node over the CPU kernels.
@@ -659,10 +695,11 @@ class ViLLayer(nn.Module):
         device = x.device.type
         low_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
         if low_dtype is not None:
-            # Both products below read x: cast it once (autocast would cast it for each, forward and backward).
+            # The three products below read x: cast it once (autocast would cast it for each, forward and backward).
             x = x.to(low_dtype)
-        x_m = F.linear(x, w_m, b_m)  # (B, T, inner); its own product so the conv gets a contiguous input
-        z, gates_x = F.linear(x, zg_w, zg_b).split([inner, 2 * H], dim=-1)  # (B, T, inner), (B, T, 2H)
+        (w_z, w_g), (b_z, b_g) = zg_w.split([inner, 2 * H]), zg_b.split([inner, 2 * H])
+        # (B, T, inner), (B, T, inner), (B, T, 2H): three products, so that x_m, which the conv reads, is contiguous
+        x_m, z, gates_x = _UpProjections.apply(x, w_m, b_m, w_z, b_z, w_g, b_g)
         c, gates_c, q, k, v = self._conv_gates_heads(x_m, grid, gate_c)
         gates = (gates_x + gates_c).transpose(1, 2)  # (B, 2H, T)
         igate, fgate = gates[:, :H].contiguous(), gates[:, H:].contiguous()  # (B, H, T) each
