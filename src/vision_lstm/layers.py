@@ -672,32 +672,37 @@ class ViLLayer(nn.Module):
         """Weights that merge the gate projection into the products that already read the same inputs.
 
         The gates read concat[q, k, v] with q = Wq c + bq, k = Wk c + bk, v = Wv x_m + bv and x_m = W_m x + b_m, so
-        gates = (Gq Wq + Gk Wk) c + (Gv Wv W_m) x + const: 2H extra rows on the up-projection and one thin product
+        gates = (Gq Wq + Gk Wk) c + (Gv Wv W_m) x + const: one thin product on x beside the up-projection's and one
         on c instead of a (3 inner)-wide concat and its gradient. Same math, same parameters, different rounding.
+        Returns W_m, b_m, W_z, b_z, W_g (2H, D), b_g (2H,) and gate_c (2H, inner), in the parameters' dtype: autocast
+        is off here (these are parameter-sized; the products that use them round them once), and the three folds
+        are one broadcast product (this runs every step, and its few dozen small operations were a visible share of
+        a step's fixed cost).
         """
-        inner = self.inner
-        gate_w = torch.cat([self.igate.weight, self.fgate.weight])  # (2H, 3 inner)
-        gq, gk, gv = gate_w.split(inner, dim=1)
-        gate_c = fold_block_diagonal(gq, self.q_proj.weight) + fold_block_diagonal(gk, self.k_proj.weight)
-        gate_v = fold_block_diagonal(gv, self.v_proj.weight)  # (2H, inner), acting on x_m
-        (w_m, w_z), (b_m, b_z) = self.proj_up.weight.split(inner), self.proj_up.bias.split(inner)
-        zg_w = torch.cat([w_z, gate_v @ w_m])  # (inner + 2H, D)
-        gate_b = (torch.cat([self.igate.bias, self.fgate.bias]) + gq @ self.q_proj.bias + gk @ self.k_proj.bias
-                  + gv @ self.v_proj.bias + gate_v @ b_m)
-        return w_m, b_m, zg_w, torch.cat([b_z, gate_b]), gate_c
+        inner, G = self.inner, 2 * self.num_heads
+        with torch.autocast(self.proj_up.weight.device.type, enabled=False):
+            gate_w = torch.cat([self.igate.weight, self.fgate.weight])  # (G, 3 inner): [Gq, Gk, Gv]
+            blocks = torch.stack([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])  # (3, nb, bs, bs)
+            nb, bs = blocks.shape[1], blocks.shape[2]
+            # G_t W_t for t = q, k, v: sum over o of G_t[g, j bs + o] W_t[j, o, i], as (G, 3, nb, o, 1) * (3, nb, o, i)
+            folded = (gate_w.view(G, 3, nb, bs, 1) * blocks).sum(3).view(G, 3, inner)
+            gate_c, gate_v = folded[:, 0] + folded[:, 1], folded[:, 2]  # acting on c and on x_m
+            (w_m, w_z), (b_m, b_z) = self.proj_up.weight.split(inner), self.proj_up.bias.split(inner)
+            qkv_bias = torch.cat([self.q_proj.bias, self.k_proj.bias, self.v_proj.bias])
+            gate_b = torch.cat([self.igate.bias, self.fgate.bias]) + gate_w @ qkv_bias + gate_v @ b_m
+            return w_m, b_m, w_z, b_z, gate_v @ w_m, gate_b, gate_c
 
     def forward(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         if self.reference_path:
             return self.forward_reference(x, grid)
         B, T, _ = x.shape
         H, inner = self.num_heads, self.inner
-        w_m, b_m, zg_w, zg_b, gate_c = self._folded_projections()
+        w_m, b_m, w_z, b_z, w_g, b_g, gate_c = self._folded_projections()
         device = x.device.type
         low_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
         if low_dtype is not None:
             # The three products below read x: cast it once (autocast would cast it for each, forward and backward).
             x = x.to(low_dtype)
-        (w_z, w_g), (b_z, b_g) = zg_w.split([inner, 2 * H]), zg_b.split([inner, 2 * H])
         # (B, T, inner), (B, T, inner), (B, T, 2H): three products, so that x_m, which the conv reads, is contiguous
         x_m, z, gates_x = _UpProjections.apply(x, w_m, b_m, w_z, b_z, w_g, b_g)
         c, gates_c, q, k, v = self._conv_gates_heads(x_m, grid, gate_c)
