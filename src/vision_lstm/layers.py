@@ -184,9 +184,15 @@ class _ConvSiLUKernel(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         x, weight, bias = ctx.saved_tensors
-        grad_x, grad_w, grad_b = ctx.kernels.conv_silu_backward(grad_out.to(x.dtype).contiguous(), x, *ctx.grid,
-                                                                weight, bias)
-        return grad_x, None, None, None, grad_w.to(weight.dtype), grad_b.to(bias.dtype) if bias is not None else None
+        grad_x, grad_w, grad_b = _conv_silu_backward(ctx.kernels, grad_out, x, ctx.grid, weight, bias)
+        return grad_x, None, None, None, grad_w, grad_b
+
+
+def _conv_silu_backward(kernels, grad_out, x, grid, weight, bias):
+    """The gradients of SiLU(conv(x)) through the CPU kernel: x's (x's dtype), the weight's and bias's (their dtypes;
+    None without a bias)."""
+    grad_x, grad_w, grad_b = kernels.conv_silu_backward(grad_out.to(x.dtype).contiguous(), x, *grid, weight, bias)
+    return grad_x, grad_w.to(weight.dtype), grad_b.to(bias.dtype) if bias is not None else None
 
 
 _KERNEL_CONV_SIZES = (1, 3, 5, 7)
@@ -337,13 +343,6 @@ def block_diagonal_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
     return y.view(*lead, nb * bs_out)
 
 
-def fold_block_diagonal(gate_weight: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """G @ W for a dense G (out, nb * bs) and a block-diagonal W (nb, bs, bs): the (out, nb * bs) product."""
-    out = gate_weight.shape[0]
-    nb, bs, _ = weight.shape
-    return torch.einsum("hbo,boi->hbi", gate_weight.view(out, nb, bs), weight).reshape(out, nb * bs)
-
-
 _KERNEL_BLOCK_SIZES = (1, 2, 4, 8, 16)
 
 
@@ -376,10 +375,8 @@ def _head_input_grad(kernels, grads, weights, like: torch.Tensor, addend=None, i
     if not pairs:
         return addend
     B, T, H, DH = pairs[0][0].shape
-    if addend is not None:
-        addend = addend.to(like.dtype)
-        if addend.stride(-1) != 1 or not addend.is_contiguous():
-            addend, in_place = addend.contiguous(), True
+    if addend is not None and (addend.dtype != like.dtype or not addend.is_contiguous()):
+        addend, in_place = addend.to(like.dtype, memory_format=torch.contiguous_format), True  # a copy made here
     out = addend if in_place and addend is not None else torch.empty_like(like)
     kernels.block_diag_mm([g for g, _ in pairs], [w for _, w in pairs], None, out.view(B, T, H, DH),
                           None if addend is None else addend.view(B, T, H, DH))
@@ -476,8 +473,8 @@ class _ConvHeadProjections(torch.autograd.Function):
 
     c feeds the q, k and gate products and the output path's skip, x_m the conv and v. As separate nodes, autograd
     sums their gradients in passes of their own: three additions of a (B, T, inner) tensor per layer, each reading
-    two and writing one, from memory that has left the cache by then (on a 2-core Xeon with AMX, session 27, about a
-    tenth of a training step). Here c's gradient from the skip and the gates is summed by one addmm, q's and k's are
+    two and writing one, from memory that has left the cache by then (a visible share of a training step in a perf
+    profile on a 2-core Xeon with AMX, session 27). Here c's gradient from the skip and the gates is summed by one addmm, q's and k's are
     added by the pass that computes theirs (block_diag_mm's addend), and v's into the conv's input gradient the same
     way. Same math as the separate nodes, fewer roundings of the partial sums.
     """
@@ -517,10 +514,7 @@ class _ConvHeadProjections(torch.autograd.Function):
         grad_c = _head_input_grad(ctx.kernels, grads[:2], weights[:2], c, grad_c, own)  # + q's and k's, one pass
         grad_x_m = grad_w = grad_b = None
         if grad_c is not None:
-            grad_x_m, grad_w, grad_b = ctx.kernels.conv_silu_backward(grad_c.to(c.dtype).contiguous(), x_m,
-                                                                      *ctx.grid, conv_w, conv_b)
-            grad_w = grad_w.to(conv_w.dtype)
-            grad_b = grad_b.to(conv_b.dtype) if conv_b is not None else None
+            grad_x_m, grad_w, grad_b = _conv_silu_backward(ctx.kernels, grad_c, x_m, ctx.grid, conv_w, conv_b)
         grad_x_m = _head_input_grad(ctx.kernels, grads[2:], weights[2:], x_m, grad_x_m, True)  # + v's, one pass
         param_grads = _head_param_grads(ctx.kernels, grads, (c, c, x_m), weights[0].shape[-1], ctx.has_bias,
                                         needs[8:])
