@@ -474,9 +474,9 @@ class _ConvHeadProjections(torch.autograd.Function):
     c feeds the q, k and gate products and the output path's skip, x_m the conv and v. As separate nodes, autograd
     sums their gradients in passes of their own: three additions of a (B, T, inner) tensor per layer, each reading
     two and writing one, from memory that has left the cache by then (a visible share of a training step in a perf
-    profile on a 2-core Xeon with AMX, session 27). Here c's gradient from the skip and the gates is summed by one addmm, q's and k's are
-    added by the pass that computes theirs (block_diag_mm's addend), and v's into the conv's input gradient the same
-    way. Same math as the separate nodes, fewer roundings of the partial sums.
+    profile on a 2-core Xeon with AMX, session 27). Here c's gradient from the skip and the gates is summed by one
+    addmm, q's and k's are added by the pass that computes theirs (block_diag_mm's addend), and v's into the conv's
+    input gradient the same way. Same math as the separate nodes, fewer roundings of the partial sums.
     """
 
     @staticmethod
