@@ -161,6 +161,94 @@ def test_whole_forward_rejects_bad_input(kernels):
         kernels.forward_bf16(odd, odd, odd, a, row_max, row_max, 1.0, 1e-6, None, torch.empty_like(odd))
 
 
+@pytest.mark.parametrize("T,DH,bs,with_bias", [(1, 2, 1, True), (17, 34, 2, False), (64, 96, 4, True),
+                                               (33, 64, 8, True), (5, 16, 16, False)])
+@pytest.mark.parametrize("tiles", [True, False], ids=["amx-tiles", "dot-products"])
+def test_projected_forward_is_the_projections_then_the_whole_forward(kernels, T, DH, bs, with_bias, tiles):
+    """forward_bf16_projected (inference: q = Wq c + bq, k = Wk c + bk, v = Wv x_m + bv computed per slice inside
+    the cell's forward) against block_diag_mm writing q, k, v out and forward_bf16 reading them: the same sums,
+    rounded the same way, so the same bits; block sizes 1-16, heads with a shorter last vector, with and without
+    biases."""
+    if not fused.has_bf16_scores():
+        pytest.skip("this CPU has no AVX512-BF16: the cell's forward runs as separate products")
+    if tiles and not fused.has_tile_scores():
+        pytest.skip("this CPU has no AMX tiles: the kernel uses its dot products")
+    B, H = 2, 3
+    C = H * DH
+    g = torch.Generator().manual_seed(T + DH + bs)
+    c, x_m = (torch.randn(B, T, C, generator=g).bfloat16() for _ in range(2))
+    weights = [(torch.randn(C // bs, bs, bs, generator=g) / bs).bfloat16() for _ in range(3)]
+    biases = [torch.randn(C, generator=g).bfloat16() if with_bias else None for _ in range(3)]
+    heads = []
+    for source, weight, bias in zip((c, c, x_m), weights, biases):
+        out = torch.empty(B, H, T, DH, dtype=torch.bfloat16)
+        kernels.block_diag_mm([source.view(B, T, H, DH)], [weight], bias, out.transpose(1, 2))
+        heads.append(out)
+    _, a, row_max = _decay_inputs(B, H, T, seed=T)
+    m = row_max - torch.rand(B, H, T, generator=g)
+    scale, eps = DH ** -0.5, 1e-6
+    want = torch.full((B, T, H, DH), float("nan"), dtype=torch.bfloat16).transpose(1, 2)
+    want_sum, want_norm = kernels.forward_bf16(*heads, a, row_max, m, scale, eps, None, want, tiles)
+    got = torch.full_like(want, float("nan"))
+    got_sum, got_norm = kernels.forward_bf16_projected(c, x_m, H, weights[0], biases[0], weights[1], biases[1],
+                                                       weights[2], biases[2], a, row_max, m, scale, eps, got, tiles)
+    assert not want.isnan().any()
+    assert torch.equal(got, want) and torch.equal(got_sum, want_sum) and torch.equal(got_norm, want_norm)
+
+
+def test_projected_forward_rejects_bad_input(kernels):
+    if not fused.has_bf16_scores():
+        pytest.skip("this CPU has no AVX512-BF16")
+    B, T, H, DH = 1, 4, 2, 8
+    _, a, row_max = _decay_inputs(B, H, T)
+    c = torch.randn(B, T, H * DH).bfloat16()
+    w, b, h = torch.randn(H * DH // 4, 4, 4), torch.randn(H * DH), torch.empty(B, H, T, DH).bfloat16()
+
+    def run(c=c, x_m=c, heads=H, wq=w, bq=b, h=h):
+        kernels.forward_bf16_projected(c, x_m, heads, wq, bq, w, b, w, b, a, row_max, row_max, 1.0, 1e-6, h)
+    run()
+    with pytest.raises(RuntimeError, match="c must be a contiguous"):
+        run(c=c.float())
+    with pytest.raises(RuntimeError, match="x_m must be contiguous bfloat16 with c's shape"):
+        run(x_m=c[:, :3].contiguous())
+    with pytest.raises(RuntimeError, match="do not split into 3 heads"):
+        run(heads=3)
+    with pytest.raises(RuntimeError, match="the same block size"):
+        run(wq=torch.randn(H * DH // 2, 2, 2))
+    with pytest.raises(RuntimeError, match="each bias must have shape"):
+        run(bq=torch.randn(3))
+    with pytest.raises(RuntimeError, match="h must have shape"):
+        run(h=torch.empty(B, H, T + 1, DH).bfloat16())
+
+
+def test_projected_cell_gives_the_bits_of_the_projections_and_the_parallel_cell(kernels):
+    """cell.mlstm_parallel_projected (inference) against block_diag_mm's q, k, v fed to mlstm_parallel under bf16
+    autocast: equal; with gradients wanted it refuses (it has no backward)."""
+    if not fused.has_bf16_scores():
+        pytest.skip("this CPU has no AVX512-BF16")
+    from vision_lstm.cell import mlstm_parallel_projected, projected_form_applies
+    B, T, H, DH, bs = 2, 17, 4, 24, 4
+    C = H * DH
+    g = torch.Generator().manual_seed(0)
+    c, x_m = (torch.randn(B, T, C, generator=g).bfloat16() for _ in range(2))
+    projections = [((torch.randn(C // bs, bs, bs, generator=g) / 2).bfloat16(), torch.randn(C, generator=g).bfloat16())
+                   for _ in range(3)]
+    igate, fgate = (torch.randn(B, H, T, generator=g) for _ in range(2))
+    q, k, v = (torch.empty(B, H, T, DH, dtype=torch.bfloat16) for _ in range(3))
+    for source, (weight, bias), out in zip((c, c, x_m), projections, (q, k, v)):
+        kernels.block_diag_mm([source.view(B, T, H, DH)], [weight], bias, out.transpose(1, 2))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        want = mlstm_parallel(q, k, v, igate, fgate, token_major=True)
+        got = mlstm_parallel_projected(c, x_m, H, projections, igate, fgate)
+    assert got.shape == (B, H, T, DH) and got.transpose(1, 2).is_contiguous()
+    assert torch.equal(got, want)
+    assert not projected_form_applies(c, H)  # grad mode on, no autocast
+    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(ValueError, match="without gradients"):
+        mlstm_parallel_projected(c, x_m, H, projections, igate, fgate)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(ValueError, match="gates"):
+        mlstm_parallel_projected(c, x_m, H, projections, igate[:, :2], fgate)
+
+
 @pytest.mark.parametrize("T", [1, 15, 17, 49, 64, 100])  # whole 16-lane blocks, tails, more than 64
 def test_weights_forward_matches_the_plain_formula(kernels, T):
     scores, a, row_max = _decay_inputs(2, 3, T)

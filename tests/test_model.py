@@ -226,6 +226,39 @@ def test_layer_makes_no_head_major_copies_of_q_k_v(monkeypatch):
         assert CountCopies.additions == 0, (autocast, CountCopies.additions)
 
 
+def test_inference_computes_q_k_v_inside_the_cell():
+    # Under bf16 autocast without gradients (on a CPU with AVX512-BF16), the cell's kernel computes q, k, v from c
+    # and x_m itself (cell.mlstm_parallel_projected): no projection writes them out, and the outputs are the bits
+    # of the path that does (the same model with gradients on). A reversed block, a grid that is not square.
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from vision_lstm import fused
+    if not fused.has_bf16_scores():
+        pytest.skip("this CPU has no AVX512-BF16: inference writes q, k, v out")
+    torch.manual_seed(0)
+    model = create_model("vil_tiny", depth=2, dim=48, num_heads=4, img_size=(16, 24), patch_size=4,
+                         num_classes=10).eval()
+    with torch.no_grad():
+        for p in model.parameters():  # away from the zero/identity init, so every term counts
+            p.add_(torch.randn_like(p) * 0.05)
+    x = torch.randn(3, 3, 16, 24)
+
+    class CountKernels(TorchDispatchMode):
+        calls: dict = {}
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = str(func.overloadpacket)
+            CountKernels.calls[name] = CountKernels.calls.get(name, 0) + 1
+            return func(*args, **(kwargs or {}))
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = model(x)  # gradients on: projections, then the cell
+        with torch.no_grad(), CountKernels():
+            got = model(x)
+    assert CountKernels.calls.get("vision_lstm_cpu.block_diag_mm", 0) == 0
+    assert CountKernels.calls.get("vision_lstm_cpu.forward_bf16_projected", 0) == 4  # 2 pairs of blocks
+    assert torch.equal(got, want)
+
+
 @pytest.mark.parametrize("autocast", [False, True])
 def test_layer_kernels_match_the_pytorch_route(monkeypatch, autocast):
     # A whole ViL layer with the CPU kernels (conv + SiLU, the output path, the q/k/v projections: layer_kernels)

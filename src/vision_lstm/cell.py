@@ -366,6 +366,47 @@ def _mlstm_parallel_eager(q, k, v, igate, fgate, eps: float, rebuild=None, token
     return _ParallelMLSTM.apply(q, k, v, igate, fgate, eps, None, kernels, rebuild, token_major)
 
 
+def projected_form_applies(c: torch.Tensor, num_heads: int) -> bool:
+    """Whether :func:`mlstm_parallel_projected` runs for sources like c (B, T, H * DH): under bf16 autocast with no
+    gradients wanted, bf16 CPU tensors, an even head dimension, not inside ``torch.compile``, and the fused kernels'
+    AVX512-BF16 forward (:func:`vision_lstm.fused.has_bf16_scores`)."""
+    return (not torch.is_grad_enabled() and c.device.type == "cpu" and torch.is_autocast_enabled("cpu")
+            and torch.get_autocast_dtype("cpu") == torch.bfloat16 and c.dtype == torch.bfloat16 and c.ndim == 3
+            and c.shape[1] > 0 and c.shape[2] % num_heads == 0 and (c.shape[2] // num_heads) % 2 == 0
+            and not torch.compiler.is_compiling() and fused.has_bf16_scores())
+
+
+def mlstm_parallel_projected(c, x_m, num_heads: int, projections, igate, fgate,
+                             eps: float = DEFAULT_EPS) -> torch.Tensor:
+    """The parallel form for inference with the ViL layer's q, k, v projections inside it: q = Wq c + bq,
+    k = Wk c + bk, v = Wv x_m + bv (W block-diagonal), computed per (batch, head) slice inside the fused bf16
+    forward kernel and never written to memory, where the projections would write q, k, v out and the cell read
+    them back (six passes over (B, T, H * DH) memory per layer).
+
+    c, x_m: (B, T, H * DH) bf16; projections: ((Wq, bq), (Wk, bk), (Wv, bv)) with W (H * DH / bs, bs, bs) and b
+    (H * DH,) or None, in the dtype the products would use (under bf16 autocast: bf16); igate, fgate: (B, H, T).
+    Returns h (B, H, T, DH) in bf16 as a view of token-major (B, T, H, DH) memory: the same bits as the
+    projections' kernels followed by :func:`mlstm_parallel` under bf16 autocast (``tests/test_fused.py``). Only
+    where :func:`projected_form_applies` (under bf16 autocast, without gradients).
+    """
+    if not projected_form_applies(c, num_heads):
+        raise ValueError("mlstm_parallel_projected runs under bf16 autocast without gradients, on bf16 CPU tensors "
+                         "with an even head dimension, on a CPU with AVX512-BF16 (see projected_form_applies)")
+    B, T, inner = c.shape
+    DH = inner // num_heads
+    if x_m.shape != c.shape or igate.shape != (B, num_heads, T) or fgate.shape != (B, num_heads, T):
+        raise ValueError(f"expected x_m with c's shape {tuple(c.shape)} and gates (B, H, T) = {(B, num_heads, T)}, "
+                         f"got {tuple(x_m.shape)}, {tuple(igate.shape)} and {tuple(fgate.shape)}")
+    with torch.autocast(c.device.type, enabled=False):
+        igate, fgate = igate.float(), fgate.float()
+        a, running_max, m, _ = _decay_vectors(igate, fgate)
+        h = torch.empty(B, T, num_heads, DH, dtype=c.dtype).transpose(1, 2)
+        (wq, bq), (wk, bk), (wv, bv) = projections
+        fused.ops().forward_bf16_projected(c.contiguous(), x_m.contiguous(), num_heads, wq, bq, wk, bk, wv, bv, a,
+                                           running_max, m, DH ** -0.5, eps, h)
+    return h
+
+
 def _fused_kernels(q, k, v, igate, fgate, low_dtype):
     """The fused CPU kernels (:mod:`vision_lstm.fused`) where they apply to these inputs, else None: CPU tensors,
     and either bf16 q, k, v under autocast or one dtype (fp32 or fp64) for everything."""

@@ -30,8 +30,8 @@ from pathlib import Path
 import torch
 
 _CSRC = Path(__file__).with_name("csrc")
-_SOURCES = ("mlstm_cpu.cpp", "blockdiag_cpu.cpp", "layer_cpu.cpp")  # compiled; vec.h is included by each
-_FILES = (*_SOURCES, "vec.h")
+_SOURCES = ("mlstm_cpu.cpp", "blockdiag_cpu.cpp", "layer_cpu.cpp")  # compiled; they include vec.h (and blockdiag.h)
+_FILES = (*_SOURCES, "vec.h", "blockdiag.h")
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno"]
 
 

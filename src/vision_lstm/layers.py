@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import fused
-from .cell import check_mode, mlstm, mlstm_parallel_reference
+from .cell import check_mode, mlstm, mlstm_parallel_projected, mlstm_parallel_reference, projected_form_applies
 
 
 class OffsetLayerNorm(nn.Module):
@@ -699,16 +699,20 @@ class ViLLayer(nn.Module):
             x = x.to(low_dtype)
         # (B, T, inner), (B, T, inner), (B, T, 2H): three products, so that x_m, which the conv reads, is contiguous
         x_m, z, gates_x = _UpProjections.apply(x, w_m, b_m, w_z, b_z, w_g, b_g)
-        c, gates_c, q, k, v = self._conv_gates_heads(x_m, grid, gate_c)
-        gates = (gates_x + gates_c).transpose(1, 2)  # (B, 2H, T)
-        igate, fgate = gates[:, :H].contiguous(), gates[:, H:].contiguous()  # (B, H, T) each
-        # The cell's backward recomputes q, k, v from c and x_m (which the projections, the conv and the output path
-        # keep anyway) instead of holding them from forward: 3 cheap block-diagonal products per layer in backward
-        # for three (B, H, T, DH) tensors fewer per layer (README, Performance: session 22)
-        rebuild = functools.partial(self._qkv_heads_again, c.detach(), x_m.detach(), low_dtype) \
-            if torch.is_grad_enabled() and self.mlstm_mode == "parallel" else None
-        h = mlstm(q, k, v, igate, fgate, mode=self.mlstm_mode, chunk_size=self.chunk_size,
-                  rebuild=rebuild, token_major=True)  # (B, H, T, DH), token-major memory (parallel form)
+        kernels = self._head_kernels(x_m)
+        if kernels is not None and self.mlstm_mode == "parallel" and projected_form_applies(x_m, H):
+            # Inference: q, k, v are computed inside the cell's kernel, never written out
+            c, h = self._projected_cell(kernels, x_m, grid, gate_c, gates_x)
+        else:
+            c, gates_c, q, k, v = self._conv_gates_heads(kernels, x_m, grid, gate_c)
+            igate, fgate = self._gates(gates_x, gates_c)
+            # The cell's backward recomputes q, k, v from c and x_m (which the projections, the conv and the output
+            # path keep anyway) instead of holding them from forward: 3 cheap block-diagonal products per layer in
+            # backward for three (B, H, T, DH) tensors fewer per layer (README, Performance: session 22)
+            rebuild = functools.partial(self._qkv_heads_again, c.detach(), x_m.detach(), low_dtype) \
+                if torch.is_grad_enabled() and self.mlstm_mode == "parallel" else None
+            h = mlstm(q, k, v, igate, fgate, mode=self.mlstm_mode, chunk_size=self.chunk_size,
+                      rebuild=rebuild, token_major=True)  # (B, H, T, DH), token-major memory (parallel form)
         # The output path (per-head norm, skip, output gate) runs in h's dtype: under autocast the low dtype, where
         # autocast itself would run the norm and the chain after it in fp32 (four fp32 passes and two casts); the
         # norm's statistics still accumulate in fp32. The parallel cell writes h in token-major memory.
@@ -719,26 +723,51 @@ class ViLLayer(nn.Module):
             y = gated_head_norm_output(h, c, z, self.outnorm, self.learnable_skip)  # (B, T, inner)
         return self.proj_down(y)  # (B, T, D); autocast again
 
-    def _conv_gates_heads(self, x_m: torch.Tensor, grid: tuple[int, int], gate_c: torch.Tensor):
-        """c = SiLU(conv(x_m)) (B, T, inner), c's part of the gates c @ gate_c^T (B, T, 2H), and q, k, v (B, H, T, DH)
-        each: one node over the CPU kernels where they apply (:class:`_ConvHeadProjections`), else the conv, the
-        projections and the product separately."""
-        dtype = compute_dtype(x_m)
-        B, T, inner = x_m.shape
-        h, w = grid
+    def _head_kernels(self, x_m: torch.Tensor):
+        """The CPU kernels (:func:`layer_kernels`) for the conv and the q, k, v projections of x_m (B, T, inner), or
+        None where they do not apply (other devices or dtypes, kernel or block sizes they lack)."""
         bs = self.q_proj.block_size
         usable = (self.conv.kernel_size[0] in _KERNEL_CONV_SIZES and bs in _KERNEL_BLOCK_SIZES
-                  and (inner // self.num_heads) % bs == 0
+                  and (self.inner // self.num_heads) % bs == 0
                   and all(p.block_size == bs for p in (self.k_proj, self.v_proj)))
-        kernels = layer_kernels(x_m, dtype) if usable else None
+        return layer_kernels(x_m, compute_dtype(x_m)) if usable else None
+
+    def _gates(self, gates_x: torch.Tensor, gates_c: torch.Tensor):
+        """The input and forget gates' pre-activations (B, H, T) each, contiguous, from their two parts (B, T, 2H)."""
+        gates = (gates_x + gates_c).transpose(1, 2)  # (B, 2H, T)
+        return gates[:, :self.num_heads].contiguous(), gates[:, self.num_heads:].contiguous()
+
+    def _check_grid(self, x: torch.Tensor, grid: tuple[int, int]):
+        if grid[0] * grid[1] != x.shape[1]:
+            raise ValueError(f"got {x.shape[1]} tokens for a {grid[0]}x{grid[1]} grid")
+
+    def _conv_gates_heads(self, kernels, x_m: torch.Tensor, grid: tuple[int, int], gate_c: torch.Tensor):
+        """c = SiLU(conv(x_m)) (B, T, inner), c's part of the gates c @ gate_c^T (B, T, 2H), and q, k, v (B, H, T, DH)
+        each: one node over the CPU kernels (:meth:`_head_kernels`) where they apply
+        (:class:`_ConvHeadProjections`), else the conv, the projections and the product separately."""
         if kernels is None:
             c = self._conv_silu(x_m, grid)
             return (c, F.linear(c, gate_c), *self._qkv_heads(c, x_m))
-        if h * w != T:
-            raise ValueError(f"got {T} tokens for a {h}x{w} grid")
-        return _ConvHeadProjections.apply(x_m.to(dtype).contiguous(), kernels, h, w, self.conv.weight, self.conv.bias,
-                                          gate_c, self.num_heads, self.q_proj.weight, self.q_proj.bias,
-                                          self.k_proj.weight, self.k_proj.bias, self.v_proj.weight, self.v_proj.bias)
+        self._check_grid(x_m, grid)
+        return _ConvHeadProjections.apply(x_m.to(compute_dtype(x_m)).contiguous(), kernels, *grid, self.conv.weight,
+                                          self.conv.bias, gate_c, self.num_heads, self.q_proj.weight,
+                                          self.q_proj.bias, self.k_proj.weight, self.k_proj.bias, self.v_proj.weight,
+                                          self.v_proj.bias)
+
+    def _projected_cell(self, kernels, x_m: torch.Tensor, grid: tuple[int, int], gate_c: torch.Tensor,
+                        gates_x: torch.Tensor):
+        """Inference in bf16 with the CPU kernels: c = SiLU(conv(x_m)) (B, T, inner) and h (B, H, T, DH) from the
+        cell with the q, k, v projections inside its kernel (:func:`cell.mlstm_parallel_projected`), the same
+        values as :meth:`_conv_gates_heads` and the parallel cell give, without writing q, k, v out."""
+        self._check_grid(x_m, grid)
+        x_m = x_m.contiguous()
+        c = torch.empty_like(x_m)
+        kernels.conv_silu_forward(x_m, *grid, self.conv.weight, self.conv.bias, c)
+        with torch.autocast(x_m.device.type, enabled=False):
+            igate, fgate = self._gates(gates_x, F.linear(c, gate_c.to(c.dtype)))
+        projections = tuple((p.weight.to(c.dtype), None if p.bias is None else p.bias.to(c.dtype))
+                            for p in (self.q_proj, self.k_proj, self.v_proj))
+        return c, mlstm_parallel_projected(c, x_m, self.num_heads, projections, igate, fgate)
 
     def _qkv_heads(self, c: torch.Tensor, x_m: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """q, k (from c) and v (from x_m), (B, H, T, DH) each: head-major memory from the CPU kernels, else head

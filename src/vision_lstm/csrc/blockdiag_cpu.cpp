@@ -24,25 +24,9 @@
 #include <vector>
 
 #include "vec.h"
+#include "blockdiag.h"
 
 namespace {
-
-// lane l <- lane (l & ~(BS - 1)) | ((l + S) & (BS - 1)): a rotation by S inside each group of BS lanes
-template <int BS, int S, int... L>
-inline vfloat rotate_lanes(vfloat v, std::integer_sequence<int, L...>) {
-#if defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 12)
-  return __builtin_shufflevector(v, v, ((L & ~(BS - 1)) | ((L + S) & (BS - 1)))...);
-#else
-  return __builtin_shuffle(v, vint{((L & ~(BS - 1)) | ((L + S) & (BS - 1)))...});
-#endif
-}
-template <int BS, int S>
-inline vfloat rotate(vfloat v) {
-  return S == 0 ? v : rotate_lanes<BS, S>(v, std::make_integer_sequence<int, kLanes>{});
-}
-
-template <int BS>
-using Shifts = std::make_integer_sequence<int, BS>;
 
 // A (B, T, H, DH) view with a unit last stride: row (b, t), head h starts at data + b * sb + t * st + h * sh.
 template <typename T>
@@ -55,30 +39,6 @@ struct Rows {
 template <typename T>
 Rows<T> rows_of(const at::Tensor& x) {
   return {static_cast<T*>(x.data_ptr()), x.stride(0), x.stride(1), x.stride(2)};
-}
-
-// W (nb, bs, bs) -> the fp32 table W_s[c] (bs rows of C = nb * bs), as the header comment defines it
-std::vector<float> weight_table(const at::Tensor& weight) {
-  const auto w = weight.to(at::kFloat).contiguous();
-  const int64_t nb = w.size(0), bs = w.size(1), C = nb * bs;
-  const float* p = w.data_ptr<float>();
-  std::vector<float> table(bs * C);
-  for (int64_t s = 0; s < bs; ++s)
-    for (int64_t c = 0; c < C; ++c) {
-      const int64_t o = c % bs;
-      table[s * C + c] = p[(c / bs) * bs * bs + o * bs + (o + s) % bs];
-    }
-  return table;
-}
-
-// sum_s W_s * rotate_s(x) for one vector of count channels: x and w (the table's rows, C apart) at its first channel
-template <typename T, int BS, int... S>
-__attribute__((always_inline)) inline vfloat mm_vector(const T* x, const float* w, int64_t C, int64_t count,
-                                                       std::integer_sequence<int, S...>) {
-  const vfloat xv = load(x, count);
-  vfloat sum{};
-  ((sum += load(w + S * C, count) * rotate<BS, S>(xv)), ...);
-  return sum;
 }
 
 // out = addend + sum_j blockdiag(W_j) in_j + bias for NIN inputs, vector by vector: the products summed in registers
@@ -176,30 +136,6 @@ void check_view(const at::Tensor& x, const at::Tensor& like, const char* what) {
   TORCH_CHECK(x.dim() == 4 && x.sizes() == like.sizes(), what, " must be a (B, T, H, DH) view of shape ",
               like.sizes(), ", got ", x.sizes());
   TORCH_CHECK(x.stride(3) == 1, what, " must have a unit last stride");
-}
-
-void check_block_size(int64_t bs, int64_t DH) {
-  TORCH_CHECK(bs == 1 || bs == 2 || bs == 4 || bs == 8 || bs == 16, "block size must be 1, 2, 4, 8 or 16, got ", bs);
-  TORCH_CHECK(DH % bs == 0, "the head dimension ", DH, " must be a multiple of the block size ", bs);
-}
-
-int64_t check_blocks(const at::Tensor& weight, int64_t C, int64_t DH) {
-  TORCH_CHECK(weight.dim() == 3 && weight.size(1) == weight.size(2) && weight.size(0) * weight.size(1) == C,
-              "weight must have shape (C / bs, bs, bs) with C = ", C, " channels, got ", weight.sizes());
-  check_block_size(weight.size(1), DH);
-  return weight.size(1);
-}
-
-// Calls fn(std::integral_constant<int, BS>) for the runtime block size bs.
-template <typename Fn>
-void with_block_size(int64_t bs, Fn&& fn) {
-  switch (bs) {
-    case 1: fn(std::integral_constant<int, 1>{}); break;
-    case 2: fn(std::integral_constant<int, 2>{}); break;
-    case 4: fn(std::integral_constant<int, 4>{}); break;
-    case 8: fn(std::integral_constant<int, 8>{}); break;
-    default: fn(std::integral_constant<int, 16>{}); break;
-  }
 }
 
 // out = addend + sum_j blockdiag(weights[j]) inputs[j] (+ bias) for one or two inputs. inputs, out, addend:

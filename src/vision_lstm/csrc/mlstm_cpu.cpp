@@ -31,6 +31,7 @@
 #include <vector>
 
 #include "vec.h"
+#include "blockdiag.h"
 
 namespace {
 
@@ -507,6 +508,39 @@ bool has_bf16_scores() {
 // Whether weights_forward_qk(tiles=True) runs on AMX tiles here.
 bool has_tile_scores() { return has_bf16_scores() && can_use_tiles(); }
 
+// out (T x DH bf16, rows DH apart) = the block-diagonal product of one head's slice x (T rows, `stride` apart)
+// with a weight table (blockdiag.h, at the head's first channel) plus bias (fp32 at that channel, or null): the sum
+// block_diag_mm makes for one input, rounded once, so the same bits.
+template <int BS>
+void project_slice(const at::BFloat16* x, int64_t stride, const float* table, int64_t C, const float* bias,
+                   at::BFloat16* out, int64_t T, int64_t DH) {
+  for (int64_t t = 0; t < T; ++t) {
+    const at::BFloat16* row = x + t * stride;
+    at::BFloat16* y = out + t * DH;
+    for_vectors(DH, [&](int64_t d0, int64_t count) {
+      vfloat sum = bias ? load(bias + d0, count) : vfloat{};
+      sum += mm_vector<at::BFloat16, BS>(row + d0, table + d0, C, count, Shifts<BS>{});
+      store(y + d0, sum, count);
+    });
+  }
+}
+
+// The cell's q = Wq c + bq, k = Wk c + bk, v = Wv x_m + bv (block-diagonal W, the ViL layer's projections) for
+// forward_bf16_projected: the weights as blockdiag.h's fp32 tables (C channels each), the biases in fp32 (or empty).
+struct Projections {
+  int64_t bs, C;
+  std::vector<float> tables[3], biases[3];
+
+  // Product p (0: q, 1: k, 2: v) of the slice whose first channel is `channel`: x its source's rows
+  void slice(int p, const at::BFloat16* x, int64_t stride, int64_t channel, int64_t T, int64_t DH,
+             at::BFloat16* out) const {
+    const float* bias = biases[p].empty() ? nullptr : biases[p].data() + channel;
+    with_block_size(bs, [&](auto block) {
+      project_slice<decltype(block)::value>(x, stride, tables[p].data() + channel, C, bias, out, T, DH);
+    });
+  }
+};
+
 #if defined(__AVX512BF16__)
 // The whole forward of the cell (eqs. 59-64) for bf16 q, k, v, one slice at a time with every intermediate in
 // cache: S = q k^T (fp32), C = S D' and its row sums (forward_row), the normaliser n = max(|row sum|, exp(-m)), the
@@ -514,9 +548,12 @@ bool has_tile_scores() { return has_bf16_scores() && can_use_tiles(); }
 // h = (C v) / (n + eps), rounded once to bf16. The products run on AMX tiles (ATen's brgemm) where the CPU has them
 // and `tiles`, else as the AVX512-BF16 dot products above. C is written out only when backward needs it
 // (weights != nullptr). q, k, v are read and h written through their strides.
+// With `projections`, q, k and v are not the cell's inputs but their sources (see Projections), and each slice's
+// q, k, v are computed into per-thread buffers first.
 void forward_whole_bf16(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const float* a,
                         const float* row_max, const float* m, float scale, float eps, at::BFloat16* weights,
-                        float* row_sum, float* normaliser, const at::Tensor& h, bool tiles) {
+                        float* row_sum, float* normaliser, const at::Tensor& h, bool tiles,
+                        const Projections* projections = nullptr) {
   const int64_t B = q.size(0), H = q.size(1), T = q.size(2), DH = q.size(3);
   const int64_t pairs = DH / 2;
   const int64_t padded = (T + kLanes - 1) / kLanes * kLanes;  // S's columns: whole 16-lane blocks
@@ -537,11 +574,13 @@ void forward_whole_bf16(const at::Tensor& q, const at::Tensor& k, const at::Tens
     std::vector<float> scores(T * padded);
     std::vector<at::BFloat16> c(T * 2 * token_pairs, at::BFloat16(0.0f));  // C in bf16, rows of 2 * token_pairs
     std::vector<float> num(T * dhp);
+    std::vector<at::BFloat16> projected(projections ? 3 * T * DH : 0);  // q, k, v of the slice, rows DH apart
     for (int64_t i = begin; i < end; ++i) {
       const int64_t b = i / H, hh = i % H;
       const at::BFloat16* q_i = pq + b * q0 + hh * q1;
       const at::BFloat16* k_i = pk + b * k0 + hh * k1;
       const at::BFloat16* v_i = pv + b * v0 + hh * v1;
+      int64_t q_rows = q2, k_rows = k2, v_rows = v2;
       at::BFloat16* h_i = ph + b * h0 + hh * h1;
       // The next slice's rows, requested while this one computes: rows of head views are short and strided, which
       // the hardware prefetchers miss (ViL-T's shape on Zen 4, inputs from memory: 4.7-5.0 ms per call without
@@ -553,10 +592,17 @@ void forward_whole_bf16(const at::Tensor& q, const at::Tensor& k, const at::Tens
         prefetch_rows(pv + nb * v0 + nh * v1, v2, T, DH);
         prefetch_rows(ph + nb * h0 + nh * h1, h2, T, DH);
       }
-      slice_scores(q_i, q2, k_i, k2, T, DH, padded, tiles, k_packed.data(), scores.data());
+      if (projections) {
+        at::BFloat16* out = projected.data();
+        const at::BFloat16* sources[3] = {q_i, k_i, v_i};
+        for (int p = 0; p < 3; ++p) projections->slice(p, sources[p], q2, hh * DH, T, DH, out + p * T * DH);
+        q_i = out, k_i = out + T * DH, v_i = out + 2 * T * DH;
+        q_rows = k_rows = v_rows = DH;
+      }
+      slice_scores(q_i, q_rows, k_i, k_rows, T, DH, padded, tiles, k_packed.data(), scores.data());
       for (int64_t j = 0; j < token_pairs; ++j) {  // v_packed[j][d] = (v[2j][d], v[2j + 1][d]); 0 past T
-        const at::BFloat16* even = v_i + 2 * j * v2;
-        const at::BFloat16* odd = 2 * j + 1 < T ? v_i + (2 * j + 1) * v2 : nullptr;
+        const at::BFloat16* even = v_i + 2 * j * v_rows;
+        const at::BFloat16* odd = 2 * j + 1 < T ? v_i + (2 * j + 1) * v_rows : nullptr;
         for (int64_t d0 = 0; d0 < DH; d0 += kLanes) {
           const __mmask16 mask = static_cast<__mmask16>((1u << std::min(kLanes, DH - d0)) - 1u);
           const __m512i lo = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, even + d0));
@@ -597,11 +643,12 @@ void forward_whole_bf16(const at::Tensor& q, const at::Tensor& k, const at::Tens
 // q, k, v, h (B, H, T, DH) bf16 with unit last strides, DH even; a, row_max, m (B, H, T) fp32 contiguous; weights
 // (B, H, T, T) bf16 contiguous or None. Writes h (and C into weights); returns (row_sum, normaliser) (B, H, T).
 // Only where has_bf16_scores(); on AMX tiles where the CPU has them and `tiles`.
-std::tuple<at::Tensor, at::Tensor> forward_bf16(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                                const at::Tensor& a, const at::Tensor& row_max, const at::Tensor& m,
-                                                double scale, double eps, const std::optional<at::Tensor>& weights,
-                                                at::Tensor h, bool tiles) {
-  TORCH_CHECK(has_bf16_scores(), "forward_bf16 needs a CPU with AVX512-BF16 (see has_bf16_scores)");
+// (forward_bf16_projected passes its Projections and the sources' head views as q, k, v.)
+std::tuple<at::Tensor, at::Tensor> forward_bf16_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                     const at::Tensor& a, const at::Tensor& row_max,
+                                                     const at::Tensor& m, double scale, double eps,
+                                                     const std::optional<at::Tensor>& weights, at::Tensor h,
+                                                     bool tiles, const Projections* projections) {
   check_rows(q, q, "q");
   check_rows(k, q, "k");
   check_rows(v, q, "v");
@@ -624,9 +671,59 @@ std::tuple<at::Tensor, at::Tensor> forward_bf16(const at::Tensor& q, const at::T
 #if defined(__AVX512BF16__)
   forward_whole_bf16(q, k, v, a.data_ptr<float>(), row_max.data_ptr<float>(), m.data_ptr<float>(),
                      static_cast<float>(scale), static_cast<float>(eps), pw, row_sum.data_ptr<float>(),
-                     normaliser.data_ptr<float>(), h, tiles && can_use_tiles());
+                     normaliser.data_ptr<float>(), h, tiles && can_use_tiles(), projections);
 #endif
   return {row_sum, normaliser};
+}
+
+std::tuple<at::Tensor, at::Tensor> forward_bf16(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                const at::Tensor& a, const at::Tensor& row_max, const at::Tensor& m,
+                                                double scale, double eps, const std::optional<at::Tensor>& weights,
+                                                at::Tensor h, bool tiles) {
+  TORCH_CHECK(has_bf16_scores(), "forward_bf16 needs a CPU with AVX512-BF16 (see has_bf16_scores)");
+  return forward_bf16_impl(q, k, v, a, row_max, m, scale, eps, weights, h, tiles, nullptr);
+}
+
+// forward_bf16 for inference, with the cell's q, k and v computed from their sources slice by slice instead of
+// read: q = Wq c + bq, k = Wk c + bk (from c), v = Wv x_m + bv (from x_m), W block-diagonal (C / bs, bs, bs) as
+// block_diag_mm takes them (any floating dtype, used in fp32), biases (C,) or None. c, x_m (B, T, C) bf16
+// contiguous with C = num_heads * DH, DH even; h (B, H, T, DH) bf16, unit last stride. q, k, v, which the
+// projections would write out and the cell read back (six passes over (B, T, C) memory), stay in cache. C is not
+// kept (no backward). Returns (row_sum, normaliser) (B, H, T).
+std::tuple<at::Tensor, at::Tensor> forward_bf16_projected(
+    const at::Tensor& c, const at::Tensor& x_m, int64_t num_heads, const at::Tensor& wq,
+    const std::optional<at::Tensor>& bq, const at::Tensor& wk, const std::optional<at::Tensor>& bk,
+    const at::Tensor& wv, const std::optional<at::Tensor>& bv, const at::Tensor& a, const at::Tensor& row_max,
+    const at::Tensor& m, double scale, double eps, at::Tensor h, bool tiles) {
+  TORCH_CHECK(has_bf16_scores(), "forward_bf16_projected needs a CPU with AVX512-BF16 (see has_bf16_scores)");
+  TORCH_CHECK(c.dim() == 3 && c.scalar_type() == at::kBFloat16 && c.is_contiguous(),
+              "c must be a contiguous (B, T, C) bfloat16 tensor, got ", c.sizes(), " ", c.scalar_type());
+  TORCH_CHECK(x_m.sizes() == c.sizes() && x_m.scalar_type() == at::kBFloat16 && x_m.is_contiguous(),
+              "x_m must be contiguous bfloat16 with c's shape ", c.sizes(), ", got ", x_m.sizes(), " ",
+              x_m.scalar_type());
+  const int64_t B = c.size(0), T = c.size(1), C = c.size(2);
+  TORCH_CHECK(num_heads > 0 && C % num_heads == 0, C, " channels do not split into ", num_heads, " heads");
+  const int64_t DH = C / num_heads;
+  Projections projections;
+  projections.C = C;
+  const at::Tensor* weights[3] = {&wq, &wk, &wv};
+  const std::optional<at::Tensor>* biases[3] = {&bq, &bk, &bv};
+  for (int p = 0; p < 3; ++p) {
+    const int64_t bs = check_blocks(*weights[p], C, DH);
+    TORCH_CHECK(p == 0 || bs == projections.bs, "all weights must have the same block size");
+    projections.bs = bs;
+    projections.tables[p] = weight_table(*weights[p]);
+    if (biases[p]->has_value()) {
+      const auto& bias = **biases[p];
+      TORCH_CHECK(bias.dim() == 1 && bias.size(0) == C, "each bias must have shape (", C, "), got ", bias.sizes());
+      const auto b32 = bias.to(at::kFloat).contiguous();
+      projections.biases[p].assign(b32.data_ptr<float>(), b32.data_ptr<float>() + C);
+    }
+  }
+  // The sources as (B, H, T, DH) head views: the kernel reads a slice's rows where it would read q's, k's and v's
+  const auto heads = [&](const at::Tensor& x) { return x.view({B, T, num_heads, DH}).transpose(1, 2); };
+  return forward_bf16_impl(heads(c), heads(c), heads(x_m), a, row_max, m, scale, eps, std::nullopt, h, tiles,
+                           &projections);
 }
 
 // q, k (B, H, T, DH) bf16, unit last stride, DH even; a, row_max (B, H, T) fp32 contiguous; weights (B, H, T, T)
@@ -663,6 +760,9 @@ TORCH_LIBRARY(vision_lstm_cpu, m) {
         "bool tiles=True) -> Tensor");
   m.def("forward_bf16(Tensor q, Tensor k, Tensor v, Tensor a, Tensor row_max, Tensor m, float scale, float eps, "
         "Tensor(a!)? weights, Tensor(b!) h, bool tiles=True) -> (Tensor, Tensor)");
+  m.def("forward_bf16_projected(Tensor c, Tensor x_m, int num_heads, Tensor wq, Tensor? bq, Tensor wk, Tensor? bk, "
+        "Tensor wv, Tensor? bv, Tensor a, Tensor row_max, Tensor m, float scale, float eps, Tensor(a!) h, "
+        "bool tiles=True) -> (Tensor, Tensor)");
   m.def("has_bf16_scores() -> bool", &has_bf16_scores);  // no tensor arguments: one kernel for every backend
   m.def("has_tile_scores() -> bool", &has_tile_scores);
 }
@@ -674,4 +774,5 @@ TORCH_LIBRARY_IMPL(vision_lstm_cpu, CPU, m) {
   m.impl("divide_rows_dot", &divide_rows_dot);
   m.impl("weights_forward_qk", &weights_forward_qk);
   m.impl("forward_bf16", &forward_bf16);
+  m.impl("forward_bf16_projected", &forward_bf16_projected);
 }
