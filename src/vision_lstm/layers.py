@@ -474,9 +474,10 @@ class _ConvHeadProjections(torch.autograd.Function):
     c feeds the q, k and gate products and the output path's skip, x_m the conv and v. As separate nodes, autograd
     sums their gradients in passes of their own: three additions of a (B, T, inner) tensor per layer, each reading
     two and writing one, from memory that has left the cache by then (a visible share of a training step in a perf
-    profile on a 2-core Xeon with AMX, session 27). Here c's gradient from the skip and the gates is summed by one
-    addmm, q's and k's are added by the pass that computes theirs (block_diag_mm's addend), and v's into the conv's
-    input gradient the same way. Same math as the separate nodes, fewer roundings of the partial sums.
+    profile on a 2-core Xeon with AMX, session 27). Here the skip's gradient of c is the addend of the pass that
+    computes q's and k's (block_diag_mm), the gates' product accumulates into that sum in place (addmm_; an addmm
+    with the addend as its input would first copy it), and v's gradient goes into the conv's input gradient the same
+    way. Same math as the separate nodes, fewer roundings of the partial sums.
     """
 
     @staticmethod
@@ -502,16 +503,20 @@ class _ConvHeadProjections(torch.autograd.Function):
         x_m, c, conv_w, conv_b, gate_c, *weights = ctx.saved_tensors
         needs = ctx.needs_input_grad
         B, T, inner = c.shape
-        grad_gate_c, own = None, False
-        if grad_gates is not None:  # c's gradient through the gates, with the skip's summed in by the same product
+        grads = _head_token_views((grad_q, grad_k, grad_v), c.dtype)
+        skip_grad = grad_c
+        grad_c = _head_input_grad(ctx.kernels, grads[:2], weights[:2], c, skip_grad)  # q's and k's + the skip's
+        grad_gate_c = None
+        if grad_gates is not None:  # + c's gradient through the gates
             grad_gates = grad_gates.to(c.dtype).reshape(B * T, -1)
-            grad_c = (torch.addmm(grad_c.to(c.dtype).reshape(B * T, inner), grad_gates, gate_c)
-                      if grad_c is not None else grad_gates @ gate_c).view(B, T, inner)
-            own = True
+            if grad_c is None:
+                grad_c = (grad_gates @ gate_c).view(B, T, inner)
+            elif grad_c is skip_grad:  # (no q or k gradient) not ours to write into
+                grad_c = torch.addmm(grad_c.to(c.dtype).reshape(B * T, inner), grad_gates, gate_c).view(B, T, inner)
+            else:  # accumulated in place: addmm(addend, ...) would first copy the addend into a new output
+                grad_c.view(B * T, inner).addmm_(grad_gates, gate_c)
             if needs[6]:
                 grad_gate_c = (grad_gates.t() @ c.view(B * T, inner)).to(ctx.gate_dtype)
-        grads = _head_token_views((grad_q, grad_k, grad_v), c.dtype)
-        grad_c = _head_input_grad(ctx.kernels, grads[:2], weights[:2], c, grad_c, own)  # + q's and k's, one pass
         grad_x_m = grad_w = grad_b = None
         if grad_c is not None:
             grad_x_m, grad_w, grad_b = _conv_silu_backward(ctx.kernels, grad_c, x_m, ctx.grid, conv_w, conv_b)
