@@ -262,6 +262,48 @@ def test_inference_computes_q_k_v_inside_the_cell():
     assert torch.equal(got, want)
 
 
+@pytest.mark.parametrize("shape", [(1, 16, 8), (37, 48, 24), (300, 192, 384), (256, 384, 192), (130, 192, 8)])
+def test_bias_fused_linear_gives_the_bits_of_addmm(shape):
+    # linear_rows: oneDNN's linear with the bias fused, in bf16, where the probe finds it; addmm's bits either way
+    # (rows from 1 to a few hundred, ViL-T's widths and the gates' 8 outputs), and plain addmm in fp32.
+    N, K, M = shape
+    torch.manual_seed(0)
+    x, w, b = torch.randn(N, K), torch.randn(M, K), torch.randn(M)
+    for dtype in (torch.bfloat16, torch.float32):
+        args = (x.to(dtype), w.to(dtype), b.to(dtype))
+        assert torch.equal(layers.linear_rows(*args), torch.addmm(args[2], args[0], args[1].t())), dtype
+    assert torch.equal(layers.linear_rows(x, w, None), x @ w.t())
+
+
+def test_bf16_products_fuse_their_bias():
+    # Under bf16 autocast the layer's products with a bias (x_m, z, the gates' part from x; the down-projection
+    # without gradients) run oneDNN's linear with the bias fused (linear_rows), not addmm, which first writes the
+    # bias over its output: 3 per layer in training, 4 in inference, where the output is the training path's bits.
+    from torch.utils._python_dispatch import TorchDispatchMode
+    if not layers._bias_fused_linear_works():
+        pytest.skip("oneDNN's linear with a fused bias is not available here: the products use addmm")
+    torch.manual_seed(0)
+    model = create_model("vil_tiny", depth=2, dim=48, num_heads=4, img_size=16, patch_size=4, num_classes=10)
+    x = torch.randn(2, 3, 16, 16)
+
+    class Count(TorchDispatchMode):
+        calls = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.calls += func == torch.ops.mkldnn._linear_pointwise.default
+            return func(*args, **(kwargs or {}))
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with Count():
+            want = model(x)
+        assert Count.calls == 3 * 4  # 2 pairs of blocks
+        Count.calls = 0
+        with torch.no_grad(), Count():
+            got = model(x)
+        assert Count.calls == 4 * 4
+    assert torch.equal(got, want)
+
+
 @pytest.mark.parametrize("autocast", [False, True])
 def test_layer_kernels_match_the_pytorch_route(monkeypatch, autocast):
     # A whole ViL layer with the CPU kernels (conv + SiLU, the output path, the q/k/v projections: layer_kernels)
