@@ -151,6 +151,27 @@ def test_trainer_reports_disk_full(tmp_path, monkeypatch):
         trainer.save_checkpoint()
 
 
+def test_training_updates_with_the_fused_adamw():
+    # One kernel per parameter tensor for the whole AdamW update on the CPU (about ten PyTorch ops each otherwise,
+    # 513 tensors in ViL-T); the same update as the loop of ops, to float rounding.
+    from vision_lstm import engine
+    from vision_lstm.config import TrainConfig
+    from vision_lstm import create_model
+    model = create_model("vil_tiny", dim=8, depth=1, img_size=8, patch_size=4, num_classes=10)
+    assert engine.adamw(model, TrainConfig(), torch.device("cpu")).defaults["fused"] is True
+    torch.manual_seed(0)
+    weights = [torch.randn(5, 3, requires_grad=True), torch.randn(7, requires_grad=True)]
+    copies = [w.detach().clone().requires_grad_() for w in weights]
+    for params, fused in ((weights, True), (copies, False)):
+        opt = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.05, fused=fused)
+        for step in range(3):
+            for p in params:
+                p.grad = torch.cos(p.detach() * (step + 1))
+            opt.step()
+    for got, want in zip(weights, copies):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+
+
 def test_corrupt_and_foreign_checkpoints(tmp_path):
     bad = tmp_path / "bad.ckpt"
     bad.write_bytes(b"\x00" * 100)

@@ -125,6 +125,14 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int, min_ratio: float) 
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def adamw(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """The run's optimiser: AdamW over :func:`param_groups`, fused on the CPU and CUDA (one kernel per parameter
+    tensor for the whole update instead of about ten PyTorch ops: ViL-T has 513 tensors, and its update took 23
+    against 8 ms per step, 2 cores of a Xeon, session 28, ad hoc). The same update, to float rounding."""
+    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999),
+                             fused=device.type in ("cpu", "cuda"))
+
+
 class EMA:
     """Exponential moving average of the weights (and buffers), kept in a separate model for evaluation."""
 
@@ -425,8 +433,7 @@ class Trainer:
         self.model.set_grad_checkpointing(cfg.grad_checkpointing)
         self.steps_per_epoch = len(train) // cfg.batch_size
         self.total_steps = self.steps_per_epoch * cfg.epochs
-        self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg.weight_decay), lr=cfg.lr,
-                                           betas=(0.9, 0.999))
+        self.optimizer = adamw(self.model, cfg, self.device)
         warmup = int(round(cfg.warmup_epochs * self.steps_per_epoch))
         min_ratio = cfg.min_lr / cfg.lr
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -472,6 +479,8 @@ class Trainer:
         try:
             self.model.load_state_dict(ckpt["model"])
             self.optimizer.load_state_dict(ckpt["optimizer"])
+            for group in self.optimizer.param_groups:  # a checkpoint's groups carry its "fused": keep this run's
+                group["fused"] = self.optimizer.defaults["fused"]
             self.scheduler.load_state_dict(ckpt["scheduler"])
             if self.ema is not None:
                 self.ema.load_state_dict(ckpt["ema"])
