@@ -123,12 +123,13 @@ void gated_norm_fwd(Tokens<const T> h, Tokens<const T> c, Tokens<const T> z, con
       const int64_t b = r / Tn, t = r % Tn;
       const T *ph = h.at(b, t), *pc = c.at(b, t), *pz = z.at(b, t);
       T* py = y.at(b, t);
+      // the row's statistics first: each head's is a chain of dependent steps (sums, divisions, a square root),
+      // and the chains of different heads overlap when nothing else sits between them
+      for (int64_t head = 0; head < H; ++head)
+        head_stats(ph + head * DH, DH, eps, mean[r * H + head], rstd[r * H + head]);
       for (int64_t head = 0; head < H; ++head) {
         const int64_t off = head * DH;
-        float mu, rs;
-        head_stats(ph + off, DH, eps, mu, rs);
-        mean[r * H + head] = mu;
-        rstd[r * H + head] = rs;
+        const float mu = mean[r * H + head], rs = rstd[r * H + head];
         for_vectors(DH, [&](int64_t d0, int64_t count) {
           const int64_t i = off + d0;
           const vfloat normed = (load(ph + i, count) - mu) * rs;
@@ -257,9 +258,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 
 // ---------------------------------------------------------------------------------------------------------------
 // conv_silu: a depthwise K x K convolution (zero padding K / 2, stride 1) of (B, T, C) tokens laid on a (height,
-// width) grid row by row, then SiLU. One task per (image, 16-channel vector): the image's pixels of that vector are
-// loaded once into a zero-bordered fp32 buffer, so each output is K * K multiply-adds from L1 without bounds checks,
-// and the vector's K * K weights (in backward also their gradient sums) stay in registers.
+// width) grid row by row, then SiLU. One task per (image, 16-channel vector; forward: two of them): the image's
+// pixels of that vector are loaded once into a zero-bordered fp32 buffer, so each output is K * K multiply-adds from
+// L1 without bounds checks, and the vector's K * K weights (in backward also their gradient sums) stay in registers.
+// (Backward with two vectors per task, whose weights and sums no longer fit in the registers, was no faster: ViL-T's
+// shape, 2 cores of a Xeon, session 28, ad hoc.)
 
 template <int K>
 struct Padded {  // a (height + K - 1) x (width + K - 1) grid of vectors, zero border of K / 2
@@ -290,22 +293,40 @@ inline void load_image(Padded<K>& buffer, const T* image, int64_t C, int64_t cou
 template <int K, typename T>
 void conv_silu_fwd(const T* x, const float* table, const float* bias, T* out, int64_t B, int64_t C, int64_t height,
                    int64_t width) {
-  const int64_t T_ = height * width, vectors = (C + kLanes - 1) / kLanes;
-  // one task per (image, channel vector): enough tasks for 2 threads at any batch size
-  at::parallel_for(0, B * vectors, 1, [&](int64_t begin, int64_t end) {
-    Padded<K> image(height, width);
-    vfloat w[K * K];
+  const int64_t T_ = height * width, pairs = (C + 2 * kLanes - 1) / (2 * kLanes);
+  // one task per (image, two channel vectors): a task reads and writes whole 64-byte lines of bf16 tokens (32
+  // channels), and its two vectors' sums are independent chains; enough tasks for 2 threads at any batch size
+  at::parallel_for(0, B * pairs, 1, [&](int64_t begin, int64_t end) {
+    Padded<K> image[2] = {Padded<K>(height, width), Padded<K>(height, width)};
+    vfloat w[2][K * K];
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / vectors, c0 = (task % vectors) * kLanes, count = std::min(kLanes, C - c0);
-      for (int i = 0; i < K * K; ++i) w[i] = load(table + i * C + c0, count);
-      const vfloat bv = load(bias + c0, count);
-      load_image(image, x + b * T_ * C + c0, C, count);
+      const int64_t b = task / pairs, c0 = (task % pairs) * 2 * kLanes;
+      const int64_t count[2] = {std::min(kLanes, C - c0), std::max<int64_t>(0, std::min(kLanes, C - c0 - kLanes))};
+      const int nv = count[1] > 0 ? 2 : 1;
+      vfloat bv[2];
+      for (int v = 0; v < nv; ++v) {
+        const int64_t cv = c0 + v * kLanes;
+        for (int i = 0; i < K * K; ++i) w[v][i] = load(table + i * C + cv, count[v]);
+        bv[v] = load(bias + cv, count[v]);
+        load_image(image[v], x + b * T_ * C + cv, C, count[v]);
+      }
       T* o = out + b * T_ * C + c0;
-      for (int64_t y = 0; y < height; ++y)
-        for (int64_t xx = 0; xx < width; ++xx) {
-          const vfloat u = taps_sum<K>(image.at(y, xx), image.row, w, bv);
-          store(o + (y * width + xx) * C, u * sigmoid(u), count);
-        }
+      if (nv == 2) {
+        for (int64_t y = 0; y < height; ++y)
+          for (int64_t xx = 0; xx < width; ++xx) {
+            const vfloat u0 = taps_sum<K>(image[0].at(y, xx), image[0].row, w[0], bv[0]);
+            const vfloat u1 = taps_sum<K>(image[1].at(y, xx), image[1].row, w[1], bv[1]);
+            T* p = o + (y * width + xx) * C;
+            store(p, u0 * sigmoid(u0), kLanes);
+            store(p + kLanes, u1 * sigmoid(u1), count[1]);
+          }
+      } else {
+        for (int64_t y = 0; y < height; ++y)
+          for (int64_t xx = 0; xx < width; ++xx) {
+            const vfloat u = taps_sum<K>(image[0].at(y, xx), image[0].row, w[0], bv[0]);
+            store(o + (y * width + xx) * C, u * sigmoid(u), count[0]);
+          }
+      }
     }
   });
 }
