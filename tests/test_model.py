@@ -197,7 +197,7 @@ def test_layer_makes_no_head_major_copies_of_q_k_v(monkeypatch):
     # step copies no (B, T, inner)-sized tensor between layouts (the PyTorch route made nine such copies per layer).
     # Nor does autograd add (B, T, inner)-sized gradients: c's (skip, gates, q, k) and x_m's (conv, v) are summed by
     # the kernels that compute them (three such additions per layer before session 27), and no addmm copies such a
-    # gradient as its addend (one per layer before session 28).
+    # gradient as its addend (one per layer before session 29).
     from torch.utils._python_dispatch import TorchDispatchMode
     from vision_lstm import fused
     if fused.ops() is None:

@@ -128,7 +128,7 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int, min_ratio: float) 
 def adamw(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
     """The run's optimiser: AdamW over :func:`param_groups`, fused on the CPU and CUDA (one kernel per parameter
     tensor for the whole update instead of about ten PyTorch ops: ViL-T has 513 tensors, and its update took 23
-    against 8 ms per step, 2 cores of a Xeon, session 28, ad hoc). The same update, to float rounding."""
+    against 8 ms per step, 2 cores of a Xeon, session 29, ad hoc). The same update, to float rounding."""
     return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999),
                              fused=device.type in ("cpu", "cuda"))
 

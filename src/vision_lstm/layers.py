@@ -167,7 +167,7 @@ def linear_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     (call it without gradients or inside an autograd function). In bf16 on the CPU it runs oneDNN's linear with the
     bias fused: addmm (F.linear) first writes the bias over its whole (N, M) output and then accumulates the
     product into it, one more pass over that output (8192 x 192 -> 384: 0.45 against 0.59 ms, bf16, 2 cores of a
-    Xeon with AMX, session 28, ad hoc). The same bits as addmm (both are oneDNN's bf16 product; probed at first
+    Xeon with AMX, session 29, ad hoc). The same bits as addmm (both are oneDNN's bf16 product; probed at first
     use, pinned in tests/test_model.py)."""
     if (bias is not None and x.dtype == torch.bfloat16 and x.device.type == "cpu" and weight.dtype == bias.dtype
             == x.dtype and not torch.compiler.is_compiling() and _bias_fused_linear_works()):

@@ -262,7 +262,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 // pixels of that vector are loaded once into a zero-bordered fp32 buffer, so each output is K * K multiply-adds from
 // L1 without bounds checks, and the vector's K * K weights (in backward also their gradient sums) stay in registers.
 // (Backward with two vectors per task, whose weights and sums no longer fit in the registers, was no faster: ViL-T's
-// shape, 2 cores of a Xeon, session 28, ad hoc.)
+// shape, 2 cores of a Xeon, session 29, ad hoc.)
 
 template <int K>
 struct Padded {  // a (height + K - 1) x (width + K - 1) grid of vectors, zero border of K / 2
