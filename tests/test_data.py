@@ -4,6 +4,8 @@ import hashlib
 import io
 import pickle
 import shutil
+import subprocess
+import sys
 import tarfile
 from dataclasses import replace
 from pathlib import Path
@@ -133,6 +135,68 @@ def test_restricted_unpickler_refuses_code(payload, tmp_path):
     with pytest.raises(VilError, match="refused to load global"):
         safe_unpickle(payload, "evil_batch")
     assert not marker.exists()
+
+
+try:  # numpy >= 2 moved it
+    from numpy._core.multiarray import _reconstruct as _np_reconstruct
+except ImportError:  # pragma: no cover - numpy < 2
+    from numpy.core.multiarray import _reconstruct as _np_reconstruct
+
+
+class _PickledState:
+    """Pickles as obj(*args) with the given state, as numpy's own arrays and dtypes do: any state can be written."""
+
+    def __init__(self, obj, args, state):
+        self.reduced = (obj, args, state)
+
+    def __reduce__(self):
+        return self.reduced
+
+
+def _array_state(shape=(4,), dtype=np.dtype("u1"), fortran=False, raw=b"abcd", version=1):
+    return _PickledState(_np_reconstruct, (np.ndarray, (0,), b"b"), (version, shape, dtype, fortran, raw))
+
+
+@pytest.mark.parametrize("payload,message", [
+    (_array_state(raw=b"abc"), "needs 4 bytes, the file holds 3"),
+    (_array_state(shape=(-1,)), "malformed array state"),
+    (_array_state(shape=(2 ** 50,)), "malformed array state"),
+    (_array_state(version=2), "malformed array state"),
+    (_array_state(raw=[1, 2, 3, 4]), "data is not bytes"),
+    (_array_state(dtype="u1"), "dtype or order"),
+    (_PickledState(np.dtype, ("u1", False, True), (3, "<", None, None, None, -1, -1, 0, "extra")), "malformed state"),
+    (np.array([1, None], dtype=object), "only plain numeric dtypes"),
+    (_PickledState(np.ndarray, ((4,), "u1", b"abcd"), None), "'_NDARRAY' object|object is not callable"),
+])
+def test_numpy_states_are_checked_before_numpy_sees_them(payload, message):
+    # The reader builds arrays and dtypes itself from checked states: numpy's own dtype.__setstate__ crashed the
+    # interpreter on a malformed state (test_malformed_dtype_state_is_an_error_not_a_crash, in a subprocess). Wrong
+    # sizes, shapes, versions, types; a dtype state with an entry too many; object arrays; ndarray called directly.
+    with pytest.raises(VilError, match=message):
+        safe_unpickle(pickle.dumps(payload, protocol=2), "b")
+
+
+@pytest.mark.parametrize("array", [np.arange(6, dtype=">i4").reshape(2, 3), np.asfortranarray(
+    np.arange(6, dtype=np.float32).reshape(2, 3)), np.arange(5, dtype=np.int64), np.full((2, 2), 7, np.uint8)])
+def test_numpy_arrays_unpickle_as_numpy_would(array):
+    for protocol in (2, 4):
+        got = safe_unpickle(pickle.dumps({"a": [array]}, protocol=protocol), "b")["a"][0]
+        assert type(got) is np.ndarray and got.dtype == array.dtype and np.array_equal(got, array)
+
+
+@pytest.mark.slow
+def test_malformed_dtype_state_is_an_error_not_a_crash():
+    # One byte of a valid batch changed (found by test_reliability's fuzz test): the dtype's state loses an entry,
+    # and numpy's dtype.__setstate__ on it was a segmentation fault (numpy 2.4). In a subprocess, as a crash would
+    # take pytest down with it.
+    valid = cifar_batch_bytes(np.zeros((2, 3, 32, 32), np.uint8), [1, 2])
+    assert valid.count(b"NNNJ") == 1  # the dtype's state: ..., None, None, None, -1, ...
+    code = ("import sys\nfrom vision_lstm.data import parse_cifar_batch\nfrom vision_lstm.errors import VilError\n"
+            "try:\n    parse_cifar_batch(sys.stdin.buffer.read(), 'mutated')\nexcept VilError as e:\n    print(e)\n")
+    run = subprocess.run([sys.executable, "-c", code], input=valid.replace(b"NNNJ", b"NNbJ"), capture_output=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr.decode()[-2000:]
+    assert b"mutated: corrupt pickle" in run.stdout and b"malformed state for dtype" in run.stdout
 
 
 def test_cifar_wrong_structure_is_refused():

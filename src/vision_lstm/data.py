@@ -171,12 +171,6 @@ def parse_idx(data: bytes, source: str = "IDX data") -> np.ndarray:
     return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(dims)
 
 
-try:  # numpy >= 2 moved it; the CIFAR files name the numpy 1 location
-    from numpy._core.multiarray import _reconstruct as _np_reconstruct
-except ImportError:  # pragma: no cover - numpy < 2
-    from numpy.core.multiarray import _reconstruct as _np_reconstruct
-
-
 class _Refused(pickle.UnpicklingError):
     pass
 
@@ -187,16 +181,96 @@ def _latin1_encode(text: str, encoding: str = "latin1") -> bytes:
     return text.encode("latin1")
 
 
+class _CorruptArray(pickle.UnpicklingError):
+    pass
+
+
+class _DTypeSpec:
+    """What a pickle's ``numpy.dtype(name, align, copy)`` and its state build, checked before numpy sees any of it:
+    numpy's own ``dtype.__setstate__`` crashed the interpreter (a segmentation fault, numpy 2.4) on a malformed
+    state that a fuzz test of this reader produced from one changed byte. Only plain numeric dtypes, with exactly the
+    state numpy writes for them (either byte order)."""
+
+    _NAMES = frozenset(f"{kind}{size}" for kind, sizes in (("u", "1248"), ("i", "1248"), ("f", "48")) for size in sizes)
+
+    def __init__(self, name=None, align=False, copy=True):
+        if not isinstance(name, str) or name not in self._NAMES or align not in (False, 0) or copy not in (True, 1):
+            raise _Refused(f"refused numpy.dtype{(name, align, copy)!r}: only plain numeric dtypes")
+        self.dtype = np.dtype(name)
+
+    def __setstate__(self, state):
+        for dtype in (self.dtype, self.dtype.newbyteorder()):
+            if type(state) is tuple and state == dtype.__reduce__()[2]:
+                self.dtype = dtype
+                return
+        raise _CorruptArray(f"malformed state for dtype {self.dtype}: {state!r:.200}")
+
+
+class _ArraySpec:
+    """What a pickle's ``numpy.core.multiarray._reconstruct(ndarray, ...)`` and its state build: the array is made
+    by this reader from a checked state (version 1, a shape of non-negative ints, a _DTypeSpec, the Fortran flag,
+    raw bytes of exactly the shape's size) instead of by numpy's ``ndarray.__setstate__`` on whatever the file
+    holds. Replaced by the array itself once the pickle is loaded (:func:`_resolve`)."""
+
+    def __init__(self, cls=None, shape=None, typecode=None):
+        if cls is not _NDARRAY:
+            raise _Refused("refused numpy _reconstruct of anything but numpy.ndarray")
+        self.array = None
+
+    def __setstate__(self, state):
+        if type(state) is not tuple or len(state) != 5:
+            raise _CorruptArray("malformed array state")
+        version, shape, spec, fortran, raw = state
+        if (version != 1 or type(shape) is not tuple or len(shape) > 32
+                or not all(type(n) is int and 0 <= n < 2 ** 40 for n in shape)):
+            raise _CorruptArray(f"malformed array state (version {version!r:.20}, shape {shape!r:.100})")
+        if type(spec) is not _DTypeSpec or type(fortran) is not bool:
+            raise _CorruptArray("malformed array state (dtype or order)")
+        if isinstance(raw, str):  # arrays written by Python 2, read with encoding="latin1"
+            raw = raw.encode("latin1")
+        if type(raw) not in (bytes, bytearray):
+            raise _CorruptArray("malformed array state (data is not bytes)")
+        count = math.prod(shape)
+        if len(raw) != count * spec.dtype.itemsize:
+            raise _CorruptArray(f"array of shape {shape} needs {count * spec.dtype.itemsize} bytes, the file holds "
+                                f"{len(raw)}")
+        self.array = np.frombuffer(bytes(raw), dtype=spec.dtype).reshape(shape, order="F" if fortran else "C").copy()
+
+
+_NDARRAY = object()  # what the pickle's numpy.ndarray global stands for: only _ArraySpec's first argument
+
+
+def _resolve(obj, depth: int = 0):
+    """The unpickled object with every _ArraySpec replaced by its array and every _DTypeSpec by its dtype."""
+    if depth > 64:
+        raise _CorruptArray("nested too deeply")
+    if type(obj) is _ArraySpec:
+        if obj.array is None:
+            raise _CorruptArray("an array without its data")
+        return obj.array
+    if type(obj) is _DTypeSpec:
+        return obj.dtype
+    if obj is _NDARRAY:
+        raise _Refused("refused a bare numpy.ndarray")
+    if type(obj) is dict:
+        return {_resolve(k, depth + 1): _resolve(v, depth + 1) for k, v in obj.items()}
+    if type(obj) in (list, tuple):
+        return type(obj)(_resolve(v, depth + 1) for v in obj)
+    return obj
+
+
 class _RestrictedUnpickler(pickle.Unpickler):
     """Admits only what the CIFAR python-version batches contain: numpy arrays and dtypes (plus plain containers,
-    which need no global). Anything else -- os.system, builtins.eval, ... -- is refused before it is looked up."""
+    which need no global). Anything else -- os.system, builtins.eval, ... -- is refused before it is looked up.
+    numpy itself never sees the file's array and dtype states: this reader checks them and builds the arrays
+    (:class:`_ArraySpec`, :class:`_DTypeSpec`)."""
 
     _ALLOWED = {
         ("_codecs", "encode"): _latin1_encode,  # how Python 3 writes bytes in protocol 2 pickles
-        ("numpy.core.multiarray", "_reconstruct"): _np_reconstruct,
-        ("numpy._core.multiarray", "_reconstruct"): _np_reconstruct,
-        ("numpy", "ndarray"): np.ndarray,
-        ("numpy", "dtype"): np.dtype,
+        ("numpy.core.multiarray", "_reconstruct"): _ArraySpec,  # where numpy 1 pickles name it
+        ("numpy._core.multiarray", "_reconstruct"): _ArraySpec,  # numpy 2
+        ("numpy", "ndarray"): _NDARRAY,
+        ("numpy", "dtype"): _DTypeSpec,
     }
 
     def find_class(self, module, name):
@@ -209,7 +283,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
 def safe_unpickle(data: bytes, source: str = "pickle"):
     """Unpickle with :class:`_RestrictedUnpickler`; any failure is a :class:`VilError` naming ``source``."""
     try:
-        return _RestrictedUnpickler(io.BytesIO(data), encoding="latin1").load()
+        return _resolve(_RestrictedUnpickler(io.BytesIO(data), encoding="latin1").load())
     except _Refused as e:
         raise VilError(f"{source}: {e}: a CIFAR python-version batch holds only numpy arrays and plain "
                        f"containers; this file is not one (nothing was executed)") from None
