@@ -188,8 +188,10 @@ class _CorruptArray(pickle.UnpicklingError):
 class _DTypeSpec:
     """What a pickle's ``numpy.dtype(name, align, copy)`` and its state build, checked before numpy sees any of it:
     numpy's own ``dtype.__setstate__`` crashed the interpreter (a segmentation fault, numpy 2.4) on a malformed
-    state that a fuzz test of this reader produced from one changed byte. Only plain numeric dtypes, with exactly the
-    state numpy writes for them (either byte order)."""
+    state that a fuzz test of this reader produced from one changed byte. Only plain numeric dtypes, with the state
+    numpy writes for them: (3, byte order, None, None, None, elsize, alignment, flags), or version 4 with metadata
+    after it. Of that only the byte order matters for a plain dtype; the rest is checked for its form and
+    dropped."""
 
     _NAMES = frozenset(f"{kind}{size}" for kind, sizes in (("u", "1248"), ("i", "1248"), ("f", "48")) for size in sizes)
 
@@ -199,10 +201,12 @@ class _DTypeSpec:
         self.dtype = np.dtype(name)
 
     def __setstate__(self, state):
-        for dtype in (self.dtype, self.dtype.newbyteorder()):
-            if type(state) is tuple and state == dtype.__reduce__()[2]:
-                self.dtype = dtype
-                return
+        if (type(state) is tuple and len(state) in (8, 9) and state[0] == len(state) - 5
+                and state[1] in ("<", ">", "|", "=") and state[2:5] == (None, None, None)
+                and all(type(v) is int for v in state[5:8])):
+            if state[1] in ("<", ">"):
+                self.dtype = self.dtype.newbyteorder(state[1])
+            return
         raise _CorruptArray(f"malformed state for dtype {self.dtype}: {state!r:.200}")
 
 
