@@ -172,6 +172,23 @@ def test_training_updates_with_the_fused_adamw():
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
 
 
+def test_resumed_optimizer_stays_fused():
+    # A checkpoint from before the update was fused carries "fused": False in its param groups; loading it keeps
+    # this run's fused update (and the checkpoint's moments).
+    from vision_lstm import create_model, engine
+    from vision_lstm.config import TrainConfig
+    model = create_model("vil_tiny", dim=8, depth=1, img_size=8, patch_size=4, num_classes=10)
+    old = torch.optim.AdamW(engine.param_groups(model, 0.05), lr=1e-3, fused=False)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    old.step()
+    optimizer = engine.adamw(model, TrainConfig(), torch.device("cpu"))
+    engine.load_optimizer_state(optimizer, old.state_dict())
+    assert all(group["fused"] is True for group in optimizer.param_groups)
+    first = next(model.parameters())
+    assert torch.equal(optimizer.state[first]["exp_avg"], old.state[first]["exp_avg"])
+
+
 def test_corrupt_and_foreign_checkpoints(tmp_path):
     bad = tmp_path / "bad.ckpt"
     bad.write_bytes(b"\x00" * 100)

@@ -133,6 +133,14 @@ def adamw(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> tor
                              fused=device.type in ("cpu", "cuda"))
 
 
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """``optimizer.load_state_dict(state)``, keeping the optimiser's own ``fused``: a checkpoint's param groups carry
+    theirs, and one written before :func:`adamw` fused the update would turn it off for the rest of the run."""
+    optimizer.load_state_dict(state)
+    for group in optimizer.param_groups:
+        group["fused"] = optimizer.defaults.get("fused")
+
+
 class EMA:
     """Exponential moving average of the weights (and buffers), kept in a separate model for evaluation."""
 
@@ -478,9 +486,7 @@ class Trainer:
     def _restore(self, ckpt: dict):
         try:
             self.model.load_state_dict(ckpt["model"])
-            self.optimizer.load_state_dict(ckpt["optimizer"])
-            for group in self.optimizer.param_groups:  # a checkpoint's groups carry its "fused": keep this run's
-                group["fused"] = self.optimizer.defaults["fused"]
+            load_optimizer_state(self.optimizer, ckpt["optimizer"])
             self.scheduler.load_state_dict(ckpt["scheduler"])
             if self.ema is not None:
                 self.ema.load_state_dict(ckpt["ema"])
