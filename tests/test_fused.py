@@ -613,3 +613,78 @@ def test_vil_fused_0_turns_the_kernels_off_without_building(monkeypatch):
             warnings.simplefilter("error")
             assert fused.ops() is None
             mlstm_parallel(*(torch.randn(1, 1, 5, 4) for _ in range(3)), torch.randn(1, 1, 5), torch.randn(1, 1, 5))
+
+
+_MALLOC_VARIABLES = ("VIL_MALLOC", "MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TOP_PAD_",
+                     "GLIBC_TUNABLES")
+
+
+def _run_with_kernels(code: str, **env) -> str:
+    """Runs code in a fresh interpreter after loading the kernels (as a model's first use does); returns stdout."""
+    import os
+    import subprocess
+    import sys
+    clean = {k: v for k, v in os.environ.items() if k not in _MALLOC_VARIABLES}
+    prelude = "import os, torch\nfrom vision_lstm import fused\nassert fused.ops() is not None\n"
+    done = subprocess.run([sys.executable, "-c", prelude + code], env={**clean, "VIL_FUSED": "1", **env},
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def test_tensor_cache_reuses_freed_blocks_by_size(kernels):
+    # csrc/alloc_cpu.cpp: a freed block of 64 KB or more serves the next request of its size (up to 1/8 smaller);
+    # other sizes get blocks of their own; small tensors bypass the cache. Fails without the cache (no hits, new
+    # addresses) and if a block were reused for a request larger than it.
+    out = _run_with_kernels(
+        "s0 = fused.tensor_cache_stats(); assert s0['installed'], s0\n"
+        "a = torch.full((1 << 18,), 3.0); pa = a.data_ptr(); del a\n"  # 1 MB
+        "b = torch.empty((1 << 18) - 4000); assert b.data_ptr() == pa\n"  # 1/16 smaller: the same block
+        "b.fill_(1.0); del b\n"
+        "c = torch.ones((1 << 18) + 2048); assert c.data_ptr() != pa and float(c.sum()) == (1 << 18) + 2048\n"
+        "d = torch.empty((1 << 17)); assert d.data_ptr() != pa\n"  # half the size: not that block
+        "small = torch.ones(100); del small\n"
+        "s = fused.tensor_cache_stats()\n"
+        "print(s['hits'] - s0['hits'], s['misses'] - s0['misses'], s['cached'] // 4096)\n")
+    assert out.split() == ["1", "3", "256"]  # b reused a's block; c, d and the first a came from malloc
+
+
+def test_tensor_cache_holds_at_most_the_peak_in_use_and_releases_it(kernels):
+    # The cache never holds more than the peak of the bytes in use, so shapes that change do not pile up blocks;
+    # release_tensor_cache hands everything back.
+    out = _run_with_kernels(
+        "import gc\n"
+        "for size in (1, 2, 3, 4, 5, 6, 7, 8):  # MB, one after another: each freed block is a size of its own\n"
+        "    t = torch.empty(size << 18); del t\n"
+        "s = fused.tensor_cache_stats(); assert s['in_use'] == 0, s\n"
+        "assert 0 < s['cached'] <= s['peak_in_use'] == 8 << 20, s\n"
+        "print(fused.release_tensor_cache() == s['cached'], fused.tensor_cache_stats()['cached'])\n")
+    assert out.split() == ["True", "0"]
+
+
+@pytest.mark.parametrize("env", [{"VIL_MALLOC": "default"}, {"MALLOC_MMAP_THRESHOLD_": "131072"}])
+def test_tensor_cache_is_left_out_when_the_user_opts_out(kernels, env):
+    out = _run_with_kernels("print(fused.tensor_cache_stats()['installed'])\n", **env)
+    assert out.strip() == "False"
+
+
+def test_tensor_cache_survives_threads_and_fork(kernels):
+    # Python threads allocate and free concurrently (torch releases the GIL in its ops) and a forked child allocates
+    # with the lock the parent may hold: every block must come back (in_use returns to 0) and the child must not hang.
+    out = _run_with_kernels(
+        "import threading\n"
+        "def churn(seed):\n"
+        "    g = torch.Generator().manual_seed(seed)\n"
+        "    for _ in range(300):\n"
+        "        n = int(torch.randint(1 << 14, 1 << 19, (1,), generator=g))\n"
+        "        x = torch.ones(n); y = x * 2; assert float(y[-1]) == 2.0\n"
+        "threads = [threading.Thread(target=churn, args=(i,)) for i in range(4)]\n"
+        "[t.start() for t in threads]\n"
+        "pid = os.fork()\n"
+        "if pid == 0:\n"
+        "    churn(9); os._exit(0)\n"
+        "[t.join() for t in threads]\n"
+        "_, status = os.waitpid(pid, 0)\n"
+        "s = fused.tensor_cache_stats()\n"
+        "print(os.waitstatus_to_exitcode(status), s['in_use'], s['hits'] > 0)\n")
+    assert out.split() == ["0", "0", "True"]

@@ -7,7 +7,9 @@ elementwise passes between the products (and the matching backward passes) run a
 about ten PyTorch passes over (B, H, T, T) memory. For the ViL layer (``csrc/blockdiag_cpu.cpp``): the block-diagonal
 q, k, v projections and their gradients, one pass each, in the layouts the cell wants; (``csrc/layer_cpu.cpp``) the
 depthwise convolution with its SiLU, the output path (per-head norm, skip, output gate), the block's input norm and
-the reversed block's residual sum, one pass each forward and backward.
+the reversed block's residual sum, one pass each forward and backward. With them loads a caching allocator for CPU
+tensors (``csrc/alloc_cpu.cpp``: freed blocks of 64 KB and more reused by size instead of going back through malloc),
+unless the user opted out of the package's malloc settings (``runtime.tensor_cache_wanted``).
 
 The sources are compiled once per machine with the system's C++ compiler (``torch.utils.cpp_extension``, for this
 CPU: ``-march=native``) and cached in torch's extension folder (``TORCH_EXTENSIONS_DIR``, default
@@ -29,8 +31,11 @@ from pathlib import Path
 
 import torch
 
+from . import runtime
+
 _CSRC = Path(__file__).with_name("csrc")
-_SOURCES = ("mlstm_cpu.cpp", "blockdiag_cpu.cpp", "layer_cpu.cpp")  # compiled; they include vec.h (and blockdiag.h)
+# compiled; the kernels include vec.h (and blockdiag.h)
+_SOURCES = ("mlstm_cpu.cpp", "blockdiag_cpu.cpp", "layer_cpu.cpp", "alloc_cpu.cpp")
 _FILES = (*_SOURCES, "vec.h", "blockdiag.h")
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno"]
 
@@ -77,7 +82,10 @@ def _build():
                 os.replace(partial, copy)  # atomic: a process building at the same time never reads half a file
         cpp_extension.load(name=name, sources=[str(build_dir / file) for file in _SOURCES], extra_cflags=_FLAGS,
                            extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
-        return torch.ops.vision_lstm_cpu
+        kernels = torch.ops.vision_lstm_cpu
+        if runtime.tensor_cache_wanted():
+            kernels.install_tensor_cache()
+        return kernels
     except Exception as error:  # no compiler, no ninja, a failed build: the PyTorch form still works
         return error
 
@@ -116,3 +124,22 @@ def _warn_unavailable(reason: str) -> None:
     warnings.warn(f"the fused mLSTM CPU kernels could not be built ({reason}); the cell uses its PyTorch form, "
                   f"which gives the same results more slowly. They need a C++ compiler (g++) and ninja "
                   f"(pip install ninja); set VIL_FUSED=0 to silence this.", RuntimeWarning, stacklevel=3)
+
+
+def tensor_cache_stats() -> dict | None:
+    """The CPU tensor cache's counters (``csrc/alloc_cpu.cpp``), or None without the kernels: whether it is PyTorch's
+    CPU allocator, the bytes in use, their peak and the bytes cached (of blocks of 64 KB and more), and how many
+    requests the cache served (hits) or passed to malloc (misses)."""
+    kernels = ops()
+    if kernels is None:
+        return None
+    installed, in_use, peak, cached, hits, misses = kernels.tensor_cache_stats()
+    return {"installed": bool(installed), "in_use": in_use, "peak_in_use": peak, "cached": cached, "hits": hits,
+            "misses": misses}
+
+
+def release_tensor_cache() -> int:
+    """Hands the CPU tensor cache's blocks back to malloc (as ``torch.cuda.empty_cache`` does on the GPU); returns
+    the bytes released (0 without the kernels). The cache refills as tensors are freed again."""
+    kernels = ops()
+    return 0 if kernels is None else int(kernels.release_tensor_cache())

@@ -50,6 +50,13 @@ def keep_freed_memory() -> str:
 MALLOC_SETTING = keep_freed_memory()
 
 
+def tensor_cache_wanted() -> bool:
+    """Whether the kernels (``vision_lstm.fused``) install their caching allocator for CPU tensors when they load
+    (``csrc/alloc_cpu.cpp``): where the malloc setting above was applied, so that ``VIL_MALLOC=default`` and glibc's
+    own environment variables opt out of both."""
+    return MALLOC_SETTING == "on"
+
+
 def device_name(device: str = "cpu") -> str:
     """The processor's model name, for logs and benchmark reports: speed figures compare only on the same chip, and
     a run resumed on another machine should say so."""
