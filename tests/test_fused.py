@@ -658,8 +658,24 @@ def test_tensor_cache_holds_at_most_the_peak_in_use_and_releases_it(kernels):
         "    t = torch.empty(size << 18); del t\n"
         "s = fused.tensor_cache_stats(); assert s['in_use'] == 0, s\n"
         "assert 0 < s['cached'] <= s['peak_in_use'] == 8 << 20, s\n"
-        "print(fused.release_tensor_cache() == s['cached'], fused.tensor_cache_stats()['cached'])\n")
-    assert out.split() == ["True", "0"]
+        "print(fused.release_tensor_cache() == s['cached'], fused.tensor_cache_stats()['cached'])\n"
+        "big = torch.empty(40 << 18); del big  # 40 MB: above glibc's mapping threshold, back to malloc (and the OS)\n"
+        "print(fused.tensor_cache_stats()['cached'])\n")
+    assert out.split() == ["True", "0", "0"]
+
+
+def test_tensor_cache_reports_out_of_memory(kernels):
+    # A request malloc cannot serve (here 4 PB) is PyTorch's out-of-memory error with the size, not a crash; the
+    # counters stay as they were.
+    out = _run_with_kernels(
+        "s0 = fused.tensor_cache_stats()\n"
+        "try:\n"
+        "    torch.empty(1 << 50)\n"
+        "except torch.OutOfMemoryError as error:\n"
+        "    print('refused', '4503599627370496 bytes' in str(error))\n"
+        "s = fused.tensor_cache_stats()\n"
+        "print(s['in_use'] == s0['in_use'], s['peak_in_use'] == s0['peak_in_use'])\n")
+    assert out.split() == ["refused", "True", "True", "True"]
 
 
 @pytest.mark.parametrize("env", [{"VIL_MALLOC": "default"}, {"MALLOC_MMAP_THRESHOLD_": "131072"}])

@@ -8,7 +8,7 @@ about ten PyTorch passes over (B, H, T, T) memory. For the ViL layer (``csrc/blo
 q, k, v projections and their gradients, one pass each, in the layouts the cell wants; (``csrc/layer_cpu.cpp``) the
 depthwise convolution with its SiLU, the output path (per-head norm, skip, output gate), the block's input norm and
 the reversed block's residual sum, one pass each forward and backward. With them loads a caching allocator for CPU
-tensors (``csrc/alloc_cpu.cpp``: freed blocks of 64 KB and more reused by size instead of going back through malloc),
+tensors (``csrc/alloc_cpu.cpp``: freed blocks of 64 KB to 32 MB reused by size instead of going back through malloc),
 unless the user opted out of the package's malloc settings (``runtime.tensor_cache_wanted``).
 
 The sources are compiled once per machine with the system's C++ compiler (``torch.utils.cpp_extension``, for this
@@ -84,7 +84,7 @@ def _build():
                            extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
         kernels = torch.ops.vision_lstm_cpu
         if runtime.tensor_cache_wanted():
-            kernels.install_tensor_cache()
+            kernels.install_tensor_cache(runtime.MMAP_THRESHOLD)  # larger blocks: malloc maps and unmaps them
         return kernels
     except Exception as error:  # no compiler, no ninja, a failed build: the PyTorch form still works
         return error

@@ -1,4 +1,4 @@
-// A caching allocator for PyTorch's CPU tensors: freed blocks of 64 KB and more are kept and handed out again to
+// A caching allocator for PyTorch's CPU tensors: freed blocks of 64 KB to 32 MB are kept and handed out again to
 // requests of (about) their size, instead of going back through malloc.
 //
 // Why: a ViL training step frees and re-allocates thousands of tensors of the same few dozen sizes, step after step.
@@ -10,7 +10,9 @@
 //
 // Rules:
 // - Blocks are sized in whole pages (4 KB); a request takes the smallest cached block that is at least its size and
-//   at most 1/8 larger, else a new block from malloc. Smaller requests go to malloc and back directly.
+//   at most 1/8 larger, else a new block from malloc. Smaller requests go to malloc and back directly, and so do
+//   blocks above the largest size given at installation (the package passes glibc's mapping threshold, 32 MB:
+//   one-off buffers such as a decoded dataset still go back to the OS when freed).
 // - The cache never holds more than the peak of the bytes in use through this allocator: a freed block that would
 //   take it over goes back to malloc. So the process holds at most twice its own peak, and a loop whose shapes
 //   change (a smaller last batch, evaluation at another batch size) does not pile up blocks it no longer uses.
@@ -44,6 +46,7 @@ constexpr size_t kMinCached = size_t{64} << 10;
 struct CacheState {
   std::mutex mutex;
   std::map<size_t, std::vector<void*>> free_blocks;  // capacity -> blocks (their headers)
+  size_t max_cached = 0;  // the largest block kept (set once, at installation)
   size_t in_use = 0, peak_in_use = 0, cached = 0;  // bytes of blocks >= kMinCached
   int64_t hits = 0, misses = 0;
 };
@@ -76,7 +79,7 @@ void release_block(void* data) {
   {
     std::lock_guard<std::mutex> lock(s.mutex);
     s.in_use -= capacity;
-    if (s.cached + capacity <= s.peak_in_use) {
+    if (capacity <= s.max_cached && s.cached + capacity <= s.peak_in_use) {
       s.free_blocks[capacity].push_back(header);
       s.cached += capacity;
       return;
@@ -89,6 +92,9 @@ struct CachingCPUAllocator final : c10::Allocator {
   c10::DataPtr allocate(size_t nbytes) override {
     const c10::Device cpu(c10::DeviceType::CPU);
     if (nbytes == 0) return {nullptr, nullptr, &release_block, cpu};
+    // (rounding a size near SIZE_MAX up to whole pages, plus the header, would wrap around to a small block)
+    TORCH_CHECK_WITH(OutOfMemoryError, nbytes <= (SIZE_MAX >> 2), "vision_lstm's CPU allocator: cannot allocate ",
+                     nbytes, " bytes (out of memory)");
     const size_t capacity = nbytes < kMinCached ? nbytes : (nbytes + kPage - 1) / kPage * kPage;
     void* header = nullptr;
     if (capacity >= kMinCached) {
@@ -100,22 +106,22 @@ struct CachingCPUAllocator final : c10::Allocator {
         fit->second.pop_back();
         s.cached -= fit->first;
         s.in_use += fit->first;
+        s.peak_in_use = std::max(s.peak_in_use, s.in_use);
         if (fit->second.empty()) s.free_blocks.erase(fit);
         ++s.hits;
-      } else {
-        s.in_use += capacity;
-        ++s.misses;
       }
-      s.peak_in_use = std::max(s.peak_in_use, s.in_use);
     }
-    if (header == nullptr && (header = new_block(capacity)) == nullptr) {
+    if (header == nullptr) {  // a miss (or a small block): from malloc, outside the lock
+      header = new_block(capacity);
+      TORCH_CHECK_WITH(OutOfMemoryError, header != nullptr, "vision_lstm's CPU allocator: cannot allocate ", nbytes,
+                       " bytes (out of memory)");
       if (capacity >= kMinCached) {
         CacheState& s = state();
         std::lock_guard<std::mutex> lock(s.mutex);
-        s.in_use -= capacity;
+        s.in_use += capacity;
+        s.peak_in_use = std::max(s.peak_in_use, s.in_use);
+        ++s.misses;
       }
-      TORCH_CHECK_WITH(OutOfMemoryError, false, "vision_lstm's CPU allocator: could not allocate ", nbytes,
-                       " bytes (out of memory)");
     }
     void* data = static_cast<char*>(header) + kHeader;
     c10::profiledCPUMemoryReporter().New(data, nbytes);
@@ -138,10 +144,12 @@ CachingCPUAllocator* allocator() {
 void lock_for_fork() { state().mutex.lock(); }
 void unlock_after_fork() { state().mutex.unlock(); }
 
-// Makes this the CPU allocator (once; later calls change nothing). Returns whether it is PyTorch's CPU allocator
-// now: another library may have set one of a higher priority.
-bool install_tensor_cache() {
-  static const bool once = [] {
+// Makes this the CPU allocator, keeping freed blocks of up to max_block_bytes (once; later calls change nothing).
+// Returns whether it is PyTorch's CPU allocator now: another library may have set one of a higher priority.
+bool install_tensor_cache(int64_t max_block_bytes) {
+  TORCH_CHECK(max_block_bytes >= 0, "max_block_bytes must be >= 0, got ", max_block_bytes);
+  static const bool once = [max_block_bytes] {
+    state().max_cached = static_cast<size_t>(max_block_bytes);
     pthread_atfork(&lock_for_fork, &unlock_after_fork, &unlock_after_fork);
     c10::SetCPUAllocator(allocator(), /*priority=*/1);
     return true;
@@ -179,7 +187,7 @@ std::vector<int64_t> tensor_cache_stats() {
 
 TORCH_LIBRARY_FRAGMENT(vision_lstm_cpu, m) {
   // no tensor arguments: one kernel for every backend
-  m.def("install_tensor_cache() -> bool", &install_tensor_cache);
+  m.def("install_tensor_cache(int max_block_bytes) -> bool", &install_tensor_cache);
   m.def("release_tensor_cache() -> int", &release_tensor_cache);
   m.def("tensor_cache_stats() -> int[]", &tensor_cache_stats);
 }
