@@ -738,7 +738,7 @@ class ViLLayer(nn.Module):
             igate, fgate = self._gates(gates_x, gates_c)
             # The cell's backward recomputes q, k, v from c and x_m (which the projections, the conv and the output
             # path keep anyway) instead of holding them from forward: 3 cheap block-diagonal products per layer in
-            # backward for three (B, H, T, DH) tensors fewer per layer (README, Performance: session 22)
+            # backward for three (B, H, T, DH) tensors fewer per layer (docs/performance.md: session 22)
             rebuild = functools.partial(self._qkv_heads_again, c.detach(), x_m.detach(), low_dtype) \
                 if torch.is_grad_enabled() and self.mlstm_mode == "parallel" else None
             h = mlstm(q, k, v, igate, fgate, mode=self.mlstm_mode, chunk_size=self.chunk_size,
