@@ -259,10 +259,11 @@ def worker_model(args) -> dict:
               "first_step_s": first_step_s, "peak_rss_mb": peak_rss_mb(), "rss_before_mb": rss_before,
               "malloc_setting": vision_lstm.MALLOC_SETTING,
               "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default")}
-    # After the peak above: asking may load the kernels (the official path's run does not use them). A revision
-    # from before the tensor cache (benchmarks/ab.py runs this worker on old revisions' sources) has no such counter.
+    # Our paths only: asking loads the kernels, which the official code's run never does. A revision from before
+    # the tensor cache (benchmarks/ab.py runs this worker on old revisions' sources) has no such counter.
     from vision_lstm import fused
-    cache_stats = getattr(fused, "tensor_cache_stats", lambda: None)()
+    ours = not args.path.startswith("official")
+    cache_stats = getattr(fused, "tensor_cache_stats", lambda: None)() if ours else None
     result["tensor_cache"] = bool(cache_stats and cache_stats["installed"])
     if device.startswith("cuda"):
         result["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2 ** 20

@@ -128,8 +128,8 @@ def _warn_unavailable(reason: str) -> None:
 
 def tensor_cache_stats() -> dict | None:
     """The CPU tensor cache's counters (``csrc/alloc_cpu.cpp``), or None without the kernels: whether it is PyTorch's
-    CPU allocator, the bytes in use, their peak and the bytes cached (of blocks of 64 KB and more), and how many
-    requests the cache served (hits) or passed to malloc (misses)."""
+    CPU allocator, the bytes in use, their peak and the bytes cached (of the blocks it keeps: 64 KB to 32 MB), and
+    how many of their requests the cache served (hits) or passed to malloc (misses)."""
     kernels = ops()
     if kernels is None:
         return None

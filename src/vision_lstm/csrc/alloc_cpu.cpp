@@ -13,8 +13,8 @@
 //   at most 1/8 larger, else a new block from malloc. Smaller requests go to malloc and back directly, and so do
 //   blocks above the largest size given at installation (the package passes glibc's mapping threshold, 32 MB:
 //   one-off buffers such as a decoded dataset still go back to the OS when freed).
-// - The cache never holds more than the peak of the bytes in use through this allocator: a freed block that would
-//   take it over goes back to malloc. So the process holds at most twice its own peak, and a loop whose shapes
+// - The cache never holds more than the peak of the bytes in use in blocks of the sizes it keeps: a freed block
+//   that would take it over goes back to malloc. So the process holds at most twice its own peak, and a loop whose shapes
 //   change (a smaller last batch, evaluation at another batch size) does not pile up blocks it no longer uses.
 //   release_tensor_cache() hands every cached block back to malloc.
 // - Thread-safe (one mutex; the intra-op threads of a parallel region allocate too), and safe across fork (a child
@@ -47,7 +47,7 @@ struct CacheState {
   std::mutex mutex;
   std::map<size_t, std::vector<void*>> free_blocks;  // capacity -> blocks (their headers)
   size_t max_cached = 0;  // the largest block kept (set once, at installation)
-  size_t in_use = 0, peak_in_use = 0, cached = 0;  // bytes of blocks >= kMinCached
+  size_t in_use = 0, peak_in_use = 0, cached = 0;  // bytes of the blocks it keeps (cacheable())
   int64_t hits = 0, misses = 0;
 };
 
@@ -58,6 +58,9 @@ CacheState& state() {
 }
 
 void* header_of(void* data) { return static_cast<char*>(data) - kHeader; }
+
+// Blocks of the sizes the cache keeps; all others go to malloc and back directly, uncounted.
+bool cacheable(size_t capacity) { return capacity >= kMinCached && capacity <= state().max_cached; }
 
 void* new_block(size_t capacity) {
   void* header = nullptr;
@@ -71,7 +74,7 @@ void release_block(void* data) {
   c10::profiledCPUMemoryReporter().Delete(data);
   void* header = header_of(data);
   const size_t capacity = *static_cast<size_t*>(header);
-  if (capacity < kMinCached) {
+  if (!cacheable(capacity)) {
     std::free(header);
     return;
   }
@@ -79,7 +82,7 @@ void release_block(void* data) {
   {
     std::lock_guard<std::mutex> lock(s.mutex);
     s.in_use -= capacity;
-    if (capacity <= s.max_cached && s.cached + capacity <= s.peak_in_use) {
+    if (s.cached + capacity <= s.peak_in_use) {
       s.free_blocks[capacity].push_back(header);
       s.cached += capacity;
       return;
@@ -97,7 +100,7 @@ struct CachingCPUAllocator final : c10::Allocator {
                      nbytes, " bytes (out of memory)");
     const size_t capacity = nbytes < kMinCached ? nbytes : (nbytes + kPage - 1) / kPage * kPage;
     void* header = nullptr;
-    if (capacity >= kMinCached) {
+    if (cacheable(capacity)) {
       CacheState& s = state();
       std::lock_guard<std::mutex> lock(s.mutex);
       auto fit = s.free_blocks.lower_bound(capacity);
@@ -111,11 +114,11 @@ struct CachingCPUAllocator final : c10::Allocator {
         ++s.hits;
       }
     }
-    if (header == nullptr) {  // a miss (or a small block): from malloc, outside the lock
+    if (header == nullptr) {  // a miss (or a block the cache does not keep): from malloc, outside the lock
       header = new_block(capacity);
       TORCH_CHECK_WITH(OutOfMemoryError, header != nullptr, "vision_lstm's CPU allocator: cannot allocate ", nbytes,
                        " bytes (out of memory)");
-      if (capacity >= kMinCached) {
+      if (cacheable(capacity)) {
         CacheState& s = state();
         std::lock_guard<std::mutex> lock(s.mutex);
         s.in_use += capacity;
@@ -174,8 +177,8 @@ int64_t release_tensor_cache() {
   return static_cast<int64_t>(released);
 }
 
-// [installed (0/1), bytes in use, peak bytes in use, bytes cached, hits, misses]; the byte counts are of blocks of
-// 64 KB and more, which are the ones the cache keeps.
+// [installed (0/1), bytes in use, peak bytes in use, bytes cached, hits, misses]; the byte counts are of the blocks
+// the cache keeps (64 KB to the size given at installation).
 std::vector<int64_t> tensor_cache_stats() {
   CacheState& s = state();
   std::lock_guard<std::mutex> lock(s.mutex);
