@@ -14,8 +14,9 @@
 //   blocks above the largest size given at installation (the package passes glibc's mapping threshold, 32 MB:
 //   one-off buffers such as a decoded dataset still go back to the OS when freed).
 // - The cache never holds more than the peak of the bytes in use in blocks of the sizes it keeps: a freed block
-//   that would take it over goes back to malloc. So the process holds at most twice its own peak, and a loop whose shapes
-//   change (a smaller last batch, evaluation at another batch size) does not pile up blocks it no longer uses.
+//   that would take it over goes back to malloc. So the process holds at most twice its own peak, and a loop whose
+//   shapes change (a smaller last batch, evaluation at another batch size) does not pile up blocks it no longer
+//   uses.
 //   release_tensor_cache() hands every cached block back to malloc.
 // - Thread-safe (one mutex; the intra-op threads of a parallel region allocate too), and safe across fork (a child
 //   process, such as a data-loading worker, starts with the lock free).
