@@ -4,8 +4,8 @@
 // Why: a ViL training step frees and re-allocates thousands of tensors of the same few dozen sizes, step after step.
 // glibc's malloc serves each from its general heap: finding a fitting chunk, splitting it, coalescing it again on
 // free, all on the main thread while the other core waits; and its heap fragments, so that on a 2-core Xeon with AMX
-// (session 30, ViL-T, batch 128) the training step's peak RSS was 2.04 GB in bf16 and 3.3 GB in fp32 against 1.59
-// and 2.51 GB with freed blocks reused by size (measured ad hoc; the committed comparison is in the README). This is
+// (ViL-T, batch 128) the training step's peak RSS was 2.00 GB in bf16 and 3.30 GB in fp32 against 1.59 and 2.51 GB
+// with freed blocks reused by size (results/benchmarks/session29-amx-final and session30-amx-final). This is
 // what PyTorch's CUDA allocator does on the GPU, in the simplest form that fits a loop of repeating shapes.
 //
 // Rules:
