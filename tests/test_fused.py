@@ -515,6 +515,27 @@ def test_conv_silu_kernels_match_pytorchs_convolution(kernels, dtype, B, grid, C
         torch.testing.assert_close(got.double(), source.grad, rtol=1e-4, atol=1e-4 * source.grad.abs().max().item())
 
 
+def test_silu_kernel_is_accurate_for_any_input(kernels):
+    # The kernels' SiLU (vec.h's sigmoid: exp's argument clamped to [-87, 88], 2^n applied by vscalefps with
+    # AVX-512) through conv_silu with a 1 x 1 kernel of weight 1: against float64 for inputs far outside exp's range
+    # (where an unclamped exp gives inf or NaN), near its ends, and ordinary ones; NaN stays NaN.
+    values = [-1e30, -1e4, -100.0, -88.7, -87.5, -87.0, -20.0, -1.0, -1e-30, 0.0, 1e-30, 0.5, 1.0, 20.0, 87.0,
+              87.5, 88.7, 100.0, 1e4, 1e30, float("nan")]
+    x = torch.tensor(values).view(1, -1, 1).expand(1, len(values), 19).contiguous()  # 19 channels: a short vector
+    weight, bias = torch.ones(19, 1, 1, 1), torch.zeros(19)
+    out = torch.empty_like(x)
+    kernels.conv_silu_forward(x, 1, len(values), weight, bias, out)
+    grad_x, _, _ = kernels.conv_silu_backward(torch.ones_like(x), x, 1, len(values), weight, bias)
+    x64 = x.double().requires_grad_()
+    want = torch.nn.functional.silu(x64)
+    want.sum().backward()
+    nan = x.isnan()
+    assert torch.equal(out.isnan(), nan) and torch.equal(grad_x.isnan(), nan)
+    for got, ref in ((out, want.detach()), (grad_x, x64.grad)):
+        error = (got.double() - ref)[~nan].abs()
+        assert (error <= 1e-6 * ref[~nan].abs() + 1e-8).all(), error.max()
+
+
 @pytest.mark.parametrize("x_dtype,out_dtype", [(torch.float32, torch.float32), (torch.float32, torch.bfloat16),
                                                (torch.bfloat16, torch.bfloat16)])
 @pytest.mark.parametrize("reverse", [False, True])

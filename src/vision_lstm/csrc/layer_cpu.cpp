@@ -356,13 +356,19 @@ void conv_silu_bwd(const T* grad_out, const T* x, const float* table, const floa
       vfloat gw[K * K] = {}, gb{};
       for (int64_t y = 0; y < height; ++y)
         for (int64_t xx = 0; xx < width; ++xx) {
-          const vfloat* centre = image.at(y, xx);
-          const vfloat u = taps_sum<K>(centre, image.row, w, bv);
+          const vfloat u = taps_sum<K>(image.at(y, xx), image.row, w, bv);
           const vfloat s = sigmoid(u);
           // d/du of u sigmoid(u) = sigmoid(u) (1 + u (1 - sigmoid(u)))
           const vfloat gu = load(go + (y * width + xx) * C, count) * s * (1.0f + u * (1.0f - s));
           *grad_u.at(y, xx) = gu;
           gb += gu;
+        }
+      // the weight sums in a loop of their own: in the loop above, beside the weights and the exp's constants,
+      // their K * K accumulators spilled to the stack (a load and a store each per pixel)
+      for (int64_t y = 0; y < height; ++y)
+        for (int64_t xx = 0; xx < width; ++xx) {
+          const vfloat* centre = image.at(y, xx);
+          const vfloat gu = *grad_u.at(y, xx);
 #pragma GCC unroll 7
           for (int ky = 0; ky < K; ++ky)
 #pragma GCC unroll 7

@@ -78,7 +78,9 @@ inline void store(at::BFloat16* p, vfloat v, int64_t count) {
 
 // exp(x) for x in [-87, 88] (a normal float result): Cody-Waite reduction x = n ln2 + r, |r| <= ln2 / 2, a
 // degree-6 Taylor polynomial for exp(r) (error below 2e-7 relative), and 2^n from the exponent bits. n is rounded
-// by adding and subtracting 1.5 * 2^23. NaN stays NaN.
+// by adding and subtracting 1.5 * 2^23. NaN stays NaN. With AVX-512, 2^n is applied by one vscalefps where the
+// exponent bits take a conversion, an add, a shift and a multiply (the same result for such x: the kernels around
+// a SiLU are bound by their vector instructions rather than by memory).
 inline vfloat exp_core(vfloat x) {
   const vfloat round = splat(12582912.0f);
   const vfloat n = (x * 1.44269504088896341f + round) - round;
@@ -90,8 +92,12 @@ inline vfloat exp_core(vfloat x) {
   p = p * r + 0.5f;
   p = p * r + 1.0f;
   p = p * r + 1.0f;
+#if defined(__AVX512F__)
+  return static_cast<vfloat>(_mm512_scalef_ps(static_cast<__m512>(p), static_cast<__m512>(n)));
+#else
   const vint bits = (__builtin_convertvector(n, vint) + 127) << 23;
   return p * reinterpret_cast<const vfloat&>(bits);
+#endif
 }
 
 // 1 / d to within about an ulp: with AVX-512, the 14-bit estimate and one Newton step (with a division, the output
@@ -108,10 +114,17 @@ inline vfloat reciprocal(vfloat d) {
 // 1 / (1 + exp(-x)) for any x: exp's argument clamped to [-87, 88] (the result is then exact to rounding: 1 above,
 // below 1e-38 beneath); NaN stays NaN (the comparisons are false for it).
 inline vfloat sigmoid(vfloat x) {
+#if defined(__AVX512F__)
+  // one vmaxps and one vminps where the comparisons take a compare and a blend each; NaN in the second operand is
+  // what they return, so it stays NaN
+  const __m512 e = _mm512_min_ps(_mm512_set1_ps(88.0f), _mm512_max_ps(_mm512_set1_ps(-87.0f), static_cast<__m512>(-x)));
+  return reciprocal(1.0f + exp_core(static_cast<vfloat>(e)));
+#else
   vfloat e = -x;
   e = e < -87.0f ? splat(-87.0f) : e;
   e = e > 88.0f ? splat(88.0f) : e;
   return reciprocal(1.0f + exp_core(e));
+#endif
 }
 
 // Calls fn(i, count) for the vectors of [0, n): whole vectors with the constant count kLanes, then the shorter tail.
