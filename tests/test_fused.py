@@ -390,14 +390,24 @@ def test_block_diagonal_kernels_match_the_dense_product(kernels, dtype, B, T, H,
             torch.testing.assert_close(got.view(-1, C).double(), want_sum, rtol=1e-5, atol=1e-5)
         else:
             _bf16_close(got.view(-1, C), want_sum)
-    grad_w, grad_b = kernels.block_diag_outer(g1.transpose(1, 2), x.view(B, T, H, DH), bs)
+    grad_w, grad_b, no_gate = kernels.block_diag_outer(g1.transpose(1, 2), x.view(B, T, H, DH), bs)
     assert grad_w.shape == (C // bs, bs, bs) and grad_w.dtype == grad_b.dtype == torch.float32
+    assert no_gate.shape == (0, C)
     blocks = (g1_rows.view(-1, C // bs, bs), x.double().view(-1, C // bs, bs))
     want_w = torch.einsum("nbo,nbi->boi", *blocks)
     # fp32 sums of exact products (bf16 x bf16 fits fp32): error within a few fp32 units of the sum of magnitudes
     bound_w = torch.einsum("nbo,nbi->boi", *(t.abs() for t in blocks))
     assert ((grad_w.double() - want_w).abs() <= 1e-6 * bound_w + 1e-30).all()
     assert ((grad_b.double() - g1_rows.sum(0)).abs() <= 1e-6 * g1_rows.abs().sum(0)).all()
+    # the gates' weight gradient g^T x (g: the gates' gradient (N, G)) from the same pass, the other two gradients
+    # unchanged by it; G = 2 H + 1 is not a multiple of 8 (the kernel pads it)
+    G = 2 * H + 1
+    gate_grad = torch.randn(B * T, G, generator=gen).to(dtype)
+    grad_w2, grad_b2, grad_gate = kernels.block_diag_outer(g1.transpose(1, 2), x.view(B, T, H, DH), bs, gate_grad)
+    assert torch.equal(grad_w2, grad_w) and torch.equal(grad_b2, grad_b)
+    assert grad_gate.shape == (G, C) and grad_gate.dtype == torch.float32
+    rows_g, rows_x = gate_grad.double(), x.double().view(-1, C)
+    assert ((grad_gate.double() - rows_g.T @ rows_x).abs() <= 1e-6 * (rows_g.abs().T @ rows_x.abs()) + 1e-30).all()
 
 
 def test_block_diagonal_kernels_reject_bad_input(kernels):
@@ -424,6 +434,8 @@ def test_block_diagonal_kernels_reject_bad_input(kernels):
         kernels.block_diag_mm([x], [w], None, out, torch.zeros(2, 3, 32))
     with pytest.raises(RuntimeError, match="float32 or bfloat16"):
         kernels.block_diag_outer(x.double(), x.double(), 4)
+    with pytest.raises(RuntimeError, match="gate_grad must be a .N, G. CPU tensor with N = B . T = 6 rows"):
+        kernels.block_diag_outer(x, x, 4, torch.zeros(7, 8))
 
 
 def _gated_norm_want(h, c, z, weight, bias, skip, eps=1e-5):  # float64, written plainly: (B, T, H, DH) h

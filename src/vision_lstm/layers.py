@@ -408,18 +408,23 @@ def _head_input_grad(kernels, grads, weights, like: torch.Tensor, addend=None, i
     return out
 
 
-def _head_param_grads(kernels, grads, sources, block_size: int, has_bias, needs):
+def _head_param_grads(kernels, grads, sources, block_size: int, has_bias, needs, gate_grad=None):
     """The weight and bias gradients (fp32; None where not needed or without a bias) of the three products, from
-    their gradients' token views and their sources (c, c, x_m)."""
-    param_grads = []
+    their gradients' token views and their sources (c, c, x_m); and with gate_grad (B * T, G), the gates' gradient,
+    also g^T c (G, H * DH) fp32, summed by the pass for q's weights, which reads c anyway (None if that pass does
+    not run)."""
+    param_grads, grad_gate = [], None
     for i, (grad, source) in enumerate(zip(grads, sources)):
         grad_w = grad_b = None
         if grad is not None and (needs[2 * i] or needs[2 * i + 1]):
             B, T, H, DH = grad.shape
-            grad_w, grad_b = kernels.block_diag_outer(grad, source.view(B, T, H, DH), block_size)  # fp32
+            gates = gate_grad if i == 0 else None
+            grad_w, grad_b, grad_g = kernels.block_diag_outer(grad, source.view(B, T, H, DH), block_size,
+                                                              gates)  # fp32
             grad_b = grad_b if has_bias[i] else None
+            grad_gate = grad_g if gates is not None else grad_gate
         param_grads += [grad_w, grad_b]
-    return param_grads
+    return param_grads, grad_gate
 
 
 class _HeadMajorProjections(torch.autograd.Function):
@@ -452,7 +457,8 @@ class _HeadMajorProjections(torch.autograd.Function):
         grads = _head_token_views((grad_q, grad_k, grad_v), c.dtype)
         grad_c = _head_input_grad(ctx.kernels, grads[:2], weights[:2], c) if needs[0] else None  # q and k: one pass
         grad_x_m = _head_input_grad(ctx.kernels, grads[2:], weights[2:], x_m) if needs[1] else None
-        param_grads = _head_param_grads(ctx.kernels, grads, (c, c, x_m), weights[0].shape[-1], ctx.has_bias, needs[4:])
+        param_grads, _ = _head_param_grads(ctx.kernels, grads, (c, c, x_m), weights[0].shape[-1], ctx.has_bias,
+                                           needs[4:])
         return (grad_c, grad_x_m, None, None, *param_grads)
 
 
@@ -502,7 +508,8 @@ class _ConvHeadProjections(torch.autograd.Function):
     profile on a 2-core Xeon with AMX, session 27). Here the skip's gradient of c is the addend of the pass that
     computes q's and k's (block_diag_mm), the gates' product accumulates into that sum in place (addmm_; an addmm
     with the addend as its input would first copy it), and v's gradient goes into the conv's input gradient the same
-    way. Same math as the separate nodes, fewer roundings of the partial sums.
+    way; the gates' weight gradient on c is summed by the pass for q's weights (block_diag_outer, session 32), which
+    reads c anyway. Same math as the separate nodes, fewer roundings of the partial sums.
     """
 
     @staticmethod
@@ -531,7 +538,6 @@ class _ConvHeadProjections(torch.autograd.Function):
         grads = _head_token_views((grad_q, grad_k, grad_v), c.dtype)
         skip_grad = grad_c
         grad_c = _head_input_grad(ctx.kernels, grads[:2], weights[:2], c, skip_grad)  # q's and k's + the skip's
-        grad_gate_c = None
         if grad_gates is not None:  # + c's gradient through the gates
             grad_gates = grad_gates.to(c.dtype).reshape(B * T, -1)
             if grad_c is None:
@@ -540,14 +546,17 @@ class _ConvHeadProjections(torch.autograd.Function):
                 grad_c = torch.addmm(grad_c.to(c.dtype).reshape(B * T, inner), grad_gates, gate_c).view(B, T, inner)
             else:  # accumulated in place: addmm(addend, ...) would first copy the addend into a new output
                 grad_c.view(B * T, inner).addmm_(grad_gates, gate_c)
-            if needs[6]:
-                grad_gate_c = (grad_gates.t() @ c.view(B * T, inner)).to(ctx.gate_dtype)
         grad_x_m = grad_w = grad_b = None
         if grad_c is not None:
             grad_x_m, grad_w, grad_b = _conv_silu_backward(ctx.kernels, grad_c, x_m, ctx.grid, conv_w, conv_b)
         grad_x_m = _head_input_grad(ctx.kernels, grads[2:], weights[2:], x_m, grad_x_m, True)  # + v's, one pass
-        param_grads = _head_param_grads(ctx.kernels, grads, (c, c, x_m), weights[0].shape[-1], ctx.has_bias,
-                                        needs[8:])
+        gate_grad = grad_gates if grad_gates is not None and needs[6] else None
+        param_grads, grad_gate_c = _head_param_grads(ctx.kernels, grads, (c, c, x_m), weights[0].shape[-1],
+                                                     ctx.has_bias, needs[8:], gate_grad)
+        if gate_grad is not None:
+            if grad_gate_c is None:  # q's weight pass did not run
+                grad_gate_c = grad_gates.t() @ c.view(B * T, inner)
+            grad_gate_c = grad_gate_c.to(ctx.gate_dtype)
         return (grad_x_m, None, None, None, grad_w, grad_b, grad_gate_c, None, *param_grads)
 
 
