@@ -584,7 +584,24 @@ def test_token_norm_and_reversed_sum_kernels_match_pytorch(kernels, x_dtype, out
     assert torch.equal(flipped, x.flip(1).to(out_dtype))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("N,C", [(8192, 384), (37, 200), (5, 7), (1, 16), (130, 136)])
+def test_column_sums_kernel_is_the_fp32_sum_over_rows(kernels, dtype, N, C):
+    # csrc/layer_cpu.cpp's column_sums (a bias's gradient) against float64: fp32 sums of the rows, within a few fp32
+    # units of the sum of magnitudes; channel counts that end in a shorter vector (200, 7, 136), more rows than a
+    # row block and threads' ranges that end inside one.
+    x = torch.randn(N, C, generator=torch.Generator().manual_seed(0)).mul(3).to(dtype)
+    got = kernels.column_sums(x)
+    assert got.dtype == torch.float32 and got.shape == (C,)
+    want = x.double().sum(0)
+    assert ((got.double() - want).abs() <= 1e-6 * x.double().abs().sum(0) + 1e-30).all()
+
+
 def test_layer_kernels_reject_bad_input(kernels):
+    with pytest.raises(RuntimeError, match=r"x must be a contiguous \(N, C\) tensor"):
+        kernels.column_sums(torch.zeros(4, 6).t())
+    with pytest.raises(RuntimeError, match="float32 or bfloat16"):
+        kernels.column_sums(torch.zeros(4, 6, dtype=torch.float64))
     h, cz = torch.zeros(2, 3, 4, 8), torch.zeros(2, 3, 32)
     w = torch.zeros(32)
     with pytest.raises(RuntimeError, match="c must have the shape"):

@@ -468,7 +468,8 @@ class _UpProjections(torch.autograd.Function):
     gradients in a (B, T, D) pass of its own (and concatenate a split's gradients first); here the products
     accumulate x's gradient themselves (addmm into one output). Products in x's dtype (under autocast its low
     dtype; the weights rounded to it, as autocast would), summed in fp32 by the matrix products; weight and bias
-    gradients returned in the parameters' dtypes."""
+    gradients returned in the parameters' dtypes, the bias gradients summed in fp32 (by the CPU kernels'
+    column_sums where they apply: about twice as fast as PyTorch's sum over the rows of a bf16 gradient)."""
 
     @staticmethod
     def forward(ctx, x, *weights_and_biases):
@@ -484,6 +485,7 @@ class _UpProjections(torch.autograd.Function):
     def backward(ctx, *grads):
         x, *weights = ctx.saved_tensors
         rows = x.reshape(-1, x.shape[-1])
+        kernels = layer_kernels(rows, rows.dtype)
         grad_x, param_grads = None, []
         for i, (grad, weight) in enumerate(zip(grads, weights)):
             if grad is None:
@@ -493,7 +495,11 @@ class _UpProjections(torch.autograd.Function):
             if ctx.needs_input_grad[0]:
                 grad_x = grad @ weight if grad_x is None else grad_x.addmm_(grad, weight)
             grad_w = (grad.t() @ rows).to(ctx.dtypes[2 * i]) if ctx.needs_input_grad[1 + 2 * i] else None
-            grad_b = grad.sum(0).to(ctx.dtypes[2 * i + 1]) if ctx.needs_input_grad[2 + 2 * i] else None
+            grad_b = None
+            if ctx.needs_input_grad[2 + 2 * i]:
+                grad_b = kernels.column_sums(grad) if kernels is not None and grad.is_contiguous() else \
+                    grad.sum(0, dtype=torch.float32)
+                grad_b = grad_b.to(ctx.dtypes[2 * i + 1])
             param_grads += [grad_w, grad_b]
         return (None if grad_x is None else grad_x.view(x.shape), *param_grads)
 

@@ -455,6 +455,57 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_silu_backward(const at::Tens
 }
 
 // ---------------------------------------------------------------------------------------------------------------
+// column_sums: a bias's gradient, the fp32 sums over the rows of a (N, C) gradient. PyTorch's sum over dim 0 of a
+// bf16 (8192, 384) tensor took about twice what this pass takes (ViL-T's up-projections, 2 threads of a Xeon,
+// session 32, ad hoc: 1469-1719 against 745 us, a plain copy of the tensor 512 us, all from memory).
+
+// sum_{r0 <= r < r1} x[r, c] for the NV vectors of channels from c0 (whole vectors, or one of count channels when
+// NV is 0), added to sums[c]: NV accumulators over the rows
+template <typename T, int NV_>
+inline void column_tile(const T* x, int64_t r0, int64_t r1, int64_t C, int64_t c0, int64_t count, float* sums) {
+  constexpr int NV = NV_ > 0 ? NV_ : 1;
+  const int64_t n = NV_ > 0 ? kLanes : count;
+  vfloat acc[NV] = {};
+  for (int64_t r = r0; r < r1; ++r)
+    for (int v = 0; v < NV; ++v) acc[v] += load(x + r * C + c0 + v * kLanes, n);
+  for (int v = 0; v < NV; ++v) store(sums + c0 + v * kLanes, load(sums + c0 + v * kLanes, n) + acc[v], n);
+}
+
+template <typename T>
+void column_sums_rows(const T* x, int64_t N, int64_t C, float* out) {
+  constexpr int kTile = 8;            // vectors per pass
+  constexpr int64_t kRowBlock = 64;   // rows per block: the block's rows stay in L1 between the passes over it
+  const int64_t threads = at::get_num_threads();
+  std::vector<float> partial(threads * C, 0.0f);
+  // one contiguous range of rows per thread, each summed into its own partial row
+  at::parallel_for(0, N, (N + threads - 1) / threads, [&](int64_t begin, int64_t end) {
+    float* sums = partial.data() + at::get_thread_num() * C;
+    for (int64_t r0 = begin; r0 < end; r0 += kRowBlock) {
+      const int64_t r1 = std::min(end, r0 + kRowBlock);
+      int64_t c0 = 0;
+      for (; c0 + kTile * kLanes <= C; c0 += kTile * kLanes) column_tile<T, kTile>(x, r0, r1, C, c0, kLanes, sums);
+      for (; c0 + kLanes <= C; c0 += kLanes) column_tile<T, 1>(x, r0, r1, C, c0, kLanes, sums);
+      if (c0 < C) column_tile<T, 0>(x, r0, r1, C, c0, C - c0, sums);
+    }
+  });
+  std::fill(out, out + C, 0.0f);
+  for (int64_t i = 0; i < threads; ++i)
+    for (int64_t c = 0; c < C; ++c) out[c] += partial[i * C + c];
+}
+
+// x (N, C) contiguous, float32 or bfloat16 -> its column sums (C,), float32
+at::Tensor column_sums(const at::Tensor& x) {
+  check_float_cpu(x, "x");
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "x must be a contiguous (N, C) tensor, got shape ", x.sizes());
+  auto out = at::empty({x.size(1)}, x.options().dtype(at::kFloat));
+  with_dtype(x.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    column_sums_rows<T>(x.data_ptr<T>(), x.size(0), x.size(1), out.data_ptr<float>());
+  });
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------------------------------
 // token_norm and add_reversed: the ViL block around its layer. The block normalises its (B, T, D) input (an offset
 // layer norm), hands it to the layer (in the reversed block in reversed token order, in the autocast dtype), and
 // adds the layer's output back (reversed again). PyTorch: a layer norm in fp32, a flip, a cast; a flip and an add
@@ -629,6 +680,7 @@ TORCH_LIBRARY_FRAGMENT(vision_lstm_cpu, m) {
   m.def("token_norm_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor mean, Tensor rstd, bool reverse, "
         "Tensor? addend=None) -> (Tensor, Tensor, Tensor)");
   m.def("add_reversed(Tensor? x, Tensor y, Tensor(a!) out) -> ()");
+  m.def("column_sums(Tensor x) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(vision_lstm_cpu, CPU, m) {
@@ -639,4 +691,5 @@ TORCH_LIBRARY_IMPL(vision_lstm_cpu, CPU, m) {
   m.impl("token_norm_forward", &token_norm_forward);
   m.impl("token_norm_backward", &token_norm_backward);
   m.impl("add_reversed", &add_reversed);
+  m.impl("column_sums", &column_sums);
 }
