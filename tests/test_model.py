@@ -276,9 +276,9 @@ def test_bias_fused_linear_gives_the_bits_of_addmm(shape):
 
 
 def test_bf16_products_fuse_their_bias():
-    # Under bf16 autocast the layer's products with a bias (x_m, z, the gates' part from x; the down-projection
-    # without gradients) run oneDNN's linear with the bias fused (linear_rows), not addmm, which first writes the
-    # bias over its output: 3 per layer in training, 4 in inference, where the output is the training path's bits.
+    # Under bf16 autocast the layer's products with a bias (x_m, z, the gates' part from x, the down-projection)
+    # run oneDNN's linear with the bias fused (linear_rows), not addmm, which first writes the bias over its output:
+    # 4 per layer in training (the down-projection since session 32) and in inference, with the same bits.
     from torch.utils._python_dispatch import TorchDispatchMode
     if not layers._bias_fused_linear_works():
         pytest.skip("oneDNN's linear with a fused bias is not available here: the products use addmm")
@@ -296,7 +296,7 @@ def test_bf16_products_fuse_their_bias():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         with Count():
             want = model(x)
-        assert Count.calls == 3 * 4  # 2 pairs of blocks
+        assert Count.calls == 4 * 4  # 2 pairs of blocks
         Count.calls = 0
         with torch.no_grad(), Count():
             got = model(x)
@@ -333,9 +333,9 @@ def test_layer_kernels_match_the_pytorch_route(monkeypatch, autocast):
     real = layers.layer_kernels
     monkeypatch.setattr(layers, "layer_kernels", lambda *a: calls.append(1) or real(*a))
     y, grad_x, grads = run()
-    # conv + SiLU with the projections, output path, the projections again and the up-projections' bias sums in
-    # backward
-    assert len(calls) == 4
+    # conv + SiLU with the projections, output path, down-projection; the projections again and the up-projections'
+    # bias sums in backward
+    assert len(calls) == 5
     monkeypatch.setattr(layers, "layer_kernels", lambda *a: None)
     want_y, want_grad_x, want_grads = run()
     rtol, atol = (3e-2, 3e-2) if autocast else (1e-4, 1e-5)

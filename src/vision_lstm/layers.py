@@ -504,6 +504,35 @@ class _UpProjections(torch.autograd.Function):
         return (None if grad_x is None else grad_x.view(x.shape), *param_grads)
 
 
+class _DownProjection(torch.autograd.Function):
+    """out = y W^T + b, the layer's last product, as one autograd node over the CPU kernels: forward with the bias
+    fused into the product (:func:`linear_rows`), backward with the bias's gradient summed in fp32 by the kernels'
+    column_sums. As ``nn.Linear`` under autocast, autograd adds a node for each of the weight's and bias's casts and
+    sums the bias's gradient in a pass of PyTorch's (about twice as slow on a bf16 gradient). Products in y's dtype
+    (the weight and bias rounded to it, as autocast would); weight and bias gradients in the parameters' dtypes."""
+
+    @staticmethod
+    def forward(ctx, y, kernels, weight, bias):
+        # y: (B, T, inner); weight (D, inner); bias (D,) or None
+        rows = y.reshape(-1, y.shape[-1])
+        used_w = weight.to(y.dtype)
+        used_b = None if bias is None else bias.to(y.dtype)
+        ctx.save_for_backward(rows, used_w)
+        ctx.kernels, ctx.shape = kernels, y.shape
+        ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
+        return linear_rows(rows, used_w, used_b).view(*y.shape[:-1], -1)  # (B, T, D)
+
+    @staticmethod
+    def backward(ctx, grad):
+        rows, weight = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        grad = grad.to(rows.dtype).reshape(-1, weight.shape[0]).contiguous()
+        grad_y = (grad @ weight).view(ctx.shape) if needs[0] else None
+        grad_w = (grad.t() @ rows).to(ctx.dtypes[0]) if needs[2] else None
+        grad_b = ctx.kernels.column_sums(grad).to(ctx.dtypes[1]) if needs[3] else None
+        return grad_y, None, grad_w, grad_b
+
+
 class _ConvHeadProjections(torch.autograd.Function):
     """c = SiLU(conv(x_m)) (:class:`_ConvSiLUKernel`), c's part of the gates, c @ gate_c^T, and q, k, v head-major
     (:class:`_HeadMajorProjections`) as one autograd node over the CPU kernels.
@@ -766,8 +795,13 @@ class ViLLayer(nn.Module):
             h = h.to(low_dtype)
         with torch.autocast(device, enabled=False):
             y = gated_head_norm_output(h, c, z, self.outnorm, self.learnable_skip)  # (B, T, inner)
-        if torch.is_grad_enabled() or y.dtype != torch.bfloat16:
-            return self.proj_down(y)  # (B, T, D); autocast again
+        if torch.is_grad_enabled():
+            kernels = layer_kernels(y, y.dtype)
+            if kernels is None:
+                return self.proj_down(y)  # (B, T, D); autocast again
+            return _DownProjection.apply(y, kernels, self.proj_down.weight, self.proj_down.bias)
+        if y.dtype != torch.bfloat16:
+            return self.proj_down(y)
         down = self.proj_down  # inference in bf16: the bias fused into the product (linear_rows), as autocast rounds
         bias = None if down.bias is None else down.bias.to(y.dtype)
         return linear_rows(y.reshape(B * T, inner), down.weight.to(y.dtype), bias).view(B, T, -1)
