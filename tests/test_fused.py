@@ -668,8 +668,9 @@ def test_vil_fused_0_turns_the_kernels_off_without_building(monkeypatch):
 _MALLOC_VARIABLES = ("VIL_MALLOC", *runtime._USER_SETTINGS)  # each opts out of the malloc settings
 
 
-def _run_with_kernels(code: str, **env) -> str:
-    """Runs code in a fresh interpreter after loading the kernels (as a model's first use does); returns stdout."""
+def _run_with_kernels(code: str, full: bool = False, **env):
+    """Runs code in a fresh interpreter after loading the kernels (as a model's first use does); returns stdout
+    (with full, the finished process: stdout and stderr)."""
     import os
     import subprocess
     import sys
@@ -678,7 +679,7 @@ def _run_with_kernels(code: str, **env) -> str:
     done = subprocess.run([sys.executable, "-c", prelude + code], env={**clean, "VIL_FUSED": "1", **env},
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    return done.stdout
+    return done if full else done.stdout
 
 
 def test_tensor_cache_reuses_freed_blocks_by_size(kernels):
@@ -736,8 +737,11 @@ def test_tensor_cache_is_left_out_when_the_user_opts_out(kernels, env):
 def test_tensor_cache_survives_threads_and_fork(kernels):
     # Python threads allocate and free concurrently (torch releases the GIL in its ops) and a forked child allocates
     # with the lock the parent may hold: every block must come back (in_use returns to 0) and the child must not hang.
-    out = _run_with_kernels(
-        "import threading\n"
+    # A child still running after 120 s writes its Python stack to stderr and exits 1 (faulthandler), so that a hang
+    # shows where: the child hung once in session 32's suite runs (the test then timed out without a trace), and
+    # did not again in about 1000 forks of a repro.
+    done = _run_with_kernels(
+        "import faulthandler, threading\n"
         "def churn(seed):\n"
         "    g = torch.Generator().manual_seed(seed)\n"
         "    for _ in range(300):\n"
@@ -747,9 +751,10 @@ def test_tensor_cache_survives_threads_and_fork(kernels):
         "[t.start() for t in threads]\n"
         "pid = os.fork()\n"
         "if pid == 0:\n"
+        "    faulthandler.dump_traceback_later(120, exit=True)\n"
         "    churn(9); os._exit(0)\n"
         "[t.join() for t in threads]\n"
         "_, status = os.waitpid(pid, 0)\n"
         "s = fused.tensor_cache_stats()\n"
-        "print(os.waitstatus_to_exitcode(status), s['in_use'], s['hits'] > 0)\n")
-    assert out.split() == ["0", "0", "True"]
+        "print(os.waitstatus_to_exitcode(status), s['in_use'], s['hits'] > 0)\n", full=True)
+    assert done.stdout.split() == ["0", "0", "True"], done.stderr[-3000:]
