@@ -737,9 +737,13 @@ def test_tensor_cache_is_left_out_when_the_user_opts_out(kernels, env):
 def test_tensor_cache_survives_threads_and_fork(kernels):
     # Python threads allocate and free concurrently (torch releases the GIL in its ops) and a forked child allocates
     # with the lock the parent may hold: every block must come back (in_use returns to 0) and the child must not hang.
-    # A child still running after 120 s writes its Python stack to stderr and exits 1 (faulthandler), so that a hang
-    # shows where: the child hung once in session 32's suite runs (the test then timed out without a trace), and
-    # did not again in about 1000 forks of a repro.
+    # The ops run once on small tensors before the threads start: PyTorch picks an op's CPU kernel at its first call
+    # inside a function-local static, and a child forked while a thread is in that first call waits on the static's
+    # guard forever (session 32: gdb found the child in __cxa_guard_acquire under
+    # DispatchStubImpl::try_choose_cpu_impl, in randint, after 182 runs; PyTorch's own fork hazard, not the
+    # cache's). Small, so that this thread runs no OpenMP region: with GNU OpenMP a child forked after its parent's
+    # thread ran one hangs in that thread's next one (tried: it hung every time). A child still running after 120 s
+    # writes its Python stack to stderr and exits 1 (faulthandler), so that any other hang shows where.
     done = _run_with_kernels(
         "import faulthandler, threading\n"
         "def churn(seed):\n"
@@ -747,6 +751,7 @@ def test_tensor_cache_survives_threads_and_fork(kernels):
         "    for _ in range(300):\n"
         "        n = int(torch.randint(1 << 14, 1 << 19, (1,), generator=g))\n"
         "        x = torch.ones(n); y = x * 2; assert float(y[-1]) == 2.0\n"
+        "float((torch.ones(64) * 2)[-1]); torch.randint(0, 2, (1,), generator=torch.Generator().manual_seed(0))\n"
         "threads = [threading.Thread(target=churn, args=(i,)) for i in range(4)]\n"
         "[t.start() for t in threads]\n"
         "pid = os.fork()\n"
