@@ -166,9 +166,7 @@ void block_outer(Rows<const T> a, Rows<const T> x, float* table, int64_t B, int6
       }
     }
   });
-  std::fill(table, table + rows * C, 0.0f);
-  for (int64_t i = 0; i < threads; ++i)
-    for (int64_t e = 0; e < rows * C; ++e) table[e] += partial[i * rows * C + e];
+  sum_partials(partial, threads, rows * C, table);
 }
 
 // The gates' gradient g (N, G) as fp32 rows of `padded` (G rounded up to 8) columns, zeros past G; checks its shape.

@@ -189,9 +189,7 @@ void gated_norm_bwd(Tokens<const T> gy, Tokens<const T> h, Tokens<const T> c, To
       }
     }
   });
-  std::fill(sums, sums + 3 * C, 0.0f);
-  for (int64_t i = 0; i < threads; ++i)
-    for (int64_t e = 0; e < 3 * C; ++e) sums[e] += partial[i * 3 * C + e];
+  sum_partials(partial, threads, 3 * C, sums);
 }
 
 struct NormArgs {
@@ -383,9 +381,7 @@ void conv_silu_bwd(const T* grad_out, const T* x, const float* table, const floa
           store(gx + (y * width + xx) * C, taps_sum<K>(grad_u.at(y, xx), grad_u.row, w_flipped, vfloat{}), count);
     }
   });
-  std::fill(sums, sums + (K * K + 1) * C, 0.0f);
-  for (int64_t i = 0; i < threads; ++i)
-    for (int64_t e = 0; e < (K * K + 1) * C; ++e) sums[e] += partial[i * (K * K + 1) * C + e];
+  sum_partials(partial, threads, (K * K + 1) * C, sums);
 }
 
 // Calls fn(std::integral_constant<int, K>) for the kernel size k (1, 3, 5 or 7)
@@ -488,9 +484,7 @@ void column_sums_rows(const T* x, int64_t N, int64_t C, float* out) {
       if (c0 < C) column_tile<T, 0>(x, r0, r1, C, c0, C - c0, sums);
     }
   });
-  std::fill(out, out + C, 0.0f);
-  for (int64_t i = 0; i < threads; ++i)
-    for (int64_t c = 0; c < C; ++c) out[c] += partial[i * C + c];
+  sum_partials(partial, threads, C, out);
 }
 
 // x (N, C) contiguous, float32 or bfloat16 -> its column sums (C,), float32
@@ -562,9 +556,7 @@ void token_norm_bwd(const TO* gy, const TI* x, const float* scale, const float* 
       norm_input_grad(normed_row, grad_normed, sum_g, sum_gn, rs, D, gx + r * D, plus ? plus + r * D : nullptr);
     }
   });
-  std::fill(sums, sums + 2 * D, 0.0f);
-  for (int64_t i = 0; i < threads; ++i)
-    for (int64_t e = 0; e < 2 * D; ++e) sums[e] += partial[i * 2 * D + e];
+  sum_partials(partial, threads, 2 * D, sums);
 }
 
 // out[b, t] = x[b, t] + y[b, T - 1 - t] (in x's dtype); with x == nullptr, out[b, t] = y[b, T - 1 - t] (a flip and a

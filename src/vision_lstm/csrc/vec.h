@@ -5,8 +5,10 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <vector>
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
@@ -135,6 +137,14 @@ __attribute__((always_inline)) inline void for_vectors(int64_t n, Fn&& fn) {
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes) fn(i, kLanes);
   if (i < n) fn(i, n - i);
+}
+
+// out[e] = sum over the threads' partial rows partial[i * n + e] (i < threads), in thread order: the reduction after
+// a kernel in which each thread summed its own range of rows into its own partial row (parameter gradients)
+inline void sum_partials(const std::vector<float>& partial, int64_t threads, int64_t n, float* out) {
+  std::fill(out, out + n, 0.0f);
+  for (int64_t i = 0; i < threads; ++i)
+    for (int64_t e = 0; e < n; ++e) out[e] += partial[i * n + e];
 }
 
 // The sum of the 16 lanes, pairwise (4 dependent vector adds rather than 16 scalar ones)
