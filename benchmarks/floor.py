@@ -7,8 +7,9 @@ were free?
 
 It records every matrix product (mm, addmm, bmm, baddbmm) of one training step of the fast path under bf16
 autocast, as the kernels receive them (shapes, strides, dtypes: dense projections in bf16, the mLSTM cell's T x T
-products in bf16 but for its fp32 scores), re-times each alone, sums them, and compares the sum with a measured
-training step of the same model. With the same products, that sum bounds the step from below: norms,
+products in bf16 but for its fp32 scores; on CPUs with AVX512-BF16 the cell's products run inside its fused
+forward and backward kernels instead and are not recorded), re-times each alone, sums them, and compares the sum
+with a measured training step of the same model. With the same products, that sum bounds the step from below: norms,
 convolutions, gates, elementwise chains, optimizer and copies can only add to it. Writes
 results/benchmarks/floor.{json,md}; the official code's images/s are read from results/benchmarks/throughput.json
 when it holds them (the same machine, an earlier run).

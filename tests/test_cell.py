@@ -199,7 +199,8 @@ class _CountCopies(TorchDispatchMode):
 def test_autocast_gradients_keep_the_token_layout(cell_path):
     """Under autocast the cell's inputs are head views of token-major bf16 tensors; their gradients must come back
     in bf16, in that token-major layout (no extra copy in the projection's backward), with the values plain
-    autograd gives (to bf16 accuracy)."""
+    autograd gives (to bf16 accuracy). With the fused kernels this is the whole backward's kernel (backward_bf16)
+    on an odd number of tokens."""
     B, T, H, DH = 2, 11, 3, 4
     leaves = [torch.randn(B, T, H * DH, dtype=torch.bfloat16, requires_grad=True) for _ in range(3)]
     leaves += [torch.randn(B, H, T, dtype=torch.bfloat16, requires_grad=True) for _ in range(2)]
@@ -214,7 +215,9 @@ def test_autocast_gradients_keep_the_token_layout(cell_path):
     weight = torch.randn_like(out)
     with _CountCopies(numel=B * T * H * DH) as copies:
         (out * weight).sum().backward()
-    assert copies.count == 3  # one cast-and-relayout per q, k, v gradient (plain .to() + view: two each)
+    # one cast-and-relayout per q, k, v gradient (plain .to() + view: two each); none where the whole backward
+    # runs in one kernel (bf16 under the fused kernels with AVX512-BF16), which writes them in that layout
+    assert copies.count == (0 if cell_path == "fused" and fused.has_bf16_scores() else 3)
     ref_leaves = [t.detach().float().requires_grad_() for t in leaves]
     ref = mlstm_parallel_reference(*[t.view(B, T, H, DH).transpose(1, 2) for t in ref_leaves[:3]], *ref_leaves[3:])
     (ref * weight).sum().backward()

@@ -161,6 +161,87 @@ def test_whole_forward_rejects_bad_input(kernels):
         kernels.forward_bf16(odd, odd, odd, a, row_max, row_max, 1.0, 1e-6, None, torch.empty_like(odd))
 
 
+def _whole_backward_want(q, k, v, grad_h, h, c, a, row_max, m, row_sum, normaliser, scale, eps):
+    """The cell's backward from the forward's bf16 C, in float64, written plainly (eqs. 59-64 differentiated):
+    (dq, dk, dv, grad_m, the row and the column sums of d log D). dN = dh / (n + eps) is rounded to bf16, as the
+    cell's products take it (in both of its forms): its rounding, amplified where dC = dN v^T + grad_row_sum cancels,
+    would otherwise dominate the comparison (1.2 % in the sums of d log D at T 17, DH 34)."""
+    q, k, v, grad_h, h, c = (t.double() for t in (q, k, v, grad_h, h, c))
+    grad_num = (grad_h / (normaliser.double() + eps)[..., None]).bfloat16().double()  # dN, rounded as the cell does
+    grad_norm = -(grad_num * h).sum(-1)
+    floor = torch.exp(-m.double())
+    use_sum = row_sum.double().abs() >= floor
+    grad_row_sum = torch.where(use_sum, grad_norm * torch.sign(row_sum.double()), 0.0)
+    grad_m = torch.where(use_sum, 0.0, -grad_norm * floor)
+    grad_c = grad_num @ v.transpose(-2, -1) + grad_row_sum[..., None]
+    grad_scores = grad_c * _weights_want(torch.ones_like(c), a, row_max, scale)  # dC D'
+    grad_log_d = grad_c * c
+    return (grad_scores @ k, grad_scores.transpose(-2, -1) @ q, c.transpose(-2, -1) @ grad_num, grad_m,
+            grad_log_d.sum(-1), grad_log_d.sum(-2))
+
+
+def _rel(got, want):
+    return float((got.double() - want).norm() / want.norm().clamp_min(1e-30))
+
+
+@pytest.mark.parametrize("T,DH", [(1, 2), (5, 8), (17, 34), (49, 32), (64, 96), (100, 16), (33, 64)])
+def test_whole_backward_matches_float64(kernels, T, DH):
+    """backward_bf16 (the cell's whole bf16 backward in one kernel, slice by slice) against the backward in float64
+    from the same bf16 inputs, the forward's bf16 C and dN rounded to bf16: dq, dk, dv within bf16's rounding of
+    dS and of themselves (relative norm 5e-3; measured at most 3e-3), grad_m and the sums of d log D within 1e-3
+    (measured at most 6e-5), gradients written into head views of token-major memory. Both forms (AMX
+    tiles, AVX512-BF16 dot products over the triangles) agree with each other to fp32 summation order (they round
+    dS from the same fp32 sums, except in near-ties)."""
+    if not fused.has_bf16_scores():
+        pytest.skip("this CPU has no AVX512-BF16: the cell's backward runs as separate products")
+    B, H = 2, 3
+    g = torch.Generator().manual_seed(T + DH)
+    q, k, v, grad_h = (torch.randn(B, T, H * DH, generator=g).bfloat16().view(B, T, H, DH).transpose(1, 2)
+                       for _ in range(4))
+    _, a, row_max = _decay_inputs(B, H, T, seed=T)
+    m = row_max - 3 * torch.rand(B, H, T, generator=g)  # exp(-m) wins the normaliser's maximum in some rows
+    scale, eps = DH ** -0.5, 1e-6
+    c = torch.empty(B, H, T, T, dtype=torch.bfloat16)
+    h = torch.empty(B, T, H, DH, dtype=torch.bfloat16).transpose(1, 2)
+    row_sum, normaliser = kernels.forward_bf16(q, k, v, a, row_max, m, scale, eps, c, h, True)
+    if T >= 17:  # both sides of max(|row sum|, exp(-m)) are exercised
+        use_sum = row_sum.abs() >= torch.exp(-m)
+        assert use_sum.any() and not use_sum.all()
+    want = _whole_backward_want(q, k, v, grad_h, h, c, a, row_max, m, row_sum, normaliser, scale, eps)
+    results = {}
+    for tiles in ([True, False] if fused.has_tile_scores() else [False]):
+        grads = [torch.full((B, T, H, DH), float("nan"), dtype=torch.bfloat16).transpose(1, 2) for _ in range(3)]
+        sums = kernels.backward_bf16(q, k, v, grad_h, h, c, a, row_max, m, row_sum, normaliser, scale, eps, *grads,
+                                     tiles)
+        got = (*grads, *sums)
+        errors = [_rel(x, y) for x, y in zip(got, want)]
+        assert max(errors[:3]) <= 5e-3 and max(errors[3:]) <= 1e-3, (tiles, errors)
+        results[tiles] = got
+    if len(results) == 2:
+        assert max(_rel(x, y.double()) for x, y in zip(results[True], results[False])) <= 1e-3
+
+
+def test_whole_backward_rejects_bad_input(kernels):
+    if not fused.has_bf16_scores():
+        pytest.skip("this CPU has no AVX512-BF16")
+    _, a, row_max = _decay_inputs(1, 1, 4)
+    x = torch.randn(1, 1, 4, 4).bfloat16()
+    c = torch.zeros(1, 1, 4, 4).bfloat16()
+    outs = [torch.empty_like(x) for _ in range(3)]
+    with pytest.raises(RuntimeError, match="grad_h must be a bfloat16"):
+        kernels.backward_bf16(x, x, x, x.float(), x, c, a, row_max, a, a, a, 1.0, 1e-6, *outs)
+    with pytest.raises(RuntimeError, match="grad_k must have shape"):
+        kernels.backward_bf16(x, x, x, x, x, c, a, row_max, a, a, a, 1.0, 1e-6, outs[0], x[..., :3, :], outs[2])
+    with pytest.raises(RuntimeError, match="weights has 8 elements"):
+        kernels.backward_bf16(x, x, x, x, x, c[..., :2].contiguous(), a, row_max, a, a, a, 1.0, 1e-6, *outs)
+    with pytest.raises(RuntimeError, match="normaliser must be float32"):
+        kernels.backward_bf16(x, x, x, x, x, c, a, row_max, a, a, a.double(), 1.0, 1e-6, *outs)
+    odd = torch.randn(1, 1, 4, 3).bfloat16()
+    with pytest.raises(RuntimeError, match="head dimension must be even"):
+        kernels.backward_bf16(odd, odd, odd, odd, odd, c, a, row_max, a, a, a, 1.0, 1e-6,
+                              *[torch.empty_like(odd) for _ in range(3)])
+
+
 @pytest.mark.parametrize("T,DH,bs,with_bias", [(1, 2, 1, True), (17, 34, 2, False), (64, 96, 4, True),
                                                (33, 64, 8, True), (5, 16, 16, False)])
 @pytest.mark.parametrize("tiles", [True, False], ids=["amx-tiles", "dot-products"])

@@ -165,8 +165,10 @@ class _ParallelMLSTM(torch.autograd.Function):
     ``kernels`` (the operators of :mod:`vision_lstm.fused`, or None): on the CPU the elementwise passes between the
     products run as single fused C++ passes (forward: C = S D' and its row sums from the fp32 scores; backward:
     dS = (dN v^T + d row sum) D' with the row and column sums of dC C; the two row divisions), with D' rebuilt from
-    O(T) vectors instead of being stored, so only C is kept as a T x T tensor. Same math and precision policy;
-    without them (no compiler, ``VIL_FUSED=0``, other devices) the PyTorch passes below run.
+    O(T) vectors instead of being stored, so only C is kept as a T x T tensor. In bf16 on CPUs with AVX512-BF16
+    the whole forward and the whole backward are one kernel each, slice by slice in cache (the backward's dN v^T
+    then stays in fp32 rather than being rounded to bf16). Same math and precision policy otherwise; without them
+    (no compiler, ``VIL_FUSED=0``, other devices) the PyTorch passes below run.
     """
 
     @staticmethod
@@ -241,9 +243,22 @@ class _ParallelMLSTM(torch.autograd.Function):
             q, k, v, fgate, decay, weights, m, argmax, row_sum, normaliser, h = ctx.saved_tensors
         else:
             q, k, v, fgate, a, running_max, weights, m, argmax, row_sum, normaliser, h = ctx.saved_tensors
-        if ctx.rebuild is not None:  # as forward kept them otherwise: q, k, v contiguous, in the dtype they came in
-            q, k, v = (t.contiguous() for t in ctx.rebuild())
+        rebuilt = ctx.rebuild is not None
+        if rebuilt:  # in the dtype they came in (forward kept them otherwise)
+            q, k, v = ctx.rebuild()
             ctx.rebuild = None  # (drops the references its closure holds)
+        if _whole_backward(kernels, q, k, v, weights, grad_h, h, low_dtype):
+            # The whole backward in one kernel, slice by slice in cache (see backward_bf16 in csrc/mlstm_cpu.cpp);
+            # the gradients are written in the layouts q, k, v came in.
+            grads = [torch.empty_like(t if like is None else like, device=t.device)
+                     for t, like in zip((q, k, v), ctx.layouts)]
+            grad_m, grad_log_d_rows, grad_igate = kernels.backward_bf16(
+                q, k, v, grad_h, h, weights, a, running_max, m.squeeze(-1), row_sum.squeeze(-1),
+                normaliser.squeeze(-1), ctx.scale, ctx.eps, *grads)
+            grad_igate.scatter_add_(-1, argmax.squeeze(-1), grad_m - grad_log_d_rows)  # as below
+            return _gate_and_layout_gradients((None, None, None), *grads, grad_igate, grad_m - grad_igate, fgate)
+        if rebuilt:  # contiguous, as forward kept them otherwise
+            q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         denom = normaliser + ctx.eps  # (B, H, T, 1)
         # d h / d (C v), in h's dtype (the products' dtype), contiguous for the products below (grad_h arrives in
         # h's layout, often token-major: this division does the relayout in the same pass)
@@ -279,7 +294,7 @@ class _ParallelMLSTM(torch.autograd.Function):
             grad_cum = grad_m - grad_igate  # +F_t in row t, -F_s in column s
             grad_q = grad_scores @ k
             grad_k = grad_scores.transpose(-2, -1) @ q
-            return _gate_and_layout_gradients(ctx, grad_q, grad_k, grad_v, grad_igate, grad_cum, fgate)
+            return _gate_and_layout_gradients(ctx.layouts, grad_q, grad_k, grad_v, grad_igate, grad_cum, fgate)
         if low_dtype is None:
             grad_weights += grad_row_sum
         else:
@@ -293,17 +308,17 @@ class _ParallelMLSTM(torch.autograd.Function):
         grad_k = grad_scores.transpose(-2, -1) @ q
         grad_igate = grad_log_d.sum(dim=-2)  # log D[t, s] has +i~_s: column sums. (B, H, T)
         grad_cum = grad_log_d.sum(dim=-1) - grad_igate  # +F_t in row t, -F_s in column s
-        return _gate_and_layout_gradients(ctx, grad_q, grad_k, grad_v, grad_igate, grad_cum, fgate)
+        return _gate_and_layout_gradients(ctx.layouts, grad_q, grad_k, grad_v, grad_igate, grad_cum, fgate)
 
 
-def _gate_and_layout_gradients(ctx, grad_q, grad_k, grad_v, grad_igate, grad_cum, fgate):
+def _gate_and_layout_gradients(layouts, grad_q, grad_k, grad_v, grad_igate, grad_cum, fgate):
     """The tail of the parallel cell's backward: the forget-gate gradient from d/dF (B, H, T), and q, k, v's
-    gradients in the layouts their inputs came in."""
+    gradients in the layouts their inputs came in (``layouts``: as ``ctx.layouts``; None where they are in it)."""
     # F = cumsum(log sigmoid f~): reverse cumulative sum, then d log sigmoid(x) / dx = sigmoid(-x)
     grad_log_f = grad_cum.flip(-1).cumsum(-1).flip(-1)
     grad_fgate = grad_log_f * torch.sigmoid(-fgate)
     grad_q, grad_k, grad_v = (grad if like is None else torch.empty_like(like, device=grad.device).copy_(grad)
-                              for grad, like in zip((grad_q, grad_k, grad_v), ctx.layouts))
+                              for grad, like in zip((grad_q, grad_k, grad_v), layouts))
     return grad_q, grad_k, grad_v, grad_igate, grad_fgate, None, None, None, None, None
 
 
@@ -312,6 +327,16 @@ def _whole_forward(kernels, q: torch.Tensor, v: torch.Tensor, low_dtype) -> bool
     head dimension, and a CPU with AVX512-BF16 (:func:`vision_lstm.fused.has_bf16_scores`)."""
     return (kernels is not None and low_dtype == torch.bfloat16 and q.dtype == torch.bfloat16
             and v.dtype == torch.bfloat16 and q.shape[-1] % 2 == 0 and fused.has_bf16_scores())
+
+
+def _whole_backward(kernels, q, k, v, weights, grad_h, h, low_dtype) -> bool:
+    """Whether the whole backward runs in one fused kernel (``backward_bf16``): under bf16 autocast with the kernels
+    (C kept in bf16, D rebuilt from O(T) vectors), bf16 q, k, v, h and dh with unit last strides, an even head
+    dimension, and a CPU with AVX512-BF16 (:func:`vision_lstm.fused.has_bf16_scores`)."""
+    rows = (q, k, v, grad_h, h)
+    return (kernels is not None and low_dtype == torch.bfloat16 and weights.dtype == torch.bfloat16
+            and all(t.dtype == torch.bfloat16 and t.stride(-1) == 1 for t in rows) and q.shape[-1] % 2 == 0
+            and fused.has_bf16_scores())
 
 
 def _contiguous_fp32(x: torch.Tensor) -> torch.Tensor:

@@ -2,7 +2,8 @@
 //
 // The cell's matrix products stay in PyTorch (batched GEMMs), except in bf16 on CPUs with AVX512-BF16: there
 // forward_bf16 computes the whole forward (S = q k^T, C, the normaliser, C v and h; AMX tiles through ATen's brgemm,
-// or AVX512-BF16 dot products) and weights_forward_qk the scores part of it. Between them, the PyTorch form makes
+// or AVX512-BF16 dot products), weights_forward_qk the scores part of it, and backward_bf16 the whole backward (its
+// four products and the passes between them). Between them, the PyTorch form makes
 // about ten
 // passes over (B, H, T, T) memory forward and six backward (build the decay matrix, clamp, exp, mask, scale,
 // multiply, sum, cast, ...). Each function here does one pass instead, recomputing the decay matrix
@@ -431,22 +432,26 @@ inline void scores_dots(const at::BFloat16* q_i, int64_t q_stride, const uint32_
   }
 }
 
-// num = C v (T x dhp fp32) in 4-row tiles over up to four 16-lane vectors of v's columns (dhp / 16 split evenly)
-inline void cv_dots(const at::BFloat16* c, int64_t c_stride, int64_t T, const uint32_t* v_packed, int64_t dhp,
-                    float* num) {
+// out (T x dhp fp32) = A B for a T x T' bf16 A (rows a_ld apart, T' = T rounded up to even) that is zero above
+// its diagonal (lower: C, dS) or below it (upper: C^T, dS^T), B packed in pairs of rows (pack_row_pairs, rows dhp
+// apart), with the pair dot products: only the pairs of tokens where A's rows can be nonzero are summed.
+inline void triangle_dots(const at::BFloat16* a, int64_t a_ld, int64_t T, bool upper, const uint32_t* b,
+                          int64_t dhp, float* out) {
   const int64_t vectors = dhp / kLanes, chunks = (vectors + 3) / 4, per = (vectors + chunks - 1) / chunks;
+  const int64_t token_pairs = (T + 1) / 2;
   for (int64_t t0 = 0; t0 < T; t0 += 4) {
     const int64_t rows = std::min<int64_t>(4, T - t0);
-    const int64_t count = (t0 + rows - 1) / 2 + 1;  // token pairs up to the last row's diagonal (C is 0 past it)
+    // lower: pairs 0 .. up to the last row's diagonal; upper: from the first row's diagonal (t0 is even) to the end
+    const int64_t first = upper ? t0 / 2 : 0, count = upper ? token_pairs - first : (t0 + rows - 1) / 2 + 1;
     for (int64_t v0 = 0; v0 < vectors; v0 += per) {
-      const at::BFloat16* a = c + t0 * c_stride;
-      const uint32_t* b = v_packed + v0 * kLanes;
-      float* out = num + t0 * dhp + v0 * kLanes;
+      const at::BFloat16* a_rows = a + t0 * a_ld + 2 * first;
+      const uint32_t* b_pairs = b + first * dhp + v0 * kLanes;
+      float* o = out + t0 * dhp + v0 * kLanes;
       switch (std::min(per, vectors - v0)) {
-        case 1: pair_dot_tile<4, 1>(a, c_stride, rows, b, dhp, count, out, dhp); break;
-        case 2: pair_dot_tile<4, 2>(a, c_stride, rows, b, dhp, count, out, dhp); break;
-        case 3: pair_dot_tile<4, 3>(a, c_stride, rows, b, dhp, count, out, dhp); break;
-        default: pair_dot_tile<4, 4>(a, c_stride, rows, b, dhp, count, out, dhp); break;
+        case 1: pair_dot_tile<4, 1>(a_rows, a_ld, rows, b_pairs, dhp, count, o, dhp); break;
+        case 2: pair_dot_tile<4, 2>(a_rows, a_ld, rows, b_pairs, dhp, count, o, dhp); break;
+        case 3: pair_dot_tile<4, 3>(a_rows, a_ld, rows, b_pairs, dhp, count, o, dhp); break;
+        default: pair_dot_tile<4, 4>(a_rows, a_ld, rows, b_pairs, dhp, count, o, dhp); break;
       }
     }
   }
@@ -623,7 +628,7 @@ void forward_whole_bf16(const at::Tensor& q, const at::Tensor& k, const at::Tens
         at::native::cpublas::brgemm(T, DH, 2 * token_pairs, 2 * token_pairs, DH, DH, false, c.data(),
                                     reinterpret_cast<const at::BFloat16*>(v_packed.data()), num.data(), true);
       } else {
-        cv_dots(c.data(), 2 * token_pairs, T, v_packed.data(), dhp, num.data());
+        triangle_dots(c.data(), 2 * token_pairs, T, false, v_packed.data(), dhp, num.data());  // C v
       }
       const float* num_rows = num.data();
       for (int64_t t = 0; t < T; ++t) {
@@ -634,6 +639,187 @@ void forward_whole_bf16(const at::Tensor& q, const at::Tensor& k, const at::Tens
           store(h_row + d0, load(num_row + d0, count) / denom, count);
         });
       }
+    }
+    if (tiles) at::native::cpublas::brgemm_release(true);
+  });
+}
+#endif
+
+#if defined(__AVX512BF16__)
+// ---- the whole backward in bf16 (backward_bf16) ----
+
+// packed[j][d] = (x[2j][d], x[2j + 1][d]) for pairs j < (rows + 1) / 2 and columns d < cols (0 for the row past an
+// odd `rows`): pairs of x's rows, the VNNI layout of the tile GEMM's B and what the pair dot products read. x's rows
+// are x_ld apart, packed's ld apart; lanes cols .. ld - 1 are left as they are (zeros from the caller, once).
+inline void pack_row_pairs(const at::BFloat16* x, int64_t x_ld, int64_t rows, int64_t cols, uint32_t* packed,
+                           int64_t ld) {
+  for (int64_t j = 0; 2 * j < rows; ++j) {
+    const at::BFloat16* even = x + 2 * j * x_ld;
+    const at::BFloat16* odd = 2 * j + 1 < rows ? even + x_ld : nullptr;
+    for (int64_t d0 = 0; d0 < cols; d0 += kLanes) {
+      const __mmask16 mask = static_cast<__mmask16>((1u << std::min(kLanes, cols - d0)) - 1u);
+      const __m512i lo = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, even + d0));
+      const __m512i hi = odd ? _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, odd + d0)) : _mm512_setzero_si512();
+      _mm512_mask_storeu_epi32(packed + j * ld + d0, mask, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
+    }
+  }
+}
+
+// out[c][r] = x[r][c] for a rows x cols bf16 block (x's rows x_ld apart, out's out_ld apart), with out[c][rows] = 0
+// for odd `rows` (the products' K axis runs over pairs): 32 rows x 16 columns at a time, as pairs of rows
+// interleaved into 32-bit lanes, then transpose16.
+inline void transpose_bf16(const at::BFloat16* x, int64_t x_ld, int64_t rows, int64_t cols, at::BFloat16* out,
+                           int64_t out_ld) {
+  const int64_t even = rows + (rows & 1);
+  for (int64_t r0 = 0; r0 < even; r0 += 2 * kLanes) {
+    const int64_t n = std::min<int64_t>(2 * kLanes, even - r0);
+    const __mmask32 store_mask = n == 32 ? ~__mmask32{0} : static_cast<__mmask32>((1u << n) - 1u);
+    for (int64_t c0 = 0; c0 < cols; c0 += kLanes) {
+      const int64_t nc = std::min(kLanes, cols - c0);
+      const __mmask16 mask = static_cast<__mmask16>((1u << nc) - 1u);
+      __m512i reg[16];
+      for (int64_t j = 0; j < kLanes; ++j) {
+        const int64_t r = r0 + 2 * j;
+        const __m512i lo = r < rows ? _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, x + r * x_ld + c0))
+                                    : _mm512_setzero_si512();
+        const __m512i hi = r + 1 < rows
+                               ? _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, x + (r + 1) * x_ld + c0))
+                               : _mm512_setzero_si512();
+        reg[j] = _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16));
+      }
+      transpose16(reg);
+      for (int64_t c = 0; c < nc; ++c) _mm512_mask_storeu_epi16(out + (c0 + c) * out_ld + r0, store_mask, reg[c]);
+    }
+  }
+}
+
+// The whole backward of the cell (the gradients of eqs. 59-64) for bf16 q, k, v, slice by slice with every T x T
+// intermediate in cache, where the PyTorch form makes four batched products and two fused passes over memory:
+//   dN = dh / (n + eps) (as dh times 1 / (n + eps), rounded to bf16: vdivps per element was a tenth of the
+//   kernel's time), the normaliser's gradient -(dN . h) split between
+//   the row sum (grad_row_sum, where |row sum| is the larger side) and the stabiliser (grad_m, where exp(-m) is);
+//   dV = C^T dN; G = dN v^T (fp32, not rounded); dC = G + grad_row_sum, dS = dC D' (bf16) and d log D = dC C as
+//   row and column sums (as weights_backward); dQ = dS k; dK = dS^T q.
+// The four products run on AMX tiles (ATen's brgemm) where the CPU has them and `tiles`, else as the AVX512-BF16
+// pair dot products (over the nonzero triangles only). C is the forward's (saved in bf16). q, k, v, dh, h are
+// read and dq, dk, dv written through their strides (unit last ones). Writes grad_m and the row and column sums
+// of d log D, (B, H, T) fp32 each. (Unlike forward_whole_bf16 it does not prefetch the next slice's rows: asking
+// for five slices' rows at once, into L1, made it slower, ad hoc on the AMX host.)
+void backward_whole_bf16(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& grad_h,
+                         const at::Tensor& h, const at::BFloat16* weights, const float* a, const float* row_max,
+                         const float* m, const float* row_sum, const float* normaliser, float scale, float eps,
+                         const at::Tensor& grad_q, const at::Tensor& grad_k, const at::Tensor& grad_v,
+                         float* grad_m, float* row_sums, float* col_sums, bool tiles) {
+  const int64_t B = q.size(0), H = q.size(1), T = q.size(2), DH = q.size(3);
+  const int64_t pairs = DH / 2, token_pairs = (T + 1) / 2, tp = 2 * token_pairs;
+  const int64_t blocks = (T + kLanes - 1) / kLanes, padded = blocks * kLanes;
+  const int64_t dhp = tiles ? DH : (DH + kLanes - 1) / kLanes * kLanes;  // as in forward_whole_bf16
+  // each tensor's base pointer and strides, read once (forward_whole_bf16)
+  struct Rows {
+    at::BFloat16* p;
+    int64_t s0, s1, s2;
+    at::BFloat16* slice(int64_t b, int64_t hh) const { return p + b * s0 + hh * s1; }
+  };
+  auto rows_of = [](const at::Tensor& x) {
+    return Rows{static_cast<at::BFloat16*>(x.data_ptr()), x.stride(0), x.stride(1), x.stride(2)};
+  };
+  const Rows rq = rows_of(q), rk = rows_of(k), rv = rows_of(v), rdh = rows_of(grad_h), rh = rows_of(h),
+             rdq = rows_of(grad_q), rdk = rows_of(grad_k), rdv = rows_of(grad_v);
+  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+    std::vector<at::BFloat16> dn(T * DH);                 // dN, rows DH apart: A of G = dN v^T
+    std::vector<uint32_t> dn_pairs(token_pairs * dhp, 0);  // dN in pairs of rows: B of dV = C^T dN
+    std::vector<uint32_t> v_cols(pairs * padded);         // v's pairs of columns (pack_k_pairs): B of G
+    std::vector<uint32_t> x_pairs(token_pairs * dhp, 0);  // k, then q, in pairs of rows: B of dQ, dK
+    std::vector<at::BFloat16> lhs(T * tp, at::BFloat16(0.0f));  // C^T, then dS^T: A of dV, dK (rows tp apart)
+    std::vector<at::BFloat16> ds(T * tp, at::BFloat16(0.0f));   // dS: A of dQ
+    std::vector<float> g(T * padded), out(T * dhp), grad_row_sum(T);
+    std::vector<vfloat> cols(blocks);
+    // out (T x DH fp32 sums) rounded once into a slice of a gradient
+    auto store_rows = [&](at::BFloat16* dst, int64_t stride) {
+      for (int64_t t = 0; t < T; ++t) {
+        for_vectors(DH, [&](int64_t d0, int64_t count) {
+          store(dst + t * stride + d0, load(out.data() + t * dhp + d0, count), count);
+        });
+      }
+    };
+    // out = A (T x tp, rows tp apart; lower or upper triangular) B (pairs of rows)
+    auto product = [&](const at::BFloat16* lhs_rows, bool upper, const uint32_t* rhs) {
+      if (tiles) {
+        at::native::cpublas::brgemm(T, DH, tp, tp, DH, DH, false, lhs_rows, reinterpret_cast<const at::BFloat16*>(rhs),
+                                    out.data(), true);
+      } else {
+        triangle_dots(lhs_rows, tp, T, upper, rhs, dhp, out.data());
+      }
+    };
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t b = i / H, hh = i % H;
+      const at::BFloat16* c_i = weights + i * T * T;
+      const float* a_i = a + i * T;
+      // dN and the normaliser's gradient, row by row
+      const at::BFloat16* dh_i = rdh.slice(b, hh);
+      const at::BFloat16* h_i = rh.slice(b, hh);
+      for (int64_t t = 0; t < T; ++t) {
+        const int64_t r = i * T + t;
+        const vfloat inverse = splat(1.0f / (normaliser[r] + eps));
+        at::BFloat16* dn_row = dn.data() + t * DH;
+        vfloat dot{};
+        for_vectors(DH, [&](int64_t d0, int64_t count) {
+          store(dn_row + d0, load(dh_i + t * rdh.s2 + d0, count) * inverse, count);
+          dot += load(dn_row + d0, count) * load(h_i + t * rh.s2 + d0, count);
+        });
+        const float grad_norm = -lane_sum(dot);
+        const float floor = std::exp(-m[r]);
+        const bool use_sum = std::abs(row_sum[r]) >= floor;  // which side of max(|row sum|, exp(-m)) is active
+        const float sign = row_sum[r] > 0.0f ? 1.0f : (row_sum[r] < 0.0f ? -1.0f : 0.0f);
+        grad_row_sum[t] = use_sum ? grad_norm * sign : 0.0f;
+        grad_m[r] = use_sum ? 0.0f : -grad_norm * floor;
+      }
+      // dV = C^T dN
+      pack_row_pairs(dn.data(), DH, T, DH, dn_pairs.data(), dhp);
+      transpose_bf16(c_i, T, T, T, lhs.data(), tp);
+      product(lhs.data(), true, dn_pairs.data());
+      store_rows(rdv.slice(b, hh), rdv.s2);
+      // G = dN v^T (fp32; on the dot products only the blocks up to the diagonal)
+      pack_k_pairs(rv.slice(b, hh), rv.s2, T, pairs, padded, v_cols.data());
+      if (tiles) {
+        at::native::cpublas::brgemm(T, padded, DH, DH, padded, padded, false, dn.data(),
+                                    reinterpret_cast<const at::BFloat16*>(v_cols.data()), g.data(), true);
+      } else {
+        scores_dots(dn.data(), DH, v_cols.data(), T, pairs, padded, g.data());
+      }
+      // dS = (G + grad_row_sum) D' and the sums of d log D = (G + grad_row_sum) C (backward_f32's row pass)
+      std::fill(cols.begin(), cols.end(), vfloat{});
+      for (int64_t t = 0; t < T; ++t) {
+        const float mx = row_max[i * T + t], grs = grad_row_sum[t];
+        const float* g_row = g.data() + t * padded;
+        const at::BFloat16* c_row = c_i + t * T;
+        at::BFloat16* ds_row = ds.data() + t * tp;
+        vfloat sum{};
+        for_vectors(T, [&](int64_t s0, int64_t count) {
+          vfloat d{};
+          if (s0 <= t) {
+            const vfloat dc = load(g_row + s0, count) + grs;
+            d = dc * decay_lanes(load(a_i + s0, count), mx, scale, s0, t);
+            const vfloat dlog = dc * load(c_row + s0, count);  // C is 0 above the diagonal
+            sum += dlog;
+            cols[s0 / kLanes] += dlog;
+          }
+          store(ds_row + s0, d, count);
+        });
+        row_sums[i * T + t] = lane_sum(sum);
+      }
+      for (int64_t blk = 0; blk < blocks; ++blk) {
+        store(col_sums + i * T + blk * kLanes, cols[blk], std::min(kLanes, T - blk * kLanes));
+      }
+      // dQ = dS k
+      pack_row_pairs(rk.slice(b, hh), rk.s2, T, DH, x_pairs.data(), dhp);
+      product(ds.data(), false, x_pairs.data());
+      store_rows(rdq.slice(b, hh), rdq.s2);
+      // dK = dS^T q
+      transpose_bf16(ds.data(), tp, T, T, lhs.data(), tp);
+      pack_row_pairs(rq.slice(b, hh), rq.s2, T, DH, x_pairs.data(), dhp);
+      product(lhs.data(), true, x_pairs.data());
+      store_rows(rdk.slice(b, hh), rdk.s2);
     }
     if (tiles) at::native::cpublas::brgemm_release(true);
   });
@@ -682,6 +868,43 @@ std::tuple<at::Tensor, at::Tensor> forward_bf16(const at::Tensor& q, const at::T
                                                 at::Tensor h, bool tiles) {
   TORCH_CHECK(has_bf16_scores(), "forward_bf16 needs a CPU with AVX512-BF16 (see has_bf16_scores)");
   return forward_bf16_impl(q, k, v, a, row_max, m, scale, eps, weights, h, tiles, nullptr);
+}
+
+// q, k, v, grad_h, h and the outputs grad_q, grad_k, grad_v (B, H, T, DH) bf16 with unit last strides, DH even;
+// weights (B, H, T, T) bf16 contiguous (the forward's C); a, row_max, m, row_sum, normaliser (B, H, T) fp32
+// contiguous. Writes the three gradients; returns grad_m and the row and column sums of d log D, (B, H, T) fp32
+// each. Only where has_bf16_scores(); on AMX tiles where the CPU has them and `tiles`.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_bf16(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& grad_h, const at::Tensor& h,
+    const at::Tensor& weights, const at::Tensor& a, const at::Tensor& row_max, const at::Tensor& m,
+    const at::Tensor& row_sum, const at::Tensor& normaliser, double scale, double eps, at::Tensor grad_q,
+    at::Tensor grad_k, at::Tensor grad_v, bool tiles) {
+  TORCH_CHECK(has_bf16_scores(), "backward_bf16 needs a CPU with AVX512-BF16 (see has_bf16_scores)");
+  check_rows(q, q, "q");
+  const std::pair<const at::Tensor*, const char*> rows[] = {{&k, "k"}, {&v, "v"}, {&grad_h, "grad_h"}, {&h, "h"},
+                                                            {&grad_q, "grad_q"}, {&grad_k, "grad_k"},
+                                                            {&grad_v, "grad_v"}};
+  for (const auto& [x, what] : rows) check_rows(*x, q, what);
+  TORCH_CHECK(q.size(3) % 2 == 0, "the head dimension must be even, got ", q.size(3));
+  const int64_t T = q.size(2), n = q.size(0) * q.size(1);
+  check_slices(weights, n, T * T, "weights");
+  TORCH_CHECK(weights.scalar_type() == at::kBFloat16, "weights must be bfloat16");
+  const std::pair<const at::Tensor*, const char*> vectors[] = {{&a, "a"}, {&row_max, "row_max"}, {&m, "m"},
+                                                               {&row_sum, "row_sum"}, {&normaliser, "normaliser"}};
+  for (const auto& [x, what] : vectors) {
+    check_slices(*x, n, T, what);
+    TORCH_CHECK(x->scalar_type() == at::kFloat, what, " must be float32");
+  }
+  auto grad_m = at::empty({q.size(0), q.size(1), T}, a.options());
+  auto row_sums = at::empty_like(grad_m), col_sums = at::empty_like(grad_m);
+#if defined(__AVX512BF16__)
+  backward_whole_bf16(q, k, v, grad_h, h, weights.data_ptr<at::BFloat16>(), a.data_ptr<float>(),
+                      row_max.data_ptr<float>(), m.data_ptr<float>(), row_sum.data_ptr<float>(),
+                      normaliser.data_ptr<float>(), static_cast<float>(scale), static_cast<float>(eps), grad_q, grad_k,
+                      grad_v, grad_m.data_ptr<float>(), row_sums.data_ptr<float>(), col_sums.data_ptr<float>(),
+                      tiles && can_use_tiles());
+#endif
+  return {grad_m, row_sums, col_sums};
 }
 
 // forward_bf16 for inference, with the cell's q, k and v computed from their sources slice by slice instead of
@@ -763,6 +986,9 @@ TORCH_LIBRARY(vision_lstm_cpu, m) {
   m.def("forward_bf16_projected(Tensor c, Tensor x_m, int num_heads, Tensor wq, Tensor? bq, Tensor wk, Tensor? bk, "
         "Tensor wv, Tensor? bv, Tensor a, Tensor row_max, Tensor m, float scale, float eps, Tensor(a!) h, "
         "bool tiles=True) -> (Tensor, Tensor)");
+  m.def("backward_bf16(Tensor q, Tensor k, Tensor v, Tensor grad_h, Tensor h, Tensor weights, Tensor a, "
+        "Tensor row_max, Tensor m, Tensor row_sum, Tensor normaliser, float scale, float eps, Tensor(a!) grad_q, "
+        "Tensor(b!) grad_k, Tensor(c!) grad_v, bool tiles=True) -> (Tensor, Tensor, Tensor)");
   m.def("has_bf16_scores() -> bool", &has_bf16_scores);  // no tensor arguments: one kernel for every backend
   m.def("has_tile_scores() -> bool", &has_tile_scores);
 }
@@ -775,4 +1001,5 @@ TORCH_LIBRARY_IMPL(vision_lstm_cpu, CPU, m) {
   m.impl("weights_forward_qk", &weights_forward_qk);
   m.impl("forward_bf16", &forward_bf16);
   m.impl("forward_bf16_projected", &forward_bf16_projected);
+  m.impl("backward_bf16", &backward_bf16);
 }
