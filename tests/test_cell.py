@@ -256,6 +256,39 @@ def test_rebuild_gives_the_same_gradients_without_keeping_the_inputs(cell_path, 
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("autocast", [False, True])
+def test_placeholder_inputs_are_rebuilt_where_the_projected_kernels_do_not_apply(cell_path, autocast):
+    """Given sources with placeholders (q, k, v never computed by the caller), the cell computes q, k, v from the
+    sources in its kernels where they apply (ViL's layer: tests/test_model.py), and otherwise calls rebuild for them
+    in forward: here sources whose head dimension is odd, so never from the kernels. The same output and gradients
+    as with q, k, v given."""
+    from vision_lstm.cell import ProjectedSources
+    B, T, H, DH = 2, 11, 3, 5
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(B, H, T, DH) for _ in range(3))
+    gates = [torch.randn(B, H, T, requires_grad=True) for _ in range(2)]
+    weight = torch.randn(B, H, T, DH)
+
+    def run(placeholders):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        inputs = [torch.zeros(()).expand(B, H, T, DH).requires_grad_() for _ in range(3)] if placeholders else leaves
+        rebuild = lambda: tuple(t.detach() for t in leaves)  # noqa: E731
+        sources = ProjectedSources(torch.zeros(B, T, H * DH), torch.zeros(B, T, H * DH), H, (), placeholders)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = mlstm_parallel(*inputs, *gates, rebuild=rebuild, sources=sources)
+        grads = torch.autograd.grad((out.float() * weight).sum(), inputs + gates)
+        return out, grads
+
+    want_out, want_grads = run(False)
+    got_out, got_grads = run(True)
+    assert torch.equal(got_out, want_out)
+    assert all(torch.equal(a, b) for a, b in zip(got_grads, want_grads))
+    placeholder = torch.zeros(()).expand(B, H, T, DH)
+    with pytest.raises(ValueError, match="placeholders need rebuild"):
+        mlstm_parallel(placeholder, placeholder, placeholder, *gates,
+                       sources=ProjectedSources(placeholder, placeholder, H, (), True))
+
+
 def test_autocast_inference_copies_each_input_once(cell_path):
     """Without gradients, q and k are cast to fp32 straight from the head views (one pass each, no bf16 copy
     first) and v is made contiguous once; where the whole forward is one kernel (CPUs with AVX512-BF16,

@@ -242,6 +242,20 @@ def test_whole_backward_rejects_bad_input(kernels):
                               *[torch.empty_like(odd) for _ in range(3)])
 
 
+def _projected_heads(kernels, c, x_m, num_heads, bs, with_bias, generator):
+    """Random bf16 block-diagonal weights (C / bs, bs, bs) and biases (C,) (or None) for q, k, v, and q, k, v
+    (B, H, T, DH) from c, c, x_m (B, T, C) written out by block_diag_mm: (weights, biases, heads)."""
+    B, T, C = c.shape
+    weights = [(torch.randn(C // bs, bs, bs, generator=generator) / bs).bfloat16() for _ in range(3)]
+    biases = [torch.randn(C, generator=generator).bfloat16() if with_bias else None for _ in range(3)]
+    heads = []
+    for source, weight, bias in zip((c, c, x_m), weights, biases):
+        out = torch.empty(B, num_heads, T, C // num_heads, dtype=torch.bfloat16)
+        kernels.block_diag_mm([source.view(B, T, num_heads, -1)], [weight], bias, out.transpose(1, 2))
+        heads.append(out)
+    return weights, biases, heads
+
+
 @pytest.mark.parametrize("T,DH,bs,with_bias", [(1, 2, 1, True), (17, 34, 2, False), (64, 96, 4, True),
                                                (33, 64, 8, True), (5, 16, 16, False)])
 @pytest.mark.parametrize("tiles", [True, False], ids=["amx-tiles", "dot-products"])
@@ -258,13 +272,7 @@ def test_projected_forward_is_the_projections_then_the_whole_forward(kernels, T,
     C = H * DH
     g = torch.Generator().manual_seed(T + DH + bs)
     c, x_m = (torch.randn(B, T, C, generator=g).bfloat16() for _ in range(2))
-    weights = [(torch.randn(C // bs, bs, bs, generator=g) / bs).bfloat16() for _ in range(3)]
-    biases = [torch.randn(C, generator=g).bfloat16() if with_bias else None for _ in range(3)]
-    heads = []
-    for source, weight, bias in zip((c, c, x_m), weights, biases):
-        out = torch.empty(B, H, T, DH, dtype=torch.bfloat16)
-        kernels.block_diag_mm([source.view(B, T, H, DH)], [weight], bias, out.transpose(1, 2))
-        heads.append(out)
+    weights, biases, heads = _projected_heads(kernels, c, x_m, H, bs, with_bias, g)
     _, a, row_max = _decay_inputs(B, H, T, seed=T)
     m = row_max - torch.rand(B, H, T, generator=g)
     scale, eps = DH ** -0.5, 1e-6
@@ -275,6 +283,44 @@ def test_projected_forward_is_the_projections_then_the_whole_forward(kernels, T,
                                                        weights[2], biases[2], a, row_max, m, scale, eps, got, tiles)
     assert not want.isnan().any()
     assert torch.equal(got, want) and torch.equal(got_sum, want_sum) and torch.equal(got_norm, want_norm)
+
+
+@pytest.mark.parametrize("T,DH,bs,with_bias", [(1, 2, 1, True), (17, 34, 2, False), (64, 96, 4, True),
+                                               (33, 64, 8, True), (5, 16, 16, False)])
+def test_projected_backward_is_the_projections_then_the_whole_backward(kernels, T, DH, bs, with_bias):
+    """backward_bf16_projected (training: q, k, v computed per slice inside the whole backward from their sources,
+    as forward_bf16_projected computes them) against block_diag_mm writing q, k, v out and backward_bf16 reading
+    them: the same bits. And forward_bf16_projected with C written out (training) gives forward_bf16's C. Both forms
+    of the products where the CPU has them."""
+    if not fused.has_bf16_scores():
+        pytest.skip("this CPU has no AVX512-BF16: the cell's backward runs as separate products")
+    B, H = 2, 3
+    C = H * DH
+    g = torch.Generator().manual_seed(T + DH + bs + 1)
+    c, x_m, grad_h = (torch.randn(B, T, C, generator=g).bfloat16() for _ in range(3))
+    grad_h = grad_h.view(B, T, H, DH).transpose(1, 2)
+    weights, biases, heads = _projected_heads(kernels, c, x_m, H, bs, with_bias, g)
+    projections = [weights[0], biases[0], weights[1], biases[1], weights[2], biases[2]]
+    _, a, row_max = _decay_inputs(B, H, T, seed=T)
+    m = row_max - 3 * torch.rand(B, H, T, generator=g)
+    scale, eps = DH ** -0.5, 1e-6
+    for tiles in ([True, False] if fused.has_tile_scores() else [False]):
+        weights_c = torch.empty(B, H, T, T, dtype=torch.bfloat16)
+        h = torch.empty(B, T, H, DH, dtype=torch.bfloat16).transpose(1, 2)
+        row_sum, normaliser = kernels.forward_bf16(*heads, a, row_max, m, scale, eps, weights_c, h, tiles)
+        projected_c = torch.full_like(weights_c, float("nan"))
+        got_sum, got_norm = kernels.forward_bf16_projected(c, x_m, H, *projections, a, row_max, m, scale, eps,
+                                                           torch.empty_like(h), tiles, projected_c)
+        assert torch.equal(projected_c, weights_c) and torch.equal(got_sum, row_sum)
+        want = [torch.empty(B, H, T, DH, dtype=torch.bfloat16) for _ in range(3)]
+        want_sums = kernels.backward_bf16(*heads, grad_h, h, weights_c, a, row_max, m, row_sum, normaliser, scale,
+                                          eps, *want, tiles)
+        got = [torch.full((B, H, T, DH), float("nan"), dtype=torch.bfloat16) for _ in range(3)]
+        got_sums = kernels.backward_bf16_projected(c, x_m, H, *projections, grad_h, h, weights_c, a, row_max, m,
+                                                   row_sum, normaliser, scale, eps, *got, tiles)
+        assert not any(t.isnan().any() for t in want)
+        for x, y in zip((*got, *got_sums), (*want, *want_sums)):
+            assert torch.equal(x, y), tiles
 
 
 def test_projected_forward_rejects_bad_input(kernels):

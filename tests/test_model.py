@@ -304,6 +304,64 @@ def test_bf16_products_fuse_their_bias():
     assert torch.equal(got, want)
 
 
+def _layer_with_inputs():
+    """A ViL layer (dim 32, 4 heads) with its norm, skip and gate weights away from their init, an input and an
+    output gradient for a 4 x 6 grid (B 3): (layer, x, grad_y)."""
+    torch.manual_seed(0)
+    layer = layers.ViLLayer(32, num_heads=4)
+    for param in (layer.outnorm.weight, layer.outnorm.bias, layer.learnable_skip, layer.igate.weight,
+                  layer.fgate.weight):
+        param.data.normal_(std=0.5)
+    return layer, torch.randn(3, 24, 32), torch.randn(3, 24, 32)
+
+
+def test_training_computes_q_k_v_inside_the_cells_kernels(monkeypatch):
+    # Under bf16 autocast with the CPU kernels (on a CPU with AVX512-BF16), the cell's whole-forward and
+    # whole-backward kernels compute q, k, v from c and x_m themselves (forward_bf16_projected,
+    # backward_bf16_projected): the projections never write them out (no block_diag_mm for them, forward or
+    # backward; rebuild is not called). Every output and gradient is the bits of the routes that do write them: the
+    # projections in forward and the backward kernel computing them again, or the projections in forward and again
+    # for backward (rebuild). A 4 x 6 grid.
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from vision_lstm import fused
+    if not fused.has_bf16_scores():
+        pytest.skip("this CPU has no AVX512-BF16: the cell reads q, k, v")
+    layer, x0, grad_y = _layer_with_inputs()
+    rebuilds = []
+    real_again = layers.ViLLayer._qkv_heads_again
+    monkeypatch.setattr(layers.ViLLayer, "_qkv_heads_again", lambda *a: rebuilds.append(1) or real_again(*a))
+
+    class CountProjections(TorchDispatchMode):
+        calls = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if str(func.overloadpacket) == "vision_lstm_cpu.block_diag_mm" and args[2] is not None:
+                CountProjections.calls += 1  # with a bias: q's, k's or v's projection (backward's have none)
+            return func(*args, **(kwargs or {}))
+
+    def run():
+        x = x0.clone().requires_grad_()
+        layer.zero_grad()
+        rebuilds.clear()
+        CountProjections.calls = 0
+        with CountProjections():
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                y = layer(x, (4, 6))
+            y.float().backward(grad_y)
+        return [y, x.grad] + [p.grad.clone() for p in layer.parameters()], CountProjections.calls, len(rebuilds)
+
+    got, projections, rebuilt = run()
+    assert (projections, rebuilt) == (0, 0)
+    monkeypatch.setattr(layers, "projected_training_applies", lambda *a: False)  # q, k, v written in forward
+    want, projections, rebuilt = run()
+    assert (projections, rebuilt) == (3, 0)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    monkeypatch.setattr(layers, "ProjectedSources", lambda *a: None)  # and no sources for backward: rebuild
+    want, projections, rebuilt = run()
+    assert (projections, rebuilt) == (6, 1)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
 @pytest.mark.parametrize("autocast", [False, True])
 def test_layer_kernels_match_the_pytorch_route(monkeypatch, autocast):
     # A whole ViL layer with the CPU kernels (conv + SiLU, the output path, the q/k/v projections: layer_kernels)
@@ -313,13 +371,7 @@ def test_layer_kernels_match_the_pytorch_route(monkeypatch, autocast):
     from vision_lstm import fused
     if fused.ops() is None:
         pytest.skip("the CPU kernels could not be built here")
-    torch.manual_seed(0)
-    layer = layers.ViLLayer(32, num_heads=4)
-    for param in (layer.outnorm.weight, layer.outnorm.bias, layer.learnable_skip, layer.igate.weight,
-                  layer.fgate.weight):
-        param.data.normal_(std=0.5)
-    x0 = torch.randn(3, 24, 32)
-    grad_y = torch.randn(3, 24, 32)
+    layer, x0, grad_y = _layer_with_inputs()
 
     def run():
         x = x0.clone().requires_grad_()
@@ -334,8 +386,8 @@ def test_layer_kernels_match_the_pytorch_route(monkeypatch, autocast):
     monkeypatch.setattr(layers, "layer_kernels", lambda *a: calls.append(1) or real(*a))
     y, grad_x, grads = run()
     # conv + SiLU with the projections, output path, down-projection; the projections again and the up-projections'
-    # bias sums in backward
-    assert len(calls) == 5
+    # bias sums in backward (the projections not again where the cell's whole bf16 backward computes q, k, v itself)
+    assert len(calls) == (4 if autocast and fused.has_bf16_scores() else 5)
     monkeypatch.setattr(layers, "layer_kernels", lambda *a: None)
     want_y, want_grad_x, want_grads = run()
     rtol, atol = (3e-2, 3e-2) if autocast else (1e-4, 1e-5)
@@ -668,7 +720,9 @@ def test_cell_rebuilds_q_k_v_in_backward_instead_of_keeping_them(monkeypatch, au
 
     rebuilt, rebuilt_bytes = run(), _unique_saved_bytes(model, x, autocast)
     keep_all = layers.mlstm
-    monkeypatch.setattr(layers, "mlstm", lambda *args, rebuild=None, **kwargs: keep_all(*args, **kwargs))
+    # (without rebuild, q, k, v must be computed by the projections and passed: no sources for the cell's kernels)
+    monkeypatch.setattr(layers, "projected_training_applies", lambda *a: False)
+    monkeypatch.setattr(layers, "mlstm", lambda *args, rebuild=None, sources=None, **kwargs: keep_all(*args, **kwargs))
     kept, kept_bytes = run(), _unique_saved_bytes(model, x, autocast)
     for name in kept:
         assert torch.equal(rebuilt[name], kept[name]), name

@@ -28,6 +28,20 @@ _LOG_DECAY_FLOOR = -60.0
 DEFAULT_EPS = 1e-6
 
 
+class ProjectedSources(NamedTuple):
+    """What the parallel cell's q, k, v were computed from: q = Wq c + bq, k = Wk c + bk, v = Wv x_m + bv with W
+    block-diagonal (the ViL layer's projections; as :func:`mlstm_parallel_projected` takes them). Given to
+    :func:`mlstm_parallel` with ``rebuild``, its whole-backward kernel computes q, k, v again slice by slice from
+    these (``backward_bf16_projected``) where it applies, instead of calling ``rebuild``, which writes them out."""
+    c: torch.Tensor  # (B, T, H * DH)
+    x_m: torch.Tensor  # (B, T, H * DH)
+    num_heads: int
+    projections: tuple  # ((Wq, bq), (Wk, bk), (Wv, bv)): W (H * DH / bs, bs, bs), b (H * DH,) or None
+    # q, k, v given to the cell are placeholders (their shape only, never read): the cell computes them from these
+    # in forward too (forward_bf16_projected, where :func:`projected_training_applies`), else calls rebuild for them
+    placeholders: bool = False
+
+
 class MLSTMState(NamedTuple):
     """Recurrent state carried between tokens or chunks."""
 
@@ -172,8 +186,13 @@ class _ParallelMLSTM(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, igate, fgate, eps, low_dtype, kernels, rebuild, token_major):
+    def forward(ctx, q, k, v, igate, fgate, eps, low_dtype, kernels, rebuild, token_major, sources):
         scale = q.shape[-1] ** -0.5
+        projected = sources is not None and sources.placeholders
+        if projected and not (rebuild is not None and _whole_forward(kernels, q, v, low_dtype)
+                              and projected_training_applies(sources.c, sources.num_heads)):
+            q, k, v = rebuild()  # not computed by the caller, and the projected kernel does not apply: here they are
+            projected = False
         if kernels is None:
             decay, m, argmax = _decay_matrix(igate, fgate)  # (B, H, T, T), (B, H, T, 1) x2
             # The 1/sqrt(DH) of the scores goes into the decay matrix (T x T) rather than into q (T x DH, DH > T in
@@ -184,10 +203,11 @@ class _ParallelMLSTM(torch.autograd.Function):
         # Callers often pass head views of a (B, T, H * DH) tensor; one contiguous copy each here replaces the
         # copies matmul would otherwise make of every operand, forward and backward. The gradients go back in
         # the callers' layouts (see backward), so the projections that made q, k, v need no copy of their own.
-        ctx.layouts = tuple(None if t.is_contiguous() else _layout_of(t) for t in (q, k, v))
+        ctx.layouts = (None,) * 3 if projected else tuple(None if t.is_contiguous() else _layout_of(t)
+                                                          for t in (q, k, v))
         # (forward itself runs with grad mode off: ask ctx.) The copies are made with or without rebuild, so that
         # forward computes the same way (and rebuild gives the same gradients bit for bit).
-        if any(ctx.needs_input_grad[:2]):
+        if any(ctx.needs_input_grad[:2]) and not projected:
             q, k = q.contiguous(), k.contiguous()  # backward's products read them in the dtype they came in
         # h comes back in q's layout, or in token-major memory if asked (the ViL layer reads it as (B, T, H * DH)),
         # written by the division that is needed anyway: no copy of its own.
@@ -201,10 +221,16 @@ class _ParallelMLSTM(torch.autograd.Function):
             # normaliser, C v (summed in fp32 and divided before its one rounding) and h, slice by slice in cache;
             # q, k, v are read and h written in place, and C is written out only for backward.
             needs_grad = any(ctx.needs_input_grad)
-            if needs_grad:
+            if needs_grad and not projected:
                 v = v.contiguous()
             weights_mm = torch.empty(q.shape[:-1] + (q.shape[-2],), dtype=low_dtype) if needs_grad else None
-            row_sum, normaliser = kernels.forward_bf16(q, k, v, a, running_max, m, scale, eps, weights_mm, h)
+            if projected:  # q, k, v computed slice by slice from their sources, as in backward
+                (wq, bq), (wk, bk), (wv, bv) = sources.projections
+                row_sum, normaliser = kernels.forward_bf16_projected(
+                    sources.c, sources.x_m, sources.num_heads, wq, bq, wk, bk, wv, bv, a, running_max, m, scale, eps,
+                    h, True, weights_mm)
+            else:
+                row_sum, normaliser = kernels.forward_bf16(q, k, v, a, running_max, m, scale, eps, weights_mm, h)
             row_sum, normaliser = row_sum.unsqueeze(-1), normaliser.unsqueeze(-1)  # (B, H, T, 1)
         else:
             v = v.contiguous()
@@ -234,6 +260,7 @@ class _ParallelMLSTM(torch.autograd.Function):
                 weights, decay = weights_mm, decay.to(low_dtype)
             ctx.save_for_backward(q, k, v, fgate, decay, weights, m, argmax, row_sum, normaliser, h)
         ctx.eps, ctx.low_dtype, ctx.kernels, ctx.scale, ctx.rebuild = eps, low_dtype, kernels, scale, rebuild
+        ctx.sources = sources if rebuild is not None else None
         return h
 
     @staticmethod
@@ -244,19 +271,29 @@ class _ParallelMLSTM(torch.autograd.Function):
         else:
             q, k, v, fgate, a, running_max, weights, m, argmax, row_sum, normaliser, h = ctx.saved_tensors
         rebuilt = ctx.rebuild is not None
+        sources, ctx.sources = ctx.sources, None
+        # The whole backward in one kernel, slice by slice in cache (backward_bf16 in csrc/mlstm_cpu.cpp), with the
+        # gradients written in the layouts q, k, v came in; from q, k, v's sources where forward was given them
+        # (backward_bf16_projected: then rebuild, which would write q, k, v out, is not called).
+        if sources is not None and _whole_backward(kernels, (sources.c, sources.x_m, grad_h, h), weights, low_dtype) \
+                and sources.c.is_contiguous() and sources.x_m.is_contiguous():
+            ctx.rebuild = None
+            grads = [torch.empty(h.shape, dtype=h.dtype) if like is None else torch.empty_like(like, device=h.device)
+                     for like in ctx.layouts]
+            (wq, bq), (wk, bk), (wv, bv) = sources.projections
+            sums = kernels.backward_bf16_projected(
+                sources.c, sources.x_m, sources.num_heads, wq, bq, wk, bk, wv, bv, grad_h, h, weights, a,
+                running_max, m.squeeze(-1), row_sum.squeeze(-1), normaliser.squeeze(-1), ctx.scale, ctx.eps, *grads)
+            return _whole_backward_gradients(grads, *sums, argmax, fgate)
         if rebuilt:  # in the dtype they came in (forward kept them otherwise)
             q, k, v = ctx.rebuild()
             ctx.rebuild = None  # (drops the references its closure holds)
-        if _whole_backward(kernels, q, k, v, weights, grad_h, h, low_dtype):
-            # The whole backward in one kernel, slice by slice in cache (see backward_bf16 in csrc/mlstm_cpu.cpp);
-            # the gradients are written in the layouts q, k, v came in.
+        if _whole_backward(kernels, (q, k, v, grad_h, h), weights, low_dtype):
             grads = [torch.empty_like(t if like is None else like, device=t.device)
                      for t, like in zip((q, k, v), ctx.layouts)]
-            grad_m, grad_log_d_rows, grad_igate = kernels.backward_bf16(
-                q, k, v, grad_h, h, weights, a, running_max, m.squeeze(-1), row_sum.squeeze(-1),
-                normaliser.squeeze(-1), ctx.scale, ctx.eps, *grads)
-            grad_igate.scatter_add_(-1, argmax.squeeze(-1), grad_m - grad_log_d_rows)  # as below
-            return _gate_and_layout_gradients((None, None, None), *grads, grad_igate, grad_m - grad_igate, fgate)
+            sums = kernels.backward_bf16(q, k, v, grad_h, h, weights, a, running_max, m.squeeze(-1),
+                                         row_sum.squeeze(-1), normaliser.squeeze(-1), ctx.scale, ctx.eps, *grads)
+            return _whole_backward_gradients(grads, *sums, argmax, fgate)
         if rebuilt:  # contiguous, as forward kept them otherwise
             q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         denom = normaliser + ctx.eps  # (B, H, T, 1)
@@ -311,6 +348,13 @@ class _ParallelMLSTM(torch.autograd.Function):
         return _gate_and_layout_gradients(ctx.layouts, grad_q, grad_k, grad_v, grad_igate, grad_cum, fgate)
 
 
+def _whole_backward_gradients(grads, grad_m, grad_log_d_rows, grad_igate, argmax, fgate):
+    """The cell's gradients from the whole-backward kernel's: q's, k's, v's (written in their layouts) and the sums
+    of d log D and the stabiliser's gradient (B, H, T) each, routed to the gates as the kernels' form below does."""
+    grad_igate.scatter_add_(-1, argmax.squeeze(-1), grad_m - grad_log_d_rows)  # column sums: +i~_s
+    return _gate_and_layout_gradients((None, None, None), *grads, grad_igate, grad_m - grad_igate, fgate)
+
+
 def _gate_and_layout_gradients(layouts, grad_q, grad_k, grad_v, grad_igate, grad_cum, fgate):
     """The tail of the parallel cell's backward: the forget-gate gradient from d/dF (B, H, T), and q, k, v's
     gradients in the layouts their inputs came in (``layouts``: as ``ctx.layouts``; None where they are in it)."""
@@ -319,7 +363,7 @@ def _gate_and_layout_gradients(layouts, grad_q, grad_k, grad_v, grad_igate, grad
     grad_fgate = grad_log_f * torch.sigmoid(-fgate)
     grad_q, grad_k, grad_v = (grad if like is None else torch.empty_like(like, device=grad.device).copy_(grad)
                               for grad, like in zip((grad_q, grad_k, grad_v), layouts))
-    return grad_q, grad_k, grad_v, grad_igate, grad_fgate, None, None, None, None, None
+    return grad_q, grad_k, grad_v, grad_igate, grad_fgate, None, None, None, None, None, None
 
 
 def _whole_forward(kernels, q: torch.Tensor, v: torch.Tensor, low_dtype) -> bool:
@@ -329,13 +373,13 @@ def _whole_forward(kernels, q: torch.Tensor, v: torch.Tensor, low_dtype) -> bool
             and v.dtype == torch.bfloat16 and q.shape[-1] % 2 == 0 and fused.has_bf16_scores())
 
 
-def _whole_backward(kernels, q, k, v, weights, grad_h, h, low_dtype) -> bool:
-    """Whether the whole backward runs in one fused kernel (``backward_bf16``): under bf16 autocast with the kernels
-    (C kept in bf16, D rebuilt from O(T) vectors), bf16 q, k, v, h and dh with unit last strides, an even head
-    dimension, and a CPU with AVX512-BF16 (:func:`vision_lstm.fused.has_bf16_scores`)."""
-    rows = (q, k, v, grad_h, h)
+def _whole_backward(kernels, rows, weights, low_dtype) -> bool:
+    """Whether the whole backward runs in one fused kernel (``backward_bf16``, ``backward_bf16_projected``): under
+    bf16 autocast with the kernels (C kept in bf16, D rebuilt from O(T) vectors), the rows it reads (q, k, v or
+    their sources, dh, h) in bf16 with unit last strides, an even head dimension, and a CPU with AVX512-BF16
+    (:func:`vision_lstm.fused.has_bf16_scores`)."""
     return (kernels is not None and low_dtype == torch.bfloat16 and weights.dtype == torch.bfloat16
-            and all(t.dtype == torch.bfloat16 and t.stride(-1) == 1 for t in rows) and q.shape[-1] % 2 == 0
+            and all(t.dtype == torch.bfloat16 and t.stride(-1) == 1 for t in rows) and rows[-1].shape[-1] % 2 == 0
             and fused.has_bf16_scores())
 
 
@@ -349,7 +393,7 @@ def _layout_of(x: torch.Tensor) -> torch.Tensor:
 
 
 def mlstm_parallel(q, k, v, igate, fgate, eps: float = DEFAULT_EPS, rebuild=None,
-                   token_major: bool = False) -> torch.Tensor:
+                   token_major: bool = False, sources: ProjectedSources | None = None) -> torch.Tensor:
     """Parallel form, fast path (hand-written backward). Shapes and math as :func:`mlstm_parallel_reference`.
 
     Under bf16 autocast (CPU or CUDA) q, k, v are cast to bf16, the gates to fp32, and h comes back in bf16;
@@ -361,6 +405,11 @@ def mlstm_parallel(q, k, v, igate, fgate, eps: float = DEFAULT_EPS, rebuild=None
     token_major: return h (B, H, T, DH) as a view of (B, T, H, DH) memory (what a layer that goes on token-major
     reads without a copy) instead of in q's layout.
 
+    sources: None, or (with rebuild) what q, k, v were computed from (:class:`ProjectedSources`): where the whole
+    bf16 backward kernel applies, it computes them again slice by slice instead of calling rebuild. With
+    ``placeholders``, q, k, v are not computed at all (their shape only): the whole bf16 forward kernel computes
+    them from the sources too (:func:`projected_training_applies`), else forward calls rebuild for them.
+
     Always runs eagerly, also inside ``torch.compile``d models: compiling it with the rest of ViL-T was far slower
     to compile and to train (2 cores, session 16, ad hoc), while the rest of the model compiled around an eager
     cell trains 1.17x faster in bf16 (README, Performance).
@@ -369,12 +418,17 @@ def mlstm_parallel(q, k, v, igate, fgate, eps: float = DEFAULT_EPS, rebuild=None
         # The eager wrapper is made here rather than by decorating this function at import: making it imports
         # TorchDynamo, about half of ``import vision_lstm``'s time (1.2 of 2.5 s, session 18), which only users
         # who compile need, and they have imported it by now.
-        return torch.compiler.disable(_mlstm_parallel_eager)(q, k, v, igate, fgate, eps, rebuild, token_major)
-    return _mlstm_parallel_eager(q, k, v, igate, fgate, eps, rebuild, token_major)
+        return torch.compiler.disable(_mlstm_parallel_eager)(q, k, v, igate, fgate, eps, rebuild, token_major,
+                                                             sources)
+    return _mlstm_parallel_eager(q, k, v, igate, fgate, eps, rebuild, token_major, sources)
 
 
-def _mlstm_parallel_eager(q, k, v, igate, fgate, eps: float, rebuild=None, token_major: bool = False) -> torch.Tensor:
+def _mlstm_parallel_eager(q, k, v, igate, fgate, eps: float, rebuild=None, token_major: bool = False,
+                          sources: ProjectedSources | None = None) -> torch.Tensor:
     _check_inputs(q, k, v, igate, fgate)
+    if sources is not None and sources.placeholders and rebuild is None:
+        raise ValueError("sources with placeholders need rebuild: q, k, v must be computable where the cell's "
+                         "projected kernels do not apply")
     device = q.device.type
     if torch.is_autocast_enabled(device):
         # bf16 has fp32's range; fp16 (CUDA autocast's default) could overflow in C = S D, so it takes fp32.
@@ -386,9 +440,20 @@ def _mlstm_parallel_eager(q, k, v, igate, fgate, eps: float, rebuild=None, token
             igate, fgate = igate.float(), fgate.float()
             kernels = _fused_kernels(q, k, v, igate, fgate, low_dtype)
             rebuilt = None if rebuild is None else lambda: tuple(t.to(dtype) for t in rebuild())  # as cast here
-            return _ParallelMLSTM.apply(q, k, v, igate, fgate, eps, low_dtype, kernels, rebuilt, token_major)
+            return _ParallelMLSTM.apply(q, k, v, igate, fgate, eps, low_dtype, kernels, rebuilt, token_major,
+                                        sources)
     kernels = _fused_kernels(q, k, v, igate, fgate, None)
-    return _ParallelMLSTM.apply(q, k, v, igate, fgate, eps, None, kernels, rebuild, token_major)
+    return _ParallelMLSTM.apply(q, k, v, igate, fgate, eps, None, kernels, rebuild, token_major, sources)
+
+
+def projected_training_applies(c: torch.Tensor, num_heads: int) -> bool:
+    """Whether the parallel cell, given :class:`ProjectedSources` with placeholders, computes q, k, v from sources like
+    c (B, T, H * DH) inside its bf16 kernels, forward and backward: bf16 contiguous CPU tensors, an even head
+    dimension, not inside ``torch.compile``, and the fused kernels' AVX512-BF16 forward (under bf16 autocast, which
+    the cell checks itself)."""
+    return (c.device.type == "cpu" and c.dtype == torch.bfloat16 and c.ndim == 3 and c.is_contiguous()
+            and c.shape[1] > 0 and c.shape[2] % num_heads == 0 and (c.shape[2] // num_heads) % 2 == 0
+            and not torch.compiler.is_compiling() and fused.has_bf16_scores())
 
 
 def projected_form_applies(c: torch.Tensor, num_heads: int) -> bool:
@@ -623,13 +688,14 @@ def mlstm_external(q, k, v, igate, fgate, name: str, chunk_size: int = 64, eps: 
 
 
 def mlstm(q, k, v, igate, fgate, mode: str = "parallel", chunk_size: int = 64, eps: float = DEFAULT_EPS,
-          rebuild=None, token_major: bool = False):
+          rebuild=None, token_major: bool = False, sources: ProjectedSources | None = None):
     """Dispatch to one of the three forms, or to an ``mlstm_kernels`` kernel (mode ``"kernels:<name>"``,
-    :func:`mlstm_external`). Shapes as :func:`mlstm_parallel`. ``rebuild`` and ``token_major`` (see
+    :func:`mlstm_external`). Shapes as :func:`mlstm_parallel`. ``rebuild``, ``token_major`` and ``sources`` (see
     :func:`mlstm_parallel`) apply to the parallel form; the others keep what autograd keeps and return h in their
     own layout."""
     if mode == "parallel":
-        return mlstm_parallel(q, k, v, igate, fgate, eps=eps, rebuild=rebuild, token_major=token_major)
+        return mlstm_parallel(q, k, v, igate, fgate, eps=eps, rebuild=rebuild, token_major=token_major,
+                              sources=sources)
     if mode == "chunkwise":
         return mlstm_chunkwise(q, k, v, igate, fgate, chunk_size=chunk_size, eps=eps)
     if mode == "recurrent":

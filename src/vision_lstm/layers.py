@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import fused
-from .cell import check_mode, mlstm, mlstm_parallel_projected, mlstm_parallel_reference, projected_form_applies
+from .cell import (ProjectedSources, check_mode, mlstm, mlstm_parallel_projected, mlstm_parallel_reference,
+                   projected_form_applies, projected_training_applies)
 
 
 class OffsetLayerNorm(nn.Module):
@@ -548,9 +549,10 @@ class _ConvHeadProjections(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x_m, kernels, height, width, conv_w, conv_b, gate_c, num_heads, wq, bq, wk, bk, wv, bv):
+    def forward(ctx, x_m, kernels, height, width, conv_w, conv_b, gate_c, num_heads, heads, wq, bq, wk, bk, wv, bv):
         # x_m: (B, T, inner) contiguous, T = height * width in the layer's order; conv_w (inner, 1, k, k); gate_c
-        # (2H, inner); w*: (inner / bs, bs, bs); b*: (inner,) or None. Products in x_m's dtype.
+        # (2H, inner); w*: (inner / bs, bs, bs); b*: (inner,) or None. Products in x_m's dtype. heads=False: q, k, v
+        # are placeholders (one element expanded to their shape) for a cell that computes them from c and x_m.
         dtype = x_m.dtype
         c = torch.empty_like(x_m)
         kernels.conv_silu_forward(x_m, height, width, conv_w, conv_b, c)
@@ -563,6 +565,10 @@ class _ConvHeadProjections(torch.autograd.Function):
         ctx.kernels, ctx.grid, ctx.num_heads = kernels, (height, width), num_heads
         ctx.has_bias = tuple(b is not None for b in biases)
         ctx.gate_dtype = gate_c.dtype
+        if not heads:
+            B, T, inner = c.shape
+            return (c, gates_c, *(torch.zeros((), dtype=dtype).expand(B, num_heads, T, inner // num_heads)
+                                  for _ in range(3)))
         return (c, gates_c, *_project_heads(kernels, c, x_m, num_heads, weights, biases))
 
     @staticmethod
@@ -587,12 +593,12 @@ class _ConvHeadProjections(torch.autograd.Function):
         grad_x_m = _head_input_grad(ctx.kernels, grads[2:], weights[2:], x_m, grad_x_m, True)  # + v's, one pass
         gate_grad = grad_gates if grad_gates is not None and needs[6] else None
         param_grads, grad_gate_c = _head_param_grads(ctx.kernels, grads, (c, c, x_m), weights[0].shape[-1],
-                                                     ctx.has_bias, needs[8:], gate_grad)
+                                                     ctx.has_bias, needs[9:], gate_grad)
         if gate_grad is not None:
             if grad_gate_c is None:  # q's weight pass did not run
                 grad_gate_c = grad_gates.t() @ c.view(B * T, inner)
             grad_gate_c = grad_gate_c.to(ctx.gate_dtype)
-        return (grad_x_m, None, None, None, grad_w, grad_b, grad_gate_c, None, *param_grads)
+        return (grad_x_m, None, None, None, grad_w, grad_b, grad_gate_c, None, None, *param_grads)
 
 
 def head_major_projections(c: torch.Tensor, x_m: torch.Tensor, num_heads: int, q_proj: "BlockDiagonalLinear",
@@ -778,15 +784,25 @@ class ViLLayer(nn.Module):
             # Inference: q, k, v are computed inside the cell's kernel, never written out
             c, h = self._projected_cell(kernels, x_m, grid, gate_c, gates_x)
         else:
-            c, gates_c, q, k, v = self._conv_gates_heads(kernels, x_m, grid, gate_c)
+            training_cell = torch.is_grad_enabled() and self.mlstm_mode == "parallel"
+            # In training under bf16 autocast with the kernels, the cell's kernels compute q, k, v from c and x_m
+            # themselves, slice by slice in cache, forward and backward (the same bits as the projections'
+            # block_diag_mm): the projections do not write them out (q, k, v below are then placeholders)
+            inside = (training_cell and kernels is not None and low_dtype == torch.bfloat16
+                      and projected_training_applies(x_m, H))
+            c, gates_c, q, k, v = self._conv_gates_heads(kernels, x_m, grid, gate_c, heads=not inside)
             igate, fgate = self._gates(gates_x, gates_c)
             # The cell's backward recomputes q, k, v from c and x_m (which the projections, the conv and the output
             # path keep anyway) instead of holding them from forward: 3 cheap block-diagonal products per layer in
             # backward for three (B, H, T, DH) tensors fewer per layer (docs/performance.md: session 22)
             rebuild = functools.partial(self._qkv_heads_again, c.detach(), x_m.detach(), low_dtype) \
-                if torch.is_grad_enabled() and self.mlstm_mode == "parallel" else None
-            h = mlstm(q, k, v, igate, fgate, mode=self.mlstm_mode, chunk_size=self.chunk_size,
-                      rebuild=rebuild, token_major=True)  # (B, H, T, DH), token-major memory (parallel form)
+                if training_cell else None
+            # With the kernels, the cell's whole-backward kernel can compute q, k, v again itself, slice by slice
+            # in cache, rather than the projections writing them out for it (same bits: block_diag_mm's sums)
+            sources = ProjectedSources(c.detach(), x_m.detach(), H, self._projection_weights(c.dtype), inside) \
+                if rebuild is not None and kernels is not None else None
+            h = mlstm(q, k, v, igate, fgate, mode=self.mlstm_mode, chunk_size=self.chunk_size, rebuild=rebuild,
+                      token_major=True, sources=sources)  # (B, H, T, DH), token-major memory (parallel form)
         # The output path (per-head norm, skip, output gate) runs in h's dtype: under autocast the low dtype, where
         # autocast itself would run the norm and the chain after it in fp32 (four fp32 passes and two casts); the
         # norm's statistics still accumulate in fp32. The parallel cell writes h in token-major memory.
@@ -824,16 +840,18 @@ class ViLLayer(nn.Module):
         if grid[0] * grid[1] != x.shape[1]:
             raise ValueError(f"got {x.shape[1]} tokens for a {grid[0]}x{grid[1]} grid")
 
-    def _conv_gates_heads(self, kernels, x_m: torch.Tensor, grid: tuple[int, int], gate_c: torch.Tensor):
+    def _conv_gates_heads(self, kernels, x_m: torch.Tensor, grid: tuple[int, int], gate_c: torch.Tensor,
+                          heads: bool = True):
         """c = SiLU(conv(x_m)) (B, T, inner), c's part of the gates c @ gate_c^T (B, T, 2H), and q, k, v (B, H, T, DH)
         each: one node over the CPU kernels (:meth:`_head_kernels`) where they apply
-        (:class:`_ConvHeadProjections`), else the conv, the projections and the product separately."""
+        (:class:`_ConvHeadProjections`), else the conv, the projections and the product separately. heads=False
+        (with the kernels only): q, k, v are placeholders of their shape, for a cell that computes them itself."""
         if kernels is None:
             c = self._conv_silu(x_m, grid)
             return (c, F.linear(c, gate_c), *self._qkv_heads(c, x_m))
         self._check_grid(x_m, grid)
         return _ConvHeadProjections.apply(x_m.to(compute_dtype(x_m)).contiguous(), kernels, *grid, self.conv.weight,
-                                          self.conv.bias, gate_c, self.num_heads, self.q_proj.weight,
+                                          self.conv.bias, gate_c, self.num_heads, heads, self.q_proj.weight,
                                           self.q_proj.bias, self.k_proj.weight, self.k_proj.bias, self.v_proj.weight,
                                           self.v_proj.bias)
 
@@ -848,9 +866,13 @@ class ViLLayer(nn.Module):
         kernels.conv_silu_forward(x_m, *grid, self.conv.weight, self.conv.bias, c)
         with torch.autocast(x_m.device.type, enabled=False):
             igate, fgate = self._gates(gates_x, F.linear(c, gate_c.to(c.dtype)))
-        projections = tuple((p.weight.to(c.dtype), None if p.bias is None else p.bias.to(c.dtype))
-                            for p in (self.q_proj, self.k_proj, self.v_proj))
-        return c, mlstm_parallel_projected(c, x_m, self.num_heads, projections, igate, fgate)
+        return c, mlstm_parallel_projected(c, x_m, self.num_heads, self._projection_weights(c.dtype), igate, fgate)
+
+    def _projection_weights(self, dtype: torch.dtype) -> tuple:
+        """((Wq, bq), (Wk, bk), (Wv, bv)) in the products' dtype (as autocast rounds them), biases None where absent:
+        the q, k, v projections as the cell's projected kernels take them."""
+        return tuple((p.weight.to(dtype), None if p.bias is None else p.bias.to(dtype))
+                     for p in (self.q_proj, self.k_proj, self.v_proj))
 
     def _qkv_heads(self, c: torch.Tensor, x_m: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """q, k (from c) and v (from x_m), (B, H, T, DH) each: head-major memory from the CPU kernels, else head

@@ -54,6 +54,14 @@ __attribute__((always_inline)) inline vfloat mm_vector(const T* x, const float* 
   return sum;
 }
 
+// mm_vector with the table's BS vectors for these channels already loaded (w[s]): the same sum
+template <int BS, int... S>
+__attribute__((always_inline)) inline vfloat mm_loaded(vfloat x, const vfloat* w, std::integer_sequence<int, S...>) {
+  vfloat sum{};
+  ((sum += w[S] * rotate<BS, S>(x)), ...);
+  return sum;
+}
+
 void check_block_size(int64_t bs, int64_t DH) {
   TORCH_CHECK(bs == 1 || bs == 2 || bs == 4 || bs == 8 || bs == 16, "block size must be 1, 2, 4, 8 or 16, got ", bs);
   TORCH_CHECK(DH % bs == 0, "the head dimension ", DH, " must be a multiple of the block size ", bs);

@@ -516,18 +516,21 @@ bool has_tile_scores() { return has_bf16_scores() && can_use_tiles(); }
 // out (T x DH bf16, rows DH apart) = the block-diagonal product of one head's slice x (T rows, `stride` apart)
 // with a weight table (blockdiag.h, at the head's first channel) plus bias (fp32 at that channel, or null): the sum
 // block_diag_mm makes for one input, rounded once, so the same bits.
+// Vector by vector of channels, all T rows each: the table's and the bias's vectors are loaded once per slice (row
+// by row they were loaded again for every row, most of the loop's loads).
 template <int BS>
 void project_slice(const at::BFloat16* x, int64_t stride, const float* table, int64_t C, const float* bias,
                    at::BFloat16* out, int64_t T, int64_t DH) {
-  for (int64_t t = 0; t < T; ++t) {
-    const at::BFloat16* row = x + t * stride;
-    at::BFloat16* y = out + t * DH;
-    for_vectors(DH, [&](int64_t d0, int64_t count) {
-      vfloat sum = bias ? load(bias + d0, count) : vfloat{};
-      sum += mm_vector<at::BFloat16, BS>(row + d0, table + d0, C, count, Shifts<BS>{});
-      store(y + d0, sum, count);
-    });
-  }
+  for_vectors(DH, [&](int64_t d0, int64_t count) {
+    vfloat w[BS];
+    for (int s = 0; s < BS; ++s) w[s] = load(table + s * C + d0, count);
+    const vfloat start = bias ? load(bias + d0, count) : vfloat{};
+    for (int64_t t = 0; t < T; ++t) {
+      vfloat sum = start;
+      sum += mm_loaded<BS>(load(x + t * stride + d0, count), w, Shifts<BS>{});
+      store(out + t * DH + d0, sum, count);
+    }
+  });
 }
 
 // The cell's q = Wq c + bq, k = Wk c + bk, v = Wv x_m + bv (block-diagonal W, the ViL layer's projections) for
@@ -703,13 +706,16 @@ inline void transpose_bf16(const at::BFloat16* x, int64_t x_ld, int64_t rows, in
 // The four products run on AMX tiles (ATen's brgemm) where the CPU has them and `tiles`, else as the AVX512-BF16
 // pair dot products (over the nonzero triangles only). C is the forward's (saved in bf16). q, k, v, dh, h are
 // read and dq, dk, dv written through their strides (unit last ones). Writes grad_m and the row and column sums
-// of d log D, (B, H, T) fp32 each. (Unlike forward_whole_bf16 it does not prefetch the next slice's rows: asking
-// for five slices' rows at once, into L1, made it slower, ad hoc on the AMX host.)
+// of d log D, (B, H, T) fp32 each. With `projections`, q, k and v are their sources (as in forward_whole_bf16)
+// and each slice's q, k, v are computed into a per-thread buffer first. Like forward_whole_bf16 it asks for the
+// next slice's rows of q (or c), v (or x_m), dh and h while it computes (in a ViL-T training step on the AMX host,
+// ad hoc: 5.65-5.79 against 5.89-6.08 ms per call without; into L2 only, 5.77-5.88).
 void backward_whole_bf16(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& grad_h,
                          const at::Tensor& h, const at::BFloat16* weights, const float* a, const float* row_max,
                          const float* m, const float* row_sum, const float* normaliser, float scale, float eps,
                          const at::Tensor& grad_q, const at::Tensor& grad_k, const at::Tensor& grad_v,
-                         float* grad_m, float* row_sums, float* col_sums, bool tiles) {
+                         float* grad_m, float* row_sums, float* col_sums, bool tiles,
+                         const Projections* projections = nullptr) {
   const int64_t B = q.size(0), H = q.size(1), T = q.size(2), DH = q.size(3);
   const int64_t pairs = DH / 2, token_pairs = (T + 1) / 2, tp = 2 * token_pairs;
   const int64_t blocks = (T + kLanes - 1) / kLanes, padded = blocks * kLanes;
@@ -734,6 +740,7 @@ void backward_whole_bf16(const at::Tensor& q, const at::Tensor& k, const at::Ten
     std::vector<at::BFloat16> ds(T * tp, at::BFloat16(0.0f));   // dS: A of dQ
     std::vector<float> g(T * padded), out(T * dhp), grad_row_sum(T);
     std::vector<vfloat> cols(blocks);
+    std::vector<at::BFloat16> projected(projections ? 3 * T * DH : 0);  // q, k, v of the slice, rows DH apart
     // out (T x DH fp32 sums) rounded once into a slice of a gradient
     auto store_rows = [&](at::BFloat16* dst, int64_t stride) {
       for (int64_t t = 0; t < T; ++t) {
@@ -753,8 +760,23 @@ void backward_whole_bf16(const at::Tensor& q, const at::Tensor& k, const at::Ten
     };
     for (int64_t i = begin; i < end; ++i) {
       const int64_t b = i / H, hh = i % H;
+      if (i + 1 < end) {  // (k's rows are c's too with projections)
+        const int64_t nb = (i + 1) / H, nh = (i + 1) % H;
+        for (const Rows* x : {&rq, &rv, &rdh, &rh}) prefetch_rows(x->slice(nb, nh), x->s2, T, DH);
+      }
       const at::BFloat16* c_i = weights + i * T * T;
       const float* a_i = a + i * T;
+      // q, k, v of the slice: read, or (projections) computed from their sources into `projected`
+      const at::BFloat16 *q_i = rq.slice(b, hh), *k_i = rk.slice(b, hh), *v_i = rv.slice(b, hh);
+      int64_t q_rows = rq.s2, k_rows = rk.s2, v_rows = rv.s2;
+      if (projections) {
+        at::BFloat16* out = projected.data();
+        const at::BFloat16* sources[3] = {q_i, k_i, v_i};
+        const int64_t strides[3] = {q_rows, k_rows, v_rows};
+        for (int p = 0; p < 3; ++p) projections->slice(p, sources[p], strides[p], hh * DH, T, DH, out + p * T * DH);
+        q_i = out, k_i = out + T * DH, v_i = out + 2 * T * DH;
+        q_rows = k_rows = v_rows = DH;
+      }
       // dN and the normaliser's gradient, row by row
       const at::BFloat16* dh_i = rdh.slice(b, hh);
       const at::BFloat16* h_i = rh.slice(b, hh);
@@ -780,7 +802,7 @@ void backward_whole_bf16(const at::Tensor& q, const at::Tensor& k, const at::Ten
       product(lhs.data(), true, dn_pairs.data());
       store_rows(rdv.slice(b, hh), rdv.s2);
       // G = dN v^T (fp32; on the dot products only the blocks up to the diagonal)
-      pack_k_pairs(rv.slice(b, hh), rv.s2, T, pairs, padded, v_cols.data());
+      pack_k_pairs(v_i, v_rows, T, pairs, padded, v_cols.data());
       if (tiles) {
         at::native::cpublas::brgemm(T, padded, DH, DH, padded, padded, false, dn.data(),
                                     reinterpret_cast<const at::BFloat16*>(v_cols.data()), g.data(), true);
@@ -812,12 +834,12 @@ void backward_whole_bf16(const at::Tensor& q, const at::Tensor& k, const at::Ten
         store(col_sums + i * T + blk * kLanes, cols[blk], std::min(kLanes, T - blk * kLanes));
       }
       // dQ = dS k
-      pack_row_pairs(rk.slice(b, hh), rk.s2, T, DH, x_pairs.data(), dhp);
+      pack_row_pairs(k_i, k_rows, T, DH, x_pairs.data(), dhp);
       product(ds.data(), false, x_pairs.data());
       store_rows(rdq.slice(b, hh), rdq.s2);
       // dK = dS^T q
       transpose_bf16(ds.data(), tp, T, T, lhs.data(), tp);
-      pack_row_pairs(rq.slice(b, hh), rq.s2, T, DH, x_pairs.data(), dhp);
+      pack_row_pairs(q_i, q_rows, T, DH, x_pairs.data(), dhp);
       product(lhs.data(), true, x_pairs.data());
       store_rows(rdk.slice(b, hh), rdk.s2);
     }
@@ -874,12 +896,12 @@ std::tuple<at::Tensor, at::Tensor> forward_bf16(const at::Tensor& q, const at::T
 // weights (B, H, T, T) bf16 contiguous (the forward's C); a, row_max, m, row_sum, normaliser (B, H, T) fp32
 // contiguous. Writes the three gradients; returns grad_m and the row and column sums of d log D, (B, H, T) fp32
 // each. Only where has_bf16_scores(); on AMX tiles where the CPU has them and `tiles`.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_bf16(
+// (backward_bf16_projected passes its Projections and the sources' head views as q, k, v.)
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_bf16_impl(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& grad_h, const at::Tensor& h,
     const at::Tensor& weights, const at::Tensor& a, const at::Tensor& row_max, const at::Tensor& m,
-    const at::Tensor& row_sum, const at::Tensor& normaliser, double scale, double eps, at::Tensor grad_q,
-    at::Tensor grad_k, at::Tensor grad_v, bool tiles) {
-  TORCH_CHECK(has_bf16_scores(), "backward_bf16 needs a CPU with AVX512-BF16 (see has_bf16_scores)");
+    const at::Tensor& row_sum, const at::Tensor& normaliser, double scale, double eps, const at::Tensor& grad_q,
+    const at::Tensor& grad_k, const at::Tensor& grad_v, bool tiles, const Projections* projections) {
   check_rows(q, q, "q");
   const std::pair<const at::Tensor*, const char*> rows[] = {{&k, "k"}, {&v, "v"}, {&grad_h, "grad_h"}, {&h, "h"},
                                                             {&grad_q, "grad_q"}, {&grad_k, "grad_k"},
@@ -902,29 +924,39 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_bf16(
                       row_max.data_ptr<float>(), m.data_ptr<float>(), row_sum.data_ptr<float>(),
                       normaliser.data_ptr<float>(), static_cast<float>(scale), static_cast<float>(eps), grad_q, grad_k,
                       grad_v, grad_m.data_ptr<float>(), row_sums.data_ptr<float>(), col_sums.data_ptr<float>(),
-                      tiles && can_use_tiles());
+                      tiles && can_use_tiles(), projections);
 #endif
   return {grad_m, row_sums, col_sums};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_bf16(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& grad_h, const at::Tensor& h,
+    const at::Tensor& weights, const at::Tensor& a, const at::Tensor& row_max, const at::Tensor& m,
+    const at::Tensor& row_sum, const at::Tensor& normaliser, double scale, double eps, at::Tensor grad_q,
+    at::Tensor grad_k, at::Tensor grad_v, bool tiles) {
+  TORCH_CHECK(has_bf16_scores(), "backward_bf16 needs a CPU with AVX512-BF16 (see has_bf16_scores)");
+  return backward_bf16_impl(q, k, v, grad_h, h, weights, a, row_max, m, row_sum, normaliser, scale, eps, grad_q,
+                            grad_k, grad_v, tiles, nullptr);
 }
 
 // forward_bf16 for inference, with the cell's q, k and v computed from their sources slice by slice instead of
 // read: q = Wq c + bq, k = Wk c + bk (from c), v = Wv x_m + bv (from x_m), W block-diagonal (C / bs, bs, bs) as
 // block_diag_mm takes them (any floating dtype, used in fp32), biases (C,) or None. c, x_m (B, T, C) bf16
 // contiguous with C = num_heads * DH, DH even; h (B, H, T, DH) bf16, unit last stride. q, k, v, which the
-// projections would write out and the cell read back (six passes over (B, T, C) memory), stay in cache. C is not
-// kept (no backward). Returns (row_sum, normaliser) (B, H, T).
-std::tuple<at::Tensor, at::Tensor> forward_bf16_projected(
-    const at::Tensor& c, const at::Tensor& x_m, int64_t num_heads, const at::Tensor& wq,
-    const std::optional<at::Tensor>& bq, const at::Tensor& wk, const std::optional<at::Tensor>& bk,
-    const at::Tensor& wv, const std::optional<at::Tensor>& bv, const at::Tensor& a, const at::Tensor& row_max,
-    const at::Tensor& m, double scale, double eps, at::Tensor h, bool tiles) {
-  TORCH_CHECK(has_bf16_scores(), "forward_bf16_projected needs a CPU with AVX512-BF16 (see has_bf16_scores)");
+// projections would write out and the cell read back (six passes over (B, T, C) memory), stay in cache. C is
+// written into `weights` when given (training; (B, H, T, T) bf16 contiguous). Returns (row_sum, normaliser) (B, H, T).
+// The projections' weights (block-diagonal, (C / bs, bs, bs), any floating dtype) as fp32 tables, and their
+// biases ((C,) or None) in fp32, for sources c, x_m (B, T, C) bf16 contiguous with C = num_heads * DH.
+Projections make_projections(const at::Tensor& c, const at::Tensor& x_m, int64_t num_heads, const at::Tensor& wq,
+                             const std::optional<at::Tensor>& bq, const at::Tensor& wk,
+                             const std::optional<at::Tensor>& bk, const at::Tensor& wv,
+                             const std::optional<at::Tensor>& bv) {
   TORCH_CHECK(c.dim() == 3 && c.scalar_type() == at::kBFloat16 && c.is_contiguous(),
               "c must be a contiguous (B, T, C) bfloat16 tensor, got ", c.sizes(), " ", c.scalar_type());
   TORCH_CHECK(x_m.sizes() == c.sizes() && x_m.scalar_type() == at::kBFloat16 && x_m.is_contiguous(),
               "x_m must be contiguous bfloat16 with c's shape ", c.sizes(), ", got ", x_m.sizes(), " ",
               x_m.scalar_type());
-  const int64_t B = c.size(0), T = c.size(1), C = c.size(2);
+  const int64_t C = c.size(2);
   TORCH_CHECK(num_heads > 0 && C % num_heads == 0, C, " channels do not split into ", num_heads, " heads");
   const int64_t DH = C / num_heads;
   Projections projections;
@@ -943,10 +975,42 @@ std::tuple<at::Tensor, at::Tensor> forward_bf16_projected(
       projections.biases[p].assign(b32.data_ptr<float>(), b32.data_ptr<float>() + C);
     }
   }
-  // The sources as (B, H, T, DH) head views: the kernel reads a slice's rows where it would read q's, k's and v's
-  const auto heads = [&](const at::Tensor& x) { return x.view({B, T, num_heads, DH}).transpose(1, 2); };
-  return forward_bf16_impl(heads(c), heads(c), heads(x_m), a, row_max, m, scale, eps, std::nullopt, h, tiles,
-                           &projections);
+  return projections;
+}
+
+// A (B, T, C) source as (B, H, T, DH) head views: the kernels read a slice's rows where they would read q's, k's or
+// v's
+at::Tensor source_heads(const at::Tensor& x, int64_t num_heads) {
+  return x.view({x.size(0), x.size(1), num_heads, x.size(2) / num_heads}).transpose(1, 2);
+}
+
+std::tuple<at::Tensor, at::Tensor> forward_bf16_projected(
+    const at::Tensor& c, const at::Tensor& x_m, int64_t num_heads, const at::Tensor& wq,
+    const std::optional<at::Tensor>& bq, const at::Tensor& wk, const std::optional<at::Tensor>& bk,
+    const at::Tensor& wv, const std::optional<at::Tensor>& bv, const at::Tensor& a, const at::Tensor& row_max,
+    const at::Tensor& m, double scale, double eps, at::Tensor h, bool tiles,
+    const std::optional<at::Tensor>& weights) {
+  TORCH_CHECK(has_bf16_scores(), "forward_bf16_projected needs a CPU with AVX512-BF16 (see has_bf16_scores)");
+  const Projections projections = make_projections(c, x_m, num_heads, wq, bq, wk, bk, wv, bv);
+  return forward_bf16_impl(source_heads(c, num_heads), source_heads(c, num_heads), source_heads(x_m, num_heads), a,
+                           row_max, m, scale, eps, weights, h, tiles, &projections);
+}
+
+// backward_bf16 for training with the cell's q, k and v computed slice by slice from their sources, as
+// forward_bf16_projected computes them, instead of read (the layer's projections need not compute them again for
+// backward and write them out). Arguments as forward_bf16_projected's and backward_bf16's.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_bf16_projected(
+    const at::Tensor& c, const at::Tensor& x_m, int64_t num_heads, const at::Tensor& wq,
+    const std::optional<at::Tensor>& bq, const at::Tensor& wk, const std::optional<at::Tensor>& bk,
+    const at::Tensor& wv, const std::optional<at::Tensor>& bv, const at::Tensor& grad_h, const at::Tensor& h,
+    const at::Tensor& weights, const at::Tensor& a, const at::Tensor& row_max, const at::Tensor& m,
+    const at::Tensor& row_sum, const at::Tensor& normaliser, double scale, double eps, at::Tensor grad_q,
+    at::Tensor grad_k, at::Tensor grad_v, bool tiles) {
+  TORCH_CHECK(has_bf16_scores(), "backward_bf16_projected needs a CPU with AVX512-BF16 (see has_bf16_scores)");
+  const Projections projections = make_projections(c, x_m, num_heads, wq, bq, wk, bk, wv, bv);
+  return backward_bf16_impl(source_heads(c, num_heads), source_heads(c, num_heads), source_heads(x_m, num_heads),
+                            grad_h, h, weights, a, row_max, m, row_sum, normaliser, scale, eps, grad_q, grad_k,
+                            grad_v, tiles, &projections);
 }
 
 // q, k (B, H, T, DH) bf16, unit last stride, DH even; a, row_max (B, H, T) fp32 contiguous; weights (B, H, T, T)
@@ -985,7 +1049,11 @@ TORCH_LIBRARY(vision_lstm_cpu, m) {
         "Tensor(a!)? weights, Tensor(b!) h, bool tiles=True) -> (Tensor, Tensor)");
   m.def("forward_bf16_projected(Tensor c, Tensor x_m, int num_heads, Tensor wq, Tensor? bq, Tensor wk, Tensor? bk, "
         "Tensor wv, Tensor? bv, Tensor a, Tensor row_max, Tensor m, float scale, float eps, Tensor(a!) h, "
-        "bool tiles=True) -> (Tensor, Tensor)");
+        "bool tiles=True, Tensor(b!)? weights=None) -> (Tensor, Tensor)");
+  m.def("backward_bf16_projected(Tensor c, Tensor x_m, int num_heads, Tensor wq, Tensor? bq, Tensor wk, Tensor? bk, "
+        "Tensor wv, Tensor? bv, Tensor grad_h, Tensor h, Tensor weights, Tensor a, Tensor row_max, Tensor m, "
+        "Tensor row_sum, Tensor normaliser, float scale, float eps, Tensor(a!) grad_q, Tensor(b!) grad_k, "
+        "Tensor(c!) grad_v, bool tiles=True) -> (Tensor, Tensor, Tensor)");
   m.def("backward_bf16(Tensor q, Tensor k, Tensor v, Tensor grad_h, Tensor h, Tensor weights, Tensor a, "
         "Tensor row_max, Tensor m, Tensor row_sum, Tensor normaliser, float scale, float eps, Tensor(a!) grad_q, "
         "Tensor(b!) grad_k, Tensor(c!) grad_v, bool tiles=True) -> (Tensor, Tensor, Tensor)");
@@ -1002,4 +1070,5 @@ TORCH_LIBRARY_IMPL(vision_lstm_cpu, CPU, m) {
   m.impl("forward_bf16", &forward_bf16);
   m.impl("forward_bf16_projected", &forward_bf16_projected);
   m.impl("backward_bf16", &backward_bf16);
+  m.impl("backward_bf16_projected", &backward_bf16_projected);
 }
