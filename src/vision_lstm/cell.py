@@ -190,7 +190,9 @@ class _ParallelMLSTM(torch.autograd.Function):
         scale = q.shape[-1] ** -0.5
         projected = sources is not None and sources.placeholders
         if projected and not (rebuild is not None and _whole_forward(kernels, q, v, low_dtype)
-                              and projected_training_applies(sources.c, sources.num_heads)):
+                              and projected_training_applies(sources.c, sources.num_heads)
+                              and sources.x_m.shape == sources.c.shape and sources.x_m.dtype == sources.c.dtype
+                              and sources.x_m.is_contiguous()):
             q, k, v = rebuild()  # not computed by the caller, and the projected kernel does not apply: here they are
             projected = False
         if kernels is None:
