@@ -673,6 +673,28 @@ def test_grad_checkpointing_same_gradients_less_saved_memory():
         torch.testing.assert_close(model.eval()(x), model.set_grad_checkpointing(False)(x))
 
 
+def test_grad_checkpointing_under_bf16_autocast_gives_the_same_gradients():
+    # Recomputing the blocks in backward under bf16 autocast (where the cell's kernels compute q, k, v themselves
+    # and the whole backward is one kernel, on CPUs with AVX512-BF16): the same gradients, bit for bit.
+    torch.manual_seed(0)
+    model = create_model("vil_tiny", dim=32, depth=4, img_size=16, patch_size=4, num_classes=5, drop_path_rate=0.3)
+    model.head.weight.data.normal_()
+    x = torch.randn(4, 3, 16, 16)
+
+    def grads(checkpointing):
+        model.set_grad_checkpointing(checkpointing)
+        model.zero_grad()
+        torch.manual_seed(1)  # the same drop-path draws
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(x).float().square().sum()
+        loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    plain, recomputed = grads(False), grads(True)
+    for name in plain:
+        assert torch.equal(recomputed[name], plain[name]), name
+
+
 def _unique_saved_bytes(model, x, autocast: bool) -> int:
     """Bytes of the distinct storages autograd keeps for backward during one forward."""
     storages = {}
