@@ -797,10 +797,10 @@ class ViLLayer(nn.Module):
             # backward for three (B, H, T, DH) tensors fewer per layer (docs/performance.md: session 22)
             rebuild = functools.partial(self._qkv_heads_again, c.detach(), x_m.detach(), low_dtype) \
                 if training_cell else None
-            # With the kernels, the cell's whole-backward kernel can compute q, k, v again itself, slice by slice
-            # in cache, rather than the projections writing them out for it (same bits: block_diag_mm's sums)
+            # With the kernels in bf16, the cell's whole-backward kernel can compute q, k, v again itself, slice by
+            # slice in cache, rather than the projections writing them out for it (same bits: block_diag_mm's sums)
             sources = ProjectedSources(c.detach(), x_m.detach(), H, self._projection_weights(c.dtype), inside) \
-                if rebuild is not None and kernels is not None else None
+                if rebuild is not None and kernels is not None and low_dtype == torch.bfloat16 else None
             h = mlstm(q, k, v, igate, fgate, mode=self.mlstm_mode, chunk_size=self.chunk_size, rebuild=rebuild,
                       token_major=True, sources=sources)  # (B, H, T, DH), token-major memory (parallel form)
         # The output path (per-head norm, skip, output gate) runs in h's dtype: under autocast the low dtype, where

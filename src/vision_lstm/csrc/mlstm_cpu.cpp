@@ -87,6 +87,27 @@ void forward_f32(const float* scores, const float* a, const float* row_max, floa
   });
 }
 
+// One row t of the backward's elementwise pass, from G's row (g_row) and the normaliser's share grs of it:
+// dC = G + grs; dS = dC * D' written to ds_row (in its dtype); d log D = dC * C added to the column sums `cols` (one
+// vector per 16 columns) and returned as the row's sum. Blocks of lanes wholly above the diagonal are only zeroed.
+template <typename g_t, typename c_t, typename ds_t>
+inline float backward_row(const g_t* g_row, float grs, const c_t* c_row, const float* a_i, float row_max, float scale,
+                          ds_t* ds_row, vfloat* cols, int64_t t, int64_t T) {
+  vfloat sum{};
+  for_vectors(T, [&](int64_t s0, int64_t count) {
+    vfloat ds{};
+    if (s0 <= t) {
+      const vfloat dc = load(g_row + s0, count) + grs;
+      ds = dc * decay_lanes(load(a_i + s0, count), row_max, scale, s0, t);
+      const vfloat dlog = dc * load(c_row + s0, count);  // C is 0 above the diagonal
+      sum += dlog;
+      cols[s0 / kLanes] += dlog;
+    }
+    store(ds_row + s0, ds, count);
+  });
+  return lane_sum(sum);
+}
+
 // Backward, from G = dN v^T (the gradient of C through h, in the products' dtype) and the normaliser's share
 // grad_row_sum (per row): dC = G + grad_row_sum; dS = dC * D' (the scores' gradient, in the products' dtype);
 // dlogD = dC * C, returned as its row sums and column sums (what the stabiliser and gate gradients need).
@@ -102,21 +123,8 @@ void backward_f32(const mm_t* grad_c, const float* grad_row_sum, const mm_t* wei
       const float* a_i = a + i * T;
       for (int64_t t = 0; t < T; ++t) {
         const int64_t row = (i * T + t) * T;
-        const float m = row_max[i * T + t];
-        const float g = grad_row_sum[i * T + t];
-        vfloat sum{};
-        for_vectors(T, [&](int64_t s0, int64_t count) {
-          vfloat ds{};
-          if (s0 <= t) {
-            const vfloat dc = load(grad_c + row + s0, count) + g;
-            ds = dc * decay_lanes(load(a_i + s0, count), m, scale, s0, t);
-            const vfloat dlog = dc * load(weights + row + s0, count);  // C is 0 above the diagonal
-            sum += dlog;
-            cols[s0 / kLanes] += dlog;
-          }
-          store(grad_scores + row + s0, ds, count);
-        });
-        row_sums[i * T + t] = lane_sum(sum);
+        row_sums[i * T + t] = backward_row(grad_c + row, grad_row_sum[i * T + t], weights + row, a_i,
+                                           row_max[i * T + t], scale, grad_scores + row, cols.data(), t, T);
       }
       for (int64_t b = 0; b < blocks; ++b)
         store(col_sums + i * T + b * kLanes, cols[b], std::min(kLanes, T - b * kLanes));
@@ -380,6 +388,23 @@ inline void pack_k_pairs(const at::BFloat16* k_i, int64_t k_stride, int64_t T, i
   }
 }
 
+// packed[j][d] = (x[2j][d], x[2j + 1][d]) for pairs j < (rows + 1) / 2 and columns d < cols (0 for the row past an
+// odd `rows`): pairs of x's rows, the VNNI layout of the tile GEMM's B and what the pair dot products read. x's rows
+// are x_ld apart, packed's ld apart; lanes cols .. ld - 1 are left as they are (zeros from the caller, once).
+inline void pack_row_pairs(const at::BFloat16* x, int64_t x_ld, int64_t rows, int64_t cols, uint32_t* packed,
+                           int64_t ld) {
+  for (int64_t j = 0; 2 * j < rows; ++j) {
+    const at::BFloat16* even = x + 2 * j * x_ld;
+    const at::BFloat16* odd = 2 * j + 1 < rows ? even + x_ld : nullptr;
+    for (int64_t d0 = 0; d0 < cols; d0 += kLanes) {
+      const __mmask16 mask = static_cast<__mmask16>((1u << std::min(kLanes, cols - d0)) - 1u);
+      const __m512i lo = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, even + d0));
+      const __m512i hi = odd ? _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, odd + d0)) : _mm512_setzero_si512();
+      _mm512_mask_storeu_epi32(packed + j * ld + d0, mask, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
+    }
+  }
+}
+
 // out[r][16-lane vectors n < N] = sum_{p < count} A_r[pair p] . B[p][lanes of vector n], for rows r < rows <= R
 // of A (bf16, rows a_stride apart; past `rows` the last row is repeated, its sums unused) and B packed in pairs
 // (uint32 rows b_ld apart), into out (rows out_ld floats apart). Both products of the forward are such tiles:
@@ -547,6 +572,17 @@ struct Projections {
       project_slice<decltype(block)::value>(x, stride, tables[p].data() + channel, C, bias, out, T, DH);
     });
   }
+
+  // q, k, v of a slice from its sources' rows (rows[p], strides[p] apart) into `buffer` (3 T x DH, rows DH apart);
+  // rows and strides are then q's, k's and v's there
+  void slices(const at::BFloat16* rows[3], int64_t strides[3], int64_t channel, int64_t T, int64_t DH,
+              at::BFloat16* buffer) const {
+    for (int p = 0; p < 3; ++p) {
+      slice(p, rows[p], strides[p], channel, T, DH, buffer + p * T * DH);
+      rows[p] = buffer + p * T * DH;
+      strides[p] = DH;
+    }
+  }
 };
 
 #if defined(__AVX512BF16__)
@@ -585,10 +621,8 @@ void forward_whole_bf16(const at::Tensor& q, const at::Tensor& k, const at::Tens
     std::vector<at::BFloat16> projected(projections ? 3 * T * DH : 0);  // q, k, v of the slice, rows DH apart
     for (int64_t i = begin; i < end; ++i) {
       const int64_t b = i / H, hh = i % H;
-      const at::BFloat16* q_i = pq + b * q0 + hh * q1;
-      const at::BFloat16* k_i = pk + b * k0 + hh * k1;
-      const at::BFloat16* v_i = pv + b * v0 + hh * v1;
-      int64_t q_rows = q2, k_rows = k2, v_rows = v2;
+      const at::BFloat16* rows[3] = {pq + b * q0 + hh * q1, pk + b * k0 + hh * k1, pv + b * v0 + hh * v1};
+      int64_t strides[3] = {q2, k2, v2};
       at::BFloat16* h_i = ph + b * h0 + hh * h1;
       // The next slice's rows, requested while this one computes: rows of head views are short and strided, which
       // the hardware prefetchers miss (ViL-T's shape on Zen 4, inputs from memory: 4.7-5.0 ms per call without
@@ -600,25 +634,11 @@ void forward_whole_bf16(const at::Tensor& q, const at::Tensor& k, const at::Tens
         prefetch_rows(pv + nb * v0 + nh * v1, v2, T, DH);
         prefetch_rows(ph + nb * h0 + nh * h1, h2, T, DH);
       }
-      if (projections) {
-        at::BFloat16* out = projected.data();
-        const at::BFloat16* sources[3] = {q_i, k_i, v_i};
-        for (int p = 0; p < 3; ++p) projections->slice(p, sources[p], q2, hh * DH, T, DH, out + p * T * DH);
-        q_i = out, k_i = out + T * DH, v_i = out + 2 * T * DH;
-        q_rows = k_rows = v_rows = DH;
-      }
+      if (projections) projections->slices(rows, strides, hh * DH, T, DH, projected.data());
+      const at::BFloat16 *q_i = rows[0], *k_i = rows[1], *v_i = rows[2];
+      const int64_t q_rows = strides[0], k_rows = strides[1], v_rows = strides[2];
       slice_scores(q_i, q_rows, k_i, k_rows, T, DH, padded, tiles, k_packed.data(), scores.data());
-      for (int64_t j = 0; j < token_pairs; ++j) {  // v_packed[j][d] = (v[2j][d], v[2j + 1][d]); 0 past T
-        const at::BFloat16* even = v_i + 2 * j * v_rows;
-        const at::BFloat16* odd = 2 * j + 1 < T ? v_i + (2 * j + 1) * v_rows : nullptr;
-        for (int64_t d0 = 0; d0 < DH; d0 += kLanes) {
-          const __mmask16 mask = static_cast<__mmask16>((1u << std::min(kLanes, DH - d0)) - 1u);
-          const __m512i lo = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, even + d0));
-          const __m512i hi = odd ? _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, odd + d0))
-                                 : _mm512_setzero_si512();
-          _mm512_mask_storeu_epi32(v_packed.data() + j * dhp + d0, mask, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
-        }
-      }
+      pack_row_pairs(v_i, v_rows, T, DH, v_packed.data(), dhp);  // v's pairs of rows (tokens); 0 past T
       const float* a_i = a + i * T;
       for (int64_t t = 0; t < T; ++t) {
         const int64_t r = i * T + t;
@@ -650,23 +670,6 @@ void forward_whole_bf16(const at::Tensor& q, const at::Tensor& k, const at::Tens
 
 #if defined(__AVX512BF16__)
 // ---- the whole backward in bf16 (backward_bf16) ----
-
-// packed[j][d] = (x[2j][d], x[2j + 1][d]) for pairs j < (rows + 1) / 2 and columns d < cols (0 for the row past an
-// odd `rows`): pairs of x's rows, the VNNI layout of the tile GEMM's B and what the pair dot products read. x's rows
-// are x_ld apart, packed's ld apart; lanes cols .. ld - 1 are left as they are (zeros from the caller, once).
-inline void pack_row_pairs(const at::BFloat16* x, int64_t x_ld, int64_t rows, int64_t cols, uint32_t* packed,
-                           int64_t ld) {
-  for (int64_t j = 0; 2 * j < rows; ++j) {
-    const at::BFloat16* even = x + 2 * j * x_ld;
-    const at::BFloat16* odd = 2 * j + 1 < rows ? even + x_ld : nullptr;
-    for (int64_t d0 = 0; d0 < cols; d0 += kLanes) {
-      const __mmask16 mask = static_cast<__mmask16>((1u << std::min(kLanes, cols - d0)) - 1u);
-      const __m512i lo = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, even + d0));
-      const __m512i hi = odd ? _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, odd + d0)) : _mm512_setzero_si512();
-      _mm512_mask_storeu_epi32(packed + j * ld + d0, mask, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
-    }
-  }
-}
 
 // out[c][r] = x[r][c] for a rows x cols bf16 block (x's rows x_ld apart, out's out_ld apart), with out[c][rows] = 0
 // for odd `rows` (the products' K axis runs over pairs): 32 rows x 16 columns at a time, as pairs of rows
@@ -767,16 +770,11 @@ void backward_whole_bf16(const at::Tensor& q, const at::Tensor& k, const at::Ten
       const at::BFloat16* c_i = weights + i * T * T;
       const float* a_i = a + i * T;
       // q, k, v of the slice: read, or (projections) computed from their sources into `projected`
-      const at::BFloat16 *q_i = rq.slice(b, hh), *k_i = rk.slice(b, hh), *v_i = rv.slice(b, hh);
-      int64_t q_rows = rq.s2, k_rows = rk.s2, v_rows = rv.s2;
-      if (projections) {
-        at::BFloat16* out = projected.data();
-        const at::BFloat16* sources[3] = {q_i, k_i, v_i};
-        const int64_t strides[3] = {q_rows, k_rows, v_rows};
-        for (int p = 0; p < 3; ++p) projections->slice(p, sources[p], strides[p], hh * DH, T, DH, out + p * T * DH);
-        q_i = out, k_i = out + T * DH, v_i = out + 2 * T * DH;
-        q_rows = k_rows = v_rows = DH;
-      }
+      const at::BFloat16* rows[3] = {rq.slice(b, hh), rk.slice(b, hh), rv.slice(b, hh)};
+      int64_t strides[3] = {rq.s2, rk.s2, rv.s2};
+      if (projections) projections->slices(rows, strides, hh * DH, T, DH, projected.data());
+      const at::BFloat16 *q_i = rows[0], *k_i = rows[1], *v_i = rows[2];
+      const int64_t q_rows = strides[0], k_rows = strides[1], v_rows = strides[2];
       // dN and the normaliser's gradient, row by row
       const at::BFloat16* dh_i = rdh.slice(b, hh);
       const at::BFloat16* h_i = rh.slice(b, hh);
@@ -812,23 +810,8 @@ void backward_whole_bf16(const at::Tensor& q, const at::Tensor& k, const at::Ten
       // dS = (G + grad_row_sum) D' and the sums of d log D = (G + grad_row_sum) C (backward_f32's row pass)
       std::fill(cols.begin(), cols.end(), vfloat{});
       for (int64_t t = 0; t < T; ++t) {
-        const float mx = row_max[i * T + t], grs = grad_row_sum[t];
-        const float* g_row = g.data() + t * padded;
-        const at::BFloat16* c_row = c_i + t * T;
-        at::BFloat16* ds_row = ds.data() + t * tp;
-        vfloat sum{};
-        for_vectors(T, [&](int64_t s0, int64_t count) {
-          vfloat d{};
-          if (s0 <= t) {
-            const vfloat dc = load(g_row + s0, count) + grs;
-            d = dc * decay_lanes(load(a_i + s0, count), mx, scale, s0, t);
-            const vfloat dlog = dc * load(c_row + s0, count);  // C is 0 above the diagonal
-            sum += dlog;
-            cols[s0 / kLanes] += dlog;
-          }
-          store(ds_row + s0, d, count);
-        });
-        row_sums[i * T + t] = lane_sum(sum);
+        row_sums[i * T + t] = backward_row(g.data() + t * padded, grad_row_sum[t], c_i + t * T, a_i,
+                                           row_max[i * T + t], scale, ds.data() + t * tp, cols.data(), t, T);
       }
       for (int64_t blk = 0; blk < blocks; ++blk) {
         store(col_sums + i * T + blk * kLanes, cols[blk], std::min(kLanes, T - blk * kLanes));
@@ -939,12 +922,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_bf16(
                             grad_k, grad_v, tiles, nullptr);
 }
 
-// forward_bf16 for inference, with the cell's q, k and v computed from their sources slice by slice instead of
-// read: q = Wq c + bq, k = Wk c + bk (from c), v = Wv x_m + bv (from x_m), W block-diagonal (C / bs, bs, bs) as
-// block_diag_mm takes them (any floating dtype, used in fp32), biases (C,) or None. c, x_m (B, T, C) bf16
-// contiguous with C = num_heads * DH, DH even; h (B, H, T, DH) bf16, unit last stride. q, k, v, which the
-// projections would write out and the cell read back (six passes over (B, T, C) memory), stay in cache. C is
-// written into `weights` when given (training; (B, H, T, T) bf16 contiguous). Returns (row_sum, normaliser) (B, H, T).
 // The projections' weights (block-diagonal, (C / bs, bs, bs), any floating dtype) as fp32 tables, and their
 // biases ((C,) or None) in fp32, for sources c, x_m (B, T, C) bf16 contiguous with C = num_heads * DH.
 Projections make_projections(const at::Tensor& c, const at::Tensor& x_m, int64_t num_heads, const at::Tensor& wq,
@@ -984,6 +961,12 @@ at::Tensor source_heads(const at::Tensor& x, int64_t num_heads) {
   return x.view({x.size(0), x.size(1), num_heads, x.size(2) / num_heads}).transpose(1, 2);
 }
 
+// forward_bf16 with the cell's q, k and v computed from their sources slice by slice instead of read:
+// q = Wq c + bq, k = Wk c + bk (from c), v = Wv x_m + bv (from x_m), W block-diagonal (C / bs, bs, bs) as
+// block_diag_mm takes them (any floating dtype, used in fp32), biases (C,) or None. c, x_m (B, T, C) bf16
+// contiguous with C = num_heads * DH, DH even; h (B, H, T, DH) bf16, unit last stride. q, k, v, which the
+// projections would write out and the cell read back (six passes over (B, T, C) memory), stay in cache. C is
+// written into `weights` when given (training; (B, H, T, T) bf16 contiguous). Returns (row_sum, normaliser) (B, H, T).
 std::tuple<at::Tensor, at::Tensor> forward_bf16_projected(
     const at::Tensor& c, const at::Tensor& x_m, int64_t num_heads, const at::Tensor& wq,
     const std::optional<at::Tensor>& bq, const at::Tensor& wk, const std::optional<at::Tensor>& bk,
