@@ -482,6 +482,12 @@ def test_block_diagonal_kernels_match_the_dense_product(kernels, dtype, B, T, H,
     x = torch.randn(B, T, C, generator=gen).to(dtype)
     w1, w2 = (torch.randn(C // bs, bs, bs, generator=gen) for _ in range(2))
     bias = torch.randn(C, generator=gen)
+    if bs > fused.vector_lanes():  # 16-channel blocks on a build with 8-lane vectors (no AVX-512): refused
+        with pytest.raises(RuntimeError, match="block size 16 is wider than this build's vectors"):
+            kernels.block_diag_mm([x.view(B, T, H, DH)], [w1], bias, torch.empty(B, T, H, DH, dtype=dtype))
+        with pytest.raises(RuntimeError, match="wider than this build's vectors"):
+            kernels.block_diag_outer(x.view(B, T, H, DH), x.view(B, T, H, DH), bs)
+        return
     w1_used, w2_used = (w.to(dtype) for w in (w1, w2))  # products in the inputs' dtype, as autocast runs them
     head_major = torch.empty(B, H, T, DH, dtype=dtype)
     kernels.block_diag_mm([x.view(B, T, H, DH)], [w1_used], bias.to(dtype), head_major.transpose(1, 2))

@@ -191,6 +191,44 @@ def test_head_major_projections_match_the_pytorch_route(autocast, block_size):
         torch.testing.assert_close(got, want, rtol=tolerance["rtol"], atol=tolerance["atol"] * want.abs().max().item())
 
 
+@pytest.mark.parametrize("lanes", [8, 16])
+def test_blocks_wider_than_the_kernels_vectors_take_the_pytorch_route(monkeypatch, lanes):
+    # The block-diagonal kernels hold whole blocks per vector: 16-channel blocks need 16-lane vectors (AVX-512). On
+    # a build with 8-lane vectors (AVX2) the layer takes PyTorch's route for them, and the same values come out.
+    from vision_lstm import fused
+    if fused.ops() is None:
+        pytest.skip("the CPU kernels could not be built here")
+    monkeypatch.setattr(fused, "vector_lanes", lambda: lanes)
+    c, x_m = torch.randn(2, 5, 64), torch.randn(2, 5, 64)
+    assert layers._block_kernels(c, torch.float32, 8) is not None
+    assert (layers._block_kernels(c, torch.float32, 16) is not None) == (lanes == 16)
+    if lanes == 8:  # (with 16 the kernels would run: on an 8-lane build they refuse, as test_fused checks)
+        assert layers.head_major_projections(c, x_m, 4, *[BlockDiagonalLinear(64, 16) for _ in range(3)]) is None
+    layer = layers.ViLLayer(32, num_heads=4, qkv_block_size=16)  # inner 64: 16 channels a head, one block each
+    assert (layer._head_kernels(x_m) is not None) == (lanes == 16)
+
+
+def test_layer_with_16_channel_blocks_gives_the_pytorch_routes_values():
+    # On this machine's build, whatever its vector width: a layer with 16-channel q, k, v blocks (the kernels where
+    # the vectors hold them, else PyTorch's route) against PyTorch's route for the projections
+    torch.manual_seed(0)
+    layer = layers.ViLLayer(32, num_heads=4, qkv_block_size=16)
+    x = torch.randn(2, 16, 32)
+
+    def run():
+        layer.zero_grad()
+        out = layer(x, (4, 4))
+        out.square().sum().backward()
+        return [out.detach()] + [p.grad.clone() for p in layer.parameters()]
+
+    got = run()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(layers, "_block_kernels", lambda *args: None)
+        want = run()
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
+
+
 def test_layer_makes_no_head_major_copies_of_q_k_v(monkeypatch):
     # With the CPU kernels, q, k, v come out of their projections in the head-major layout the cell works in, h is
     # written in the token-major layout the output path reads, and the gradients go back the same way: a training

@@ -121,6 +121,14 @@ def has_tile_scores() -> bool:
 
 
 @functools.lru_cache(maxsize=None)
+def vector_lanes() -> int:
+    """The fp32 lanes of the kernels' vectors, 0 without the kernels: 16 on CPUs with AVX-512, else 8 (AVX2). The
+    block-diagonal kernels take blocks of up to this many channels (whole blocks per vector)."""
+    kernels = ops()
+    return 0 if kernels is None else int(kernels.vector_lanes())
+
+
+@functools.lru_cache(maxsize=None)
 def _warn_unavailable(reason: str) -> None:
     warnings.warn(f"the fused mLSTM CPU kernels could not be built ({reason}); the cell uses its PyTorch form, "
                   f"which gives the same results more slowly. They need a C++ compiler (g++) and ninja "

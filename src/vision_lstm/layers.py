@@ -372,6 +372,13 @@ def block_diagonal_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
 _KERNEL_BLOCK_SIZES = (1, 2, 4, 8, 16)
 
 
+def _block_kernels(t: torch.Tensor, dtype: torch.dtype, block_size: int):
+    """:func:`layer_kernels` for block-diagonal products of ``block_size`` on t, or None: also where the blocks are
+    wider than the kernels' vectors (16 channels need AVX-512: :func:`fused.vector_lanes`)."""
+    kernels = layer_kernels(t, dtype) if block_size in _KERNEL_BLOCK_SIZES else None
+    return kernels if kernels is not None and block_size <= fused.vector_lanes() else None
+
+
 def _project_heads(kernels, c: torch.Tensor, x_m: torch.Tensor, num_heads: int, weights, biases):
     """q, k (from c) and v (from x_m) written head-major by the block-diagonal kernels, one pass each.
     c, x_m: (B, T, H * DH) contiguous, one dtype; weights, biases in that dtype -> three (B, H, T, DH) tensors."""
@@ -611,9 +618,9 @@ def head_major_projections(c: torch.Tensor, x_m: torch.Tensor, num_heads: int, q
     dtype = compute_dtype(c)
     B, T, inner = c.shape
     bs = q_proj.block_size
-    usable = (inner % num_heads == 0 and bs in _KERNEL_BLOCK_SIZES and (inner // num_heads) % bs == 0
+    usable = (inner % num_heads == 0 and (inner // num_heads) % bs == 0
               and x_m.shape == c.shape and all(p.block_size == bs for p in (k_proj, v_proj)))
-    kernels = layer_kernels(c, dtype) if usable else None
+    kernels = _block_kernels(c, dtype, bs) if usable else None
     if kernels is None:
         return None
     c, x_m = (t.to(dtype).contiguous() for t in (c, x_m))
@@ -826,10 +833,9 @@ class ViLLayer(nn.Module):
         """The CPU kernels (:func:`layer_kernels`) for the conv and the q, k, v projections of x_m (B, T, inner), or
         None where they do not apply (other devices or dtypes, kernel or block sizes they lack)."""
         bs = self.q_proj.block_size
-        usable = (self.conv.kernel_size[0] in _KERNEL_CONV_SIZES and bs in _KERNEL_BLOCK_SIZES
-                  and (self.inner // self.num_heads) % bs == 0
+        usable = (self.conv.kernel_size[0] in _KERNEL_CONV_SIZES and (self.inner // self.num_heads) % bs == 0
                   and all(p.block_size == bs for p in (self.k_proj, self.v_proj)))
-        return layer_kernels(x_m, compute_dtype(x_m)) if usable else None
+        return _block_kernels(x_m, compute_dtype(x_m), bs) if usable else None
 
     def _gates(self, gates_x: torch.Tensor, gates_c: torch.Tensor):
         """The input and forget gates' pre-activations (B, H, T) each, contiguous, from their two parts (B, T, 2H)."""

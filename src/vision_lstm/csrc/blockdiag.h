@@ -62,8 +62,11 @@ __attribute__((always_inline)) inline vfloat mm_loaded(vfloat x, const vfloat* w
   return sum;
 }
 
+// Whole blocks per vector: up to kLanes channels (16 with AVX-512, 8 on AVX2: ops' vector_lanes() tells callers)
 void check_block_size(int64_t bs, int64_t DH) {
   TORCH_CHECK(bs == 1 || bs == 2 || bs == 4 || bs == 8 || bs == 16, "block size must be 1, 2, 4, 8 or 16, got ", bs);
+  TORCH_CHECK(bs <= kLanes, "block size ", bs, " is wider than this build's vectors (", kLanes, " lanes: a CPU ",
+              "without AVX-512); the layer takes PyTorch's route for it");
   TORCH_CHECK(DH % bs == 0, "the head dimension ", DH, " must be a multiple of the block size ", bs);
 }
 
@@ -74,7 +77,7 @@ int64_t check_blocks(const at::Tensor& weight, int64_t C, int64_t DH) {
   return weight.size(1);
 }
 
-// Calls fn(std::integral_constant<int, BS>) for the runtime block size bs.
+// Calls fn(std::integral_constant<int, BS>) for the runtime block size bs (checked by check_block_size).
 template <typename Fn>
 void with_block_size(int64_t bs, Fn&& fn) {
   switch (bs) {
@@ -82,7 +85,7 @@ void with_block_size(int64_t bs, Fn&& fn) {
     case 2: fn(std::integral_constant<int, 2>{}); break;
     case 4: fn(std::integral_constant<int, 4>{}); break;
     case 8: fn(std::integral_constant<int, 8>{}); break;
-    default: fn(std::integral_constant<int, 16>{}); break;
+    default: fn(std::integral_constant<int, kLanes>{}); break;  // 16 (with 16 lanes)
   }
 }
 

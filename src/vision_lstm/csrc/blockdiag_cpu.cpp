@@ -6,9 +6,10 @@
 // and writes the outputs in the layouts asked for: any (B, T, H, DH) view with a unit last stride, token-major
 // (B, T, H * DH) memory or head-major (B, H, T, DH) memory alike.
 //
-// Vectorisation: 16 channels per vector, whole blocks per vector (16 % bs == 0 and DH % bs == 0, so a head's last,
-// shorter vector holds whole blocks too). For each shift s < bs, lane l of rotate_s(x) holds channel
-// (l & ~(bs - 1)) | ((l + s) & (bs - 1)): the input i = (o + s) mod bs of the block row o = l mod bs. So
+// Vectorisation: kLanes channels per vector (16 with AVX-512, else 8; vec.h), whole blocks per vector (bs <= kLanes,
+// kLanes % bs == 0 and DH % bs == 0, so a head's last, shorter vector holds whole blocks too; an 8-lane build refuses
+// 16-channel blocks, and the layer takes PyTorch's route for them). For each shift s < bs, lane l of rotate_s(x)
+// holds channel (l & ~(bs - 1)) | ((l + s) & (bs - 1)): the input i = (o + s) mod bs of the block row o = l mod bs. So
 //   y = sum_s W_s * rotate_s(x)      with the weight table W_s[c] = W[c / bs, c % bs, (c % bs + s) % bs],
 // and the weight gradient sum_n gy[n, c] x[n, rotate_s(c)] comes out in that same table form. Everything is summed in
 // fp32 and rounded once to the output's dtype (bf16 or fp32).

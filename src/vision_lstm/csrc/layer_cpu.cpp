@@ -30,8 +30,6 @@
 
 namespace {
 
-const vint kLaneIndex = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
-
 // A (B, T, C) view with a unit last stride: row (b, t) starts at data + b * sb + t * st.
 template <typename T>
 struct Tokens {
@@ -256,7 +254,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 
 // ---------------------------------------------------------------------------------------------------------------
 // conv_silu: a depthwise K x K convolution (zero padding K / 2, stride 1) of (B, T, C) tokens laid on a (height,
-// width) grid row by row, then SiLU. One task per (image, 16-channel vector; forward: two of them): the image's
+// width) grid row by row, then SiLU. One task per (image, channel vector; forward: two of them): the image's
 // pixels of that vector are loaded once into a zero-bordered fp32 buffer, so each output is K * K multiply-adds from
 // L1 without bounds checks, and the vector's K * K weights (in backward also their gradient sums) stay in registers.
 // (Backward with two vectors per task, whose weights and sums no longer fit in the registers, was no faster: ViL-T's
@@ -281,7 +279,7 @@ inline vfloat taps_sum(const vfloat* centre, int64_t row, const vfloat* w, vfloa
   return u;
 }
 
-// Fill the buffer's interior with one image's pixels of 16 channels from c0 (count of them; the rest 0)
+// Fill the buffer's interior with one image's pixels of a vector of channels from c0 (count of them; the rest 0)
 template <int K, typename T>
 inline void load_image(Padded<K>& buffer, const T* image, int64_t C, int64_t count) {
   for (int64_t y = 0; y < buffer.height; ++y)
@@ -292,8 +290,8 @@ template <int K, typename T>
 void conv_silu_fwd(const T* x, const float* table, const float* bias, T* out, int64_t B, int64_t C, int64_t height,
                    int64_t width) {
   const int64_t T_ = height * width, pairs = (C + 2 * kLanes - 1) / (2 * kLanes);
-  // one task per (image, two channel vectors): a task reads and writes whole 64-byte lines of bf16 tokens (32
-  // channels), and its two vectors' sums are independent chains; enough tasks for 2 threads at any batch size
+  // one task per (image, two channel vectors): with AVX-512 a task reads and writes whole 64-byte lines of bf16
+  // tokens (32 channels), and its two vectors' sums are independent chains; enough tasks for 2 threads at any batch
   at::parallel_for(0, B * pairs, 1, [&](int64_t begin, int64_t end) {
     Padded<K> image[2] = {Padded<K>(height, width), Padded<K>(height, width)};
     vfloat w[2][K * K];

@@ -38,9 +38,9 @@ namespace {
 
 constexpr float kLogDecayFloor = -60.0f;  // as cell._LOG_DECAY_FLOOR: exp() of less is below rounding, and slow
 
-// D'[t, s] for lanes s0 .. s0 + 15 of row t (0 above the diagonal)
+// D'[t, s] for the lanes s0 .. s0 + kLanes - 1 of row t (0 above the diagonal)
 inline vfloat decay_lanes(vfloat a, float row_max, float scale, int64_t s0, int64_t t) {
-  const vint lane = vint{0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15} + static_cast<int32_t>(s0);
+  const vint lane = kLaneIndex + static_cast<int32_t>(s0);
   vfloat x = a - row_max;
   x = x < kLogDecayFloor ? splat(kLogDecayFloor) : x;
   const vfloat d = exp_core(x) * scale;  // x in [-60, 0]
@@ -537,6 +537,9 @@ bool has_bf16_scores() {
 
 // Whether weights_forward_qk(tiles=True) runs on AMX tiles here.
 bool has_tile_scores() { return has_bf16_scores() && can_use_tiles(); }
+
+// The fp32 lanes of the kernels' vectors (vec.h): the block-diagonal kernels take blocks of up to this many channels
+int64_t vector_lanes() { return kLanes; }
 
 // out (T x DH bf16, rows DH apart) = the block-diagonal product of one head's slice x (T rows, `stride` apart)
 // with a weight table (blockdiag.h, at the head's first channel) plus bias (fp32 at that channel, or null): the sum
@@ -1042,6 +1045,7 @@ TORCH_LIBRARY(vision_lstm_cpu, m) {
         "Tensor(b!) grad_k, Tensor(c!) grad_v, bool tiles=True) -> (Tensor, Tensor, Tensor)");
   m.def("has_bf16_scores() -> bool", &has_bf16_scores);  // no tensor arguments: one kernel for every backend
   m.def("has_tile_scores() -> bool", &has_tile_scores);
+  m.def("vector_lanes() -> int", &vector_lanes);
 }
 
 TORCH_LIBRARY_IMPL(vision_lstm_cpu, CPU, m) {

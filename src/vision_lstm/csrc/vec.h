@@ -1,6 +1,6 @@
-// Explicit 16-lane float vectors for the CPU kernels (mlstm_cpu.cpp, blockdiag_cpu.cpp, layer_cpu.cpp): GCC/Clang
-// vector extensions, which the compiler splits where the CPU has narrower registers, with loads and stores of float
-// and bf16 storage. Internal to the extension (an anonymous namespace in each source that includes it).
+// Explicit float vectors for the CPU kernels (mlstm_cpu.cpp, blockdiag_cpu.cpp, layer_cpu.cpp): GCC/Clang vector
+// extensions, with loads and stores of float and bf16 storage. Internal to the extension (an anonymous namespace in
+// each source that includes it).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <utility>
 #include <vector>
 #if defined(__AVX512F__)
 #include <immintrin.h>
@@ -16,15 +17,27 @@
 namespace {
 
 // The compiler's own vectoriser left the kernels' loops scalar (measured), hence explicit vectors.
-typedef float vfloat __attribute__((vector_size(64)));
-typedef int32_t vint __attribute__((vector_size(64)));
-typedef uint32_t vuint __attribute__((vector_size(64)));
-typedef uint16_t vbf16 __attribute__((vector_size(32)));
+// One vector is one register: 16 lanes (512 bits) with AVX-512, else 8 (AVX2's 256). 16-lane vectors on AVX2, which
+// the compiler splits into two registers each, ran the layer's kernels 2-5x slower: the convolution's 9 weight
+// vectors (18 in backward) then take 18 (36) of AVX2's 16 registers and spill (ViL-T's shapes in fp32, 2 cores of an
+// AVX2 AMD EPYC, session 34, ad hoc: conv_silu forward 8.98 against 3.70 ms, block_diag_outer 8.6 against 1.6).
+#if defined(__AVX512F__)
 constexpr int64_t kLanes = 16;
+#else
+constexpr int64_t kLanes = 8;
+#endif
+typedef float vfloat __attribute__((vector_size(4 * kLanes)));
+typedef int32_t vint __attribute__((vector_size(4 * kLanes)));
+typedef uint32_t vuint __attribute__((vector_size(4 * kLanes)));
+typedef uint16_t vbf16 __attribute__((vector_size(2 * kLanes)));
+
+template <int... L>
+constexpr vint lane_index(std::integer_sequence<int, L...>) { return vint{L...}; }
+const vint kLaneIndex = lane_index(std::make_integer_sequence<int, kLanes>{});  // {0, 1, ..., kLanes - 1}
 
 inline vfloat splat(float x) { return vfloat{} + x; }
 
-// Loads and stores of `count` <= 16 lanes (the rest of a load is 0), in float or bf16 storage. Whole vectors take
+// Loads and stores of `count` <= kLanes lanes (the rest of a load is 0), in float or bf16 storage. Whole vectors take
 // a fixed-size copy, which compiles to one vector move (a variable size would call memcpy).
 template <typename V, typename T>
 inline void copy_in(V& v, const T* p, int64_t count) {
@@ -147,13 +160,18 @@ inline void sum_partials(const std::vector<float>& partial, int64_t threads, int
     for (int64_t e = 0; e < n; ++e) out[e] += partial[i * n + e];
 }
 
-// The sum of the 16 lanes, pairwise (4 dependent vector adds rather than 16 scalar ones)
+// The sum of the lanes, pairwise (4 dependent vector adds rather than 16 scalar ones; 3 for 8 lanes)
 inline float lane_sum(vfloat v) {
-#if defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 12)
+#if defined(__AVX512F__) && (defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 12))
   v += __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
   v += __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11);
   v += __builtin_shufflevector(v, v, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
   v += __builtin_shufflevector(v, v, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
+  return v[0];
+#elif defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 12)  // 8 lanes
+  v += __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3);
+  v += __builtin_shufflevector(v, v, 2, 3, 0, 1, 6, 7, 4, 5);
+  v += __builtin_shufflevector(v, v, 1, 0, 3, 2, 5, 4, 7, 6);
   return v[0];
 #else
   float sum = 0.0f;
