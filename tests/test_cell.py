@@ -226,6 +226,42 @@ def test_autocast_gradients_keep_the_token_layout(cell_path):
         assert _norm_err(arrived[n], want.grad) <= 2 * BF16_TOLERANCE  # bf16 products: ~1 % at these tiny shapes
 
 
+class _CountProducts(TorchDispatchMode):
+    """Counts PyTorch's batched matrix products."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func in (torch.ops.aten.bmm.default, torch.ops.aten.baddbmm.default)
+        return func(*args, **(kwargs or {}))
+
+
+def test_fp32_cell_runs_as_one_kernel_forward_and_backward(cell_path):
+    """In fp32 with the fused kernels the cell's forward and backward are one kernel each (forward_fp32,
+    backward_fp32): no PyTorch product (its PyTorch form makes 2 forward and 4 backward), gradients in the
+    token-major layout of the inputs' head views, and values within fp32 rounding of float64."""
+    B, T, H, DH = 2, 13, 3, 10
+    leaves = [torch.randn(B, T, H * DH, requires_grad=True) for _ in range(3)]
+    leaves += [torch.randn(B, H, T, requires_grad=True) for _ in range(2)]
+    produced = [t * 1 for t in leaves]
+    arrived = {}
+    for n, t in enumerate(produced):
+        t.register_hook(lambda g, n=n: arrived.__setitem__(n, g))
+    heads = [t.view(B, T, H, DH).transpose(1, 2) for t in produced[:3]]
+    weight = torch.randn(B, H, T, DH)
+    with _CountProducts() as products:
+        (mlstm_parallel(*heads, *produced[3:]) * weight).sum().backward()
+    assert products.count == (0 if cell_path == "fused" else 6)
+    ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
+    ref = mlstm_parallel_reference(*[t.view(B, T, H, DH).transpose(1, 2) for t in ref_leaves[:3]], *ref_leaves[3:])
+    (ref * weight.double()).sum().backward()
+    for n, want in enumerate(ref_leaves):
+        assert arrived[n].dtype == torch.float32 and arrived[n].is_contiguous()
+        assert rel_err(arrived[n], want.grad) <= 1e-5
+
+
 @pytest.mark.parametrize("autocast", [False, True])
 def test_rebuild_gives_the_same_gradients_without_keeping_the_inputs(cell_path, autocast):
     """With ``rebuild``, backward asks for q, k, v again instead of keeping them: the same gradients, bit for bit,

@@ -161,13 +161,15 @@ def test_whole_forward_rejects_bad_input(kernels):
         kernels.forward_bf16(odd, odd, odd, a, row_max, row_max, 1.0, 1e-6, None, torch.empty_like(odd))
 
 
-def _whole_backward_want(q, k, v, grad_h, h, c, a, row_max, m, row_sum, normaliser, scale, eps):
-    """The cell's backward from the forward's bf16 C, in float64, written plainly (eqs. 59-64 differentiated):
-    (dq, dk, dv, grad_m, the row and the column sums of d log D). dN = dh / (n + eps) is rounded to bf16, as the
-    cell's products take it (in both of its forms): its rounding, amplified where dC = dN v^T + grad_row_sum cancels,
-    would otherwise dominate the comparison (1.2 % in the sums of d log D at T 17, DH 34)."""
+def _whole_backward_want(q, k, v, grad_h, h, c, a, row_max, m, row_sum, normaliser, scale, eps, round_dn=True):
+    """The cell's backward from the forward's C, in float64, written plainly (eqs. 59-64 differentiated):
+    (dq, dk, dv, grad_m, the row and the column sums of d log D). With round_dn, dN = dh / (n + eps) is rounded to
+    bf16, as the cell's bf16 products take it (in both of its forms): its rounding, amplified where dC = dN v^T +
+    grad_row_sum cancels, would otherwise dominate the comparison (1.2 % in the sums of d log D at T 17, DH 34)."""
     q, k, v, grad_h, h, c = (t.double() for t in (q, k, v, grad_h, h, c))
-    grad_num = (grad_h / (normaliser.double() + eps)[..., None]).bfloat16().double()  # dN, rounded as the cell does
+    grad_num = grad_h / (normaliser.double() + eps)[..., None]  # dN
+    if round_dn:
+        grad_num = grad_num.bfloat16().double()  # as the bf16 cell rounds it
     grad_norm = -(grad_num * h).sum(-1)
     floor = torch.exp(-m.double())
     use_sum = row_sum.double().abs() >= floor
@@ -240,6 +242,63 @@ def test_whole_backward_rejects_bad_input(kernels):
     with pytest.raises(RuntimeError, match="head dimension must be even"):
         kernels.backward_bf16(odd, odd, odd, odd, odd, c, a, row_max, a, a, a, 1.0, 1e-6,
                               *[torch.empty_like(odd) for _ in range(3)])
+
+
+@pytest.mark.parametrize("T,DH", [(1, 2), (5, 8), (17, 34), (49, 32), (64, 96), (100, 16), (33, 7)])
+def test_whole_fp32_kernels_match_float64(kernels, T, DH):
+    """forward_fp32 and backward_fp32 (the cell's whole forward and backward in fp32, slice by slice in cache, on
+    every CPU the kernels build on) against the cell written plainly in float64 from the same fp32 inputs: h, C, the
+    row sums and the normaliser, then dq, dk, dv and grad_m, all within fp32 summation error (relative norm 1e-5;
+    measured below 3e-6), and the sums of d log D, whose terms cancel, within 1e-4 (measured at most 4.5e-5). Rows are
+    head views of token-major memory, read and written in place; odd T and DH exercise the padded tiles; both sides of
+    max(|row sum|, exp(-m)) are exercised."""
+    B, H = 2, 3
+    g = torch.Generator().manual_seed(T + DH)
+    q, k, v, grad_h = (torch.randn(B, T, H * DH, generator=g).view(B, T, H, DH).transpose(1, 2) for _ in range(4))
+    _, a, row_max = _decay_inputs(B, H, T, seed=T)
+    m = row_max - 3 * torch.rand(B, H, T, generator=g)
+    scale, eps = DH ** -0.5, 1e-6
+    c = torch.full((B, H, T, T), float("nan"))
+    h = torch.full((B, T, H, DH), float("nan")).transpose(1, 2)
+    row_sum, normaliser = kernels.forward_fp32(q, k, v, a, row_max, m, scale, eps, c, h)
+    want_c = _weights_want(q.double() @ k.double().transpose(-2, -1), a, row_max, scale)
+    want_row_sum = want_c.sum(-1)
+    want_normaliser = torch.maximum(want_row_sum.abs(), torch.exp(-m.double()))
+    want_h = (want_c @ v.double()) / (want_normaliser + eps)[..., None]
+    for got, want in ((c, want_c), (row_sum, want_row_sum), (normaliser, want_normaliser), (h, want_h)):
+        assert _rel(got, want) <= 1e-5
+    if T >= 17:
+        use_sum = row_sum.abs() >= torch.exp(-m)
+        assert use_sum.any() and not use_sum.all()
+    want = _whole_backward_want(q, k, v, grad_h, h, c, a, row_max, m, row_sum, normaliser, scale, eps,
+                                round_dn=False)
+    grads = [torch.full((B, T, H, DH), float("nan")).transpose(1, 2) for _ in range(3)]
+    sums = kernels.backward_fp32(q, k, v, grad_h, h, c, a, row_max, m, row_sum, normaliser, scale, eps, *grads)
+    errors = [_rel(x, y) for x, y in zip((*grads, *sums), want)]
+    assert max(errors[:4]) <= 1e-5 and max(errors[4:]) <= 1e-4, errors
+    # without C (inference): the same h
+    h2 = torch.empty_like(h)
+    kernels.forward_fp32(q, k, v, a, row_max, m, scale, eps, None, h2)
+    assert torch.equal(h2, h)
+
+
+def test_whole_fp32_kernels_reject_bad_input(kernels):
+    _, a, row_max = _decay_inputs(1, 1, 4)
+    x = torch.randn(1, 1, 4, 4)
+    c = torch.zeros(1, 1, 4, 4)
+    outs = [torch.empty_like(x) for _ in range(3)]
+    with pytest.raises(RuntimeError, match="v must be a float32"):
+        kernels.forward_fp32(x, x, x.bfloat16(), a, row_max, row_max, 1.0, 1e-6, None, torch.empty_like(x))
+    with pytest.raises(RuntimeError, match="h must have a unit last stride"):
+        kernels.forward_fp32(x, x, x, a, row_max, row_max, 1.0, 1e-6, None, torch.empty_like(x).transpose(2, 3))
+    with pytest.raises(RuntimeError, match="weights must be float32"):
+        kernels.forward_fp32(x, x, x, a, row_max, row_max, 1.0, 1e-6, c.double(), torch.empty_like(x))
+    with pytest.raises(RuntimeError, match="grad_k must have shape"):
+        kernels.backward_fp32(x, x, x, x, x, c, a, row_max, a, a, a, 1.0, 1e-6, outs[0], x[..., :3, :], outs[2])
+    with pytest.raises(RuntimeError, match="weights has 8 elements"):
+        kernels.backward_fp32(x, x, x, x, x, c[..., :2].contiguous(), a, row_max, a, a, a, 1.0, 1e-6, *outs)
+    with pytest.raises(RuntimeError, match="row_sum must be float32"):
+        kernels.backward_fp32(x, x, x, x, x, c, a, row_max, a, a.double(), a, 1.0, 1e-6, *outs)
 
 
 def _projected_heads(kernels, c, x_m, num_heads, bs, with_bias, generator):

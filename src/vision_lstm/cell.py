@@ -181,7 +181,9 @@ class _ParallelMLSTM(torch.autograd.Function):
     dS = (dN v^T + d row sum) D' with the row and column sums of dC C; the two row divisions), with D' rebuilt from
     O(T) vectors instead of being stored, so only C is kept as a T x T tensor. In bf16 on CPUs with AVX512-BF16
     the whole forward and the whole backward are one kernel each, slice by slice in cache (the backward's dN v^T
-    then stays in fp32 rather than being rounded to bf16). Same math and precision policy otherwise; without them
+    then stays in fp32 rather than being rounded to bf16), and so they are in fp32 on every CPU (``forward_fp32``,
+    ``backward_fp32``: the products only where the causal mask leaves them nonzero). Same math and precision
+    policy otherwise; without them
     (no compiler, ``VIL_FUSED=0``, other devices) the PyTorch passes below run.
     """
 
@@ -218,15 +220,19 @@ class _ParallelMLSTM(torch.autograd.Function):
             h = torch.empty(B, T, H, v.shape[-1], dtype=v.dtype, device=v.device).transpose(1, 2)
         else:
             h = torch.empty_like(q if ctx.layouts[0] is None else ctx.layouts[0], dtype=v.dtype, device=v.device)
-        if _whole_forward(kernels, q, v, low_dtype):
-            # The whole forward in one kernel (AMX tiles or AVX512-BF16 dot products): S, C and its row sums, the
-            # normaliser, C v (summed in fp32 and divided before its one rounding) and h, slice by slice in cache;
-            # q, k, v are read and h written in place, and C is written out only for backward.
+        if _whole_forward(kernels, q, v, low_dtype) or _whole_forward_fp32(kernels, q, k, v, low_dtype):
+            # The whole forward in one kernel (bf16: AMX tiles or AVX512-BF16 dot products; fp32: multiply-adds):
+            # S, C and its row sums, the normaliser, C v (summed in fp32 and divided before its one rounding) and
+            # h, slice by slice in cache; q, k, v are read and h written in place, and C is written out only for
+            # backward.
             needs_grad = any(ctx.needs_input_grad)
             if needs_grad and not projected:
                 v = v.contiguous()
-            weights_mm = torch.empty(q.shape[:-1] + (q.shape[-2],), dtype=low_dtype) if needs_grad else None
-            if projected:  # q, k, v computed slice by slice from their sources, as in backward
+            weights_mm = (torch.empty(q.shape[:-1] + (q.shape[-2],), dtype=low_dtype or torch.float32)
+                          if needs_grad else None)
+            if low_dtype is None:
+                row_sum, normaliser = kernels.forward_fp32(q, k, v, a, running_max, m, scale, eps, weights_mm, h)
+            elif projected:  # q, k, v computed slice by slice from their sources, as in backward
                 (wq, bq), (wk, bk), (wv, bv) = sources.projections
                 row_sum, normaliser = kernels.forward_bf16_projected(
                     sources.c, sources.x_m, sources.num_heads, wq, bq, wk, bk, wv, bv, a, running_max, m, scale, eps,
@@ -290,11 +296,13 @@ class _ParallelMLSTM(torch.autograd.Function):
         if rebuilt:  # in the dtype they came in (forward kept them otherwise)
             q, k, v = ctx.rebuild()
             ctx.rebuild = None  # (drops the references its closure holds)
-        if _whole_backward(kernels, (q, k, v, grad_h, h), weights, low_dtype):
+        fp32 = _whole_backward_fp32(kernels, (q, k, v, grad_h, h), weights, low_dtype)
+        if fp32 or _whole_backward(kernels, (q, k, v, grad_h, h), weights, low_dtype):
             grads = [torch.empty_like(t if like is None else like, device=t.device)
                      for t, like in zip((q, k, v), ctx.layouts)]
-            sums = kernels.backward_bf16(q, k, v, grad_h, h, weights, a, running_max, m.squeeze(-1),
-                                         row_sum.squeeze(-1), normaliser.squeeze(-1), ctx.scale, ctx.eps, *grads)
+            whole_backward = kernels.backward_fp32 if fp32 else kernels.backward_bf16
+            sums = whole_backward(q, k, v, grad_h, h, weights, a, running_max, m.squeeze(-1), row_sum.squeeze(-1),
+                                  normaliser.squeeze(-1), ctx.scale, ctx.eps, *grads)
             return _whole_backward_gradients(grads, *sums, argmax, fgate)
         if rebuilt:  # contiguous, as forward kept them otherwise
             q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
@@ -383,6 +391,20 @@ def _whole_backward(kernels, rows, weights, low_dtype) -> bool:
     return (kernels is not None and low_dtype == torch.bfloat16 and weights.dtype == torch.bfloat16
             and all(t.dtype == torch.bfloat16 and t.stride(-1) == 1 for t in rows) and rows[-1].shape[-1] % 2 == 0
             and fused.has_bf16_scores())
+
+
+def _whole_forward_fp32(kernels, q, k, v, low_dtype) -> bool:
+    """Whether the whole forward runs in one fused kernel in fp32 (``forward_fp32``, on every CPU the kernels build
+    on): fp32 q, k, v outside autocast with unit last strides."""
+    return (kernels is not None and low_dtype is None
+            and all(t.dtype == torch.float32 and t.stride(-1) == 1 for t in (q, k, v)))
+
+
+def _whole_backward_fp32(kernels, rows, weights, low_dtype) -> bool:
+    """Whether the whole backward runs in one fused kernel in fp32 (``backward_fp32``): outside autocast with the
+    kernels (C kept in fp32), the rows it reads (q, k, v, dh, h) in fp32 with unit last strides."""
+    return (kernels is not None and low_dtype is None and weights.dtype == torch.float32
+            and all(t.dtype == torch.float32 and t.stride(-1) == 1 for t in rows))
 
 
 def _contiguous_fp32(x: torch.Tensor) -> torch.Tensor:

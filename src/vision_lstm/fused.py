@@ -1,11 +1,12 @@
 """CPU kernels of the package, compiled from ``csrc/`` at first use.
 
-For the parallel mLSTM cell (``csrc/mlstm_cpu.cpp``): the cell's matrix products run in PyTorch, except in bf16 on
-CPUs with AVX512-BF16, where one kernel computes the whole forward (the scores, the weights C = S D' and their row
-sums, C v and h; AVX512-BF16 dot products, or AMX tiles through ATen's brgemm where the CPU has them) and one the
-whole backward (its four products and the passes between them, slice by slice in cache); the other
-elementwise passes between the products (and the matching backward passes) run as one C++ pass each instead of
-about ten PyTorch passes over (B, H, T, T) memory. For the ViL layer (``csrc/blockdiag_cpu.cpp``): the block-diagonal
+For the parallel mLSTM cell (``csrc/mlstm_cpu.cpp``): one kernel computes the whole forward (the scores, the weights
+C = S D' and their row sums, C v and h) and one the whole backward (its four products and the passes between them,
+slice by slice in cache): in bf16 on CPUs with AVX512-BF16 (AVX512-BF16 dot products, or AMX tiles through ATen's
+brgemm where the CPU has them), and in fp32 on every CPU (fp32 multiply-adds that skip the causal mask's zeros).
+Elsewhere (bf16 without AVX512-BF16, float64) the cell's products run in PyTorch, and the elementwise passes between
+them (and the matching backward passes) run as one C++ pass each instead of about ten PyTorch passes over
+(B, H, T, T) memory. For the ViL layer (``csrc/blockdiag_cpu.cpp``): the block-diagonal
 q, k, v projections and their gradients, one pass each, in the layouts the cell wants; (``csrc/layer_cpu.cpp``) the
 depthwise convolution with its SiLU, the output path (per-head norm, skip, output gate), the block's input norm and
 the reversed block's residual sum, one pass each forward and backward. With them loads a caching allocator for CPU

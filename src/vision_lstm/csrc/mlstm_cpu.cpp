@@ -25,6 +25,7 @@
 #include <immintrin.h>
 #endif
 #include <cmath>
+#include <initializer_list>
 #include <optional>
 #include <type_traits>
 #include <cstdint>
@@ -47,11 +48,12 @@ inline vfloat decay_lanes(vfloat a, float row_max, float scale, int64_t s0, int6
   return lane <= static_cast<int32_t>(t) ? d : vfloat{};
 }
 
-// Asks the cache for T rows of DH bf16, `stride` elements apart (one request per 64-byte line).
-inline void prefetch_rows(const at::BFloat16* p, int64_t stride, int64_t T, int64_t DH) {
+// Asks the cache for T rows of DH elements (bf16 or fp32), `stride` elements apart (one request per 64-byte line).
+template <typename T_>
+inline void prefetch_rows(const T_* p, int64_t stride, int64_t T, int64_t DH) {
   for (int64_t t = 0; t < T; ++t) {
     const char* row = reinterpret_cast<const char*>(p + t * stride);
-    for (int64_t byte = 0; byte < DH * 2; byte += 64) __builtin_prefetch(row + byte);
+    for (int64_t byte = 0; byte < DH * int64_t(sizeof(T_)); byte += 64) __builtin_prefetch(row + byte);
   }
 }
 
@@ -106,6 +108,16 @@ inline float backward_row(const g_t* g_row, float grs, const c_t* c_row, const f
     store(ds_row + s0, ds, count);
   });
   return lane_sum(sum);
+}
+
+// The gradient grad_norm of the normaliser n = max(|row sum|, exp(-m)) routed to the side that is active: to the
+// row sum (times its sign), or to the stabiliser m through exp(-m)
+inline void normaliser_grads(float grad_norm, float row_sum, float m, float& grad_row_sum, float& grad_m) {
+  const float floor = std::exp(-m);
+  const bool use_sum = std::abs(row_sum) >= floor;
+  const float sign = row_sum > 0.0f ? 1.0f : (row_sum < 0.0f ? -1.0f : 0.0f);
+  grad_row_sum = use_sum ? grad_norm * sign : 0.0f;
+  grad_m = use_sum ? 0.0f : -grad_norm * floor;
 }
 
 // Backward, from G = dN v^T (the gradient of C through h, in the products' dtype) and the normaliser's share
@@ -790,12 +802,7 @@ void backward_whole_bf16(const at::Tensor& q, const at::Tensor& k, const at::Ten
           store(dn_row + d0, load(dh_i + t * rdh.s2 + d0, count) * inverse, count);
           dot += load(dn_row + d0, count) * load(h_i + t * rh.s2 + d0, count);
         });
-        const float grad_norm = -lane_sum(dot);
-        const float floor = std::exp(-m[r]);
-        const bool use_sum = std::abs(row_sum[r]) >= floor;  // which side of max(|row sum|, exp(-m)) is active
-        const float sign = row_sum[r] > 0.0f ? 1.0f : (row_sum[r] < 0.0f ? -1.0f : 0.0f);
-        grad_row_sum[t] = use_sum ? grad_norm * sign : 0.0f;
-        grad_m[r] = use_sum ? 0.0f : -grad_norm * floor;
+        normaliser_grads(-lane_sum(dot), row_sum[r], m[r], grad_row_sum[t], grad_m[r]);
       }
       // dV = C^T dN
       pack_row_pairs(dn.data(), DH, T, DH, dn_pairs.data(), dhp);
@@ -833,6 +840,231 @@ void backward_whole_bf16(const at::Tensor& q, const at::Tensor& k, const at::Ten
   });
 }
 #endif
+
+// ---- the whole forward and backward in fp32 (forward_fp32, backward_fp32), on every CPU the kernels build on ----
+// As forward_whole_bf16 and backward_whole_bf16 (same passes, same order), with fp32 products: each slice's operands
+// are copied into zero-padded per-thread buffers (rows a multiple of kTileRows, row lengths whole vectors), and every
+// product is tiles of kTileRows x up to 2 vectors of fp32 multiply-adds held in registers (fma_tile) that skip what
+// the causal mask zeroes: S = q k^T and G = dN v^T only up to the diagonal's vector, C v and dS k only over s <= t,
+// C^T dN and dS^T q only over t >= s. PyTorch's batched products computed the whole T x T squares, through memory.
+
+// 6 rows x 2 vectors: 12 accumulators, 2 loads and a broadcast in AVX2's 16 registers (a standalone loop of the
+// S = q k^T shape on one core of an AVX2 EPYC, session 34: 75 GFLOP/s; 4 x 3, whose loads the compiler folded into
+// the multiply-adds, 61; 4 x 2, 41)
+constexpr int64_t kTileRows = 6;
+
+inline int64_t round_up(int64_t x, int64_t to) { return (x + to - 1) / to * to; }
+
+// out[r][v] = sum_{p0 <= p < p1} A(r, p) B[p][v] for r < kTileRows and the NV vectors v from b and out, where
+// A(r, p) = a[r * a_r + p * a_p] (rows or columns of a buffer) and B's rows are b_p apart; out's rows out_r apart.
+template <int NV>
+inline void fma_tile(const float* a, int64_t a_r, int64_t a_p, const float* b, int64_t b_p, int64_t p0, int64_t p1,
+                     float* out, int64_t out_r) {
+  vfloat acc[kTileRows][NV] = {};
+  for (int64_t p = p0; p < p1; ++p) {
+    vfloat bv[NV];
+    for (int v = 0; v < NV; ++v) bv[v] = load(b + p * b_p + v * kLanes, kLanes);
+    for (int r = 0; r < kTileRows; ++r) {
+      const vfloat av = splat(a[r * a_r + p * a_p]);
+      for (int v = 0; v < NV; ++v) acc[r][v] += av * bv[v];
+    }
+  }
+  for (int r = 0; r < kTileRows; ++r)
+    for (int v = 0; v < NV; ++v) store(out + r * out_r + v * kLanes, acc[r][v], kLanes);
+}
+
+// Which p a row block from r0 sums over in fma_rows: all p < p_end, or the causal products' share: p <= r (C v,
+// dS k: C and dS are 0 above the diagonal) or p >= r (C^T dN, dS^T q)
+enum class Span { kAll, kUpToDiagonal, kFromDiagonal };
+
+// out (rows x vectors * kLanes, rows out_r apart) = A B as fma_tile defines them, for rows a multiple of kTileRows:
+// each block of kTileRows rows over its span of p, and (diagonal_columns) only the pairs of column vectors that
+// reach the diagonal (S = q k^T and G = dN v^T, whose entries above it the causal mask zeroes; the columns of a
+// pair past the diagonal are computed, the pairs wholly past it left as they are)
+inline void fma_rows(const float* a, int64_t a_r, int64_t a_p, const float* b, int64_t b_p, int64_t rows, float* out,
+                     int64_t out_r, Span span, int64_t p_end, int64_t vectors, bool diagonal_columns) {
+  // pairs of column vectors outermost: their rows of B (b_p apart) stay in L1 while the blocks of rows of A pass
+  // (the other order, B's whole row length re-read for every block of rows, ran at about 0.7x in that loop)
+  for (int64_t v = 0; v < vectors; v += 2) {
+    const int64_t nv = std::min<int64_t>(2, vectors - v);
+    // with diagonal_columns, only the row blocks that reach column vector v
+    const int64_t first = diagonal_columns ? std::max<int64_t>(0, (v * kLanes - kTileRows + 1)) / kTileRows : 0;
+    for (int64_t r0 = first * kTileRows; r0 < rows; r0 += kTileRows) {
+      const int64_t p0 = span == Span::kFromDiagonal ? r0 : 0;
+      const int64_t p1 = span == Span::kUpToDiagonal ? std::min(p_end, r0 + kTileRows) : p_end;
+      if (nv == 2) {
+        fma_tile<2>(a + r0 * a_r, a_r, a_p, b + v * kLanes, b_p, p0, p1, out + r0 * out_r + v * kLanes, out_r);
+      } else {
+        fma_tile<1>(a + r0 * a_r, a_r, a_p, b + v * kLanes, b_p, p0, p1, out + r0 * out_r + v * kLanes, out_r);
+      }
+    }
+  }
+}
+
+// rows x cols of x (rows x_ld apart) into out (rows out_ld apart), zeros past cols up to out_ld
+inline void copy_rows(const float* x, int64_t x_ld, int64_t rows, int64_t cols, float* out, int64_t out_ld) {
+  for (int64_t r = 0; r < rows; ++r) {
+    std::memcpy(out + r * out_ld, x + r * x_ld, cols * sizeof(float));
+    std::fill(out + r * out_ld + cols, out + (r + 1) * out_ld, 0.0f);
+  }
+}
+
+// One stage of a kLanes x kLanes transpose in registers: the off-diagonal D x D blocks of each 2D x 2D block swap
+// places (lane l of rows i and i + D, i & D == 0: where l & D, row i takes row i + D's lane l - D, and row i + D
+// gives row i its lane l + D). After the stages D = kLanes / 2, ..., 2, 1, row i holds column i.
+template <int D, int... L>
+inline void swap_blocks(vfloat& a, vfloat& b, std::integer_sequence<int, L...>) {
+#if defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 12)
+  const vfloat low = __builtin_shufflevector(a, b, ((L & D) == 0 ? L : kLanes + L - D)...);
+  b = __builtin_shufflevector(a, b, ((L & D) == 0 ? L + D : kLanes + L)...);
+#else
+  const vfloat low = __builtin_shuffle(a, b, vint{((L & D) == 0 ? L : kLanes + L - D)...});
+  b = __builtin_shuffle(a, b, vint{((L & D) == 0 ? L + D : kLanes + L)...});
+#endif
+  a = low;
+}
+template <int D>
+inline void transpose_stages(vfloat* r) {
+  for (int i = 0; i < kLanes; ++i)
+    if ((i & D) == 0) swap_blocks<D>(r[i], r[i + D], std::make_integer_sequence<int, kLanes>{});
+  if constexpr (D > 1) transpose_stages<D / 2>(r);
+}
+
+// out[c][r] = x[r][c] for rows x cols of x (rows x_ld apart); out's rows out_ld apart (a multiple of kLanes, at least
+// rows), zeros past `rows`: kLanes x kLanes blocks transposed in registers (element by element, the stores a row
+// apart made the transpose of k a fifth of the whole forward's time, ViL-T's shape, session 34)
+inline void transpose_rows(const float* x, int64_t x_ld, int64_t rows, int64_t cols, float* out, int64_t out_ld) {
+  for (int64_t r0 = 0; r0 < out_ld; r0 += kLanes) {
+    for (int64_t c0 = 0; c0 < cols; c0 += kLanes) {
+      const int64_t nc = std::min(kLanes, cols - c0);
+      vfloat block[kLanes];
+      for (int64_t i = 0; i < kLanes; ++i) {
+        block[i] = r0 + i >= rows ? vfloat{} : nc == kLanes ? load(x + (r0 + i) * x_ld + c0, kLanes)
+                                                            : load(x + (r0 + i) * x_ld + c0, nc);
+      }
+      transpose_stages<kLanes / 2>(block);
+      for (int64_t j = 0; j < nc; ++j) store(out + (c0 + j) * out_ld + r0, block[j], kLanes);
+    }
+  }
+}
+
+// A (B, H, T, DH) fp32 tensor's base pointer and strides, read once (Tensor::stride() in loops costs)
+struct F32Rows {
+  float* p;
+  int64_t s0, s1, s2;
+  float* slice(int64_t b, int64_t hh) const { return p + b * s0 + hh * s1; }
+};
+F32Rows f32_rows(const at::Tensor& x) { return {x.data_ptr<float>(), x.stride(0), x.stride(1), x.stride(2)}; }
+
+void forward_whole_f32(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const float* a,
+                       const float* row_max, const float* m, float scale, float eps, float* weights, float* row_sum,
+                       float* normaliser, const at::Tensor& h) {
+  const int64_t B = q.size(0), H = q.size(1), T = q.size(2), DH = q.size(3);
+  const int64_t Tr = round_up(T, kTileRows), Tc = round_up(T, kLanes), Dc = round_up(DH, kLanes);
+  const F32Rows rq = f32_rows(q), rk = f32_rows(k), rv = f32_rows(v), rh = f32_rows(h);
+  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> qp(Tr * DH, 0.0f), kt(DH * Tc), vp(Tr * Dc, 0.0f), scores(Tr * Tc), c(Tr * Tc, 0.0f),
+        num(Tr * Dc);
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t b = i / H, hh = i % H;
+      if (i + 1 < end) {  // the next slice's inputs, while this one computes (as forward_whole_bf16)
+        const int64_t nb = (i + 1) / H, nh = (i + 1) % H;
+        for (const F32Rows* x : {&rq, &rk, &rv}) prefetch_rows(x->slice(nb, nh), x->s2, T, DH);
+      }
+      copy_rows(rq.slice(b, hh), rq.s2, T, DH, qp.data(), DH);
+      transpose_rows(rk.slice(b, hh), rk.s2, T, DH, kt.data(), Tc);
+      copy_rows(rv.slice(b, hh), rv.s2, T, DH, vp.data(), Dc);
+      // S = q k^T, the vectors of columns up to the diagonal
+      fma_rows(qp.data(), DH, 1, kt.data(), Tc, Tr, scores.data(), Tc, Span::kAll, DH, Tc / kLanes, true);
+      const float* a_i = a + i * T;
+      for (int64_t t = 0; t < T; ++t) {
+        const int64_t r = i * T + t;
+        float* c_row = c.data() + t * Tc;
+        row_sum[r] = forward_row(scores.data() + t * Tc, a_i, row_max[r], scale, c_row, t, T);
+        normaliser[r] = std::max(std::abs(row_sum[r]), std::exp(-m[r]));
+        if (weights) std::memcpy(weights + r * T, c_row, T * sizeof(float));
+      }
+      // C v over s <= t
+      fma_rows(c.data(), Tc, 1, vp.data(), Dc, Tr, num.data(), Dc, Span::kUpToDiagonal, T, Dc / kLanes, false);
+      float* h_i = rh.slice(b, hh);
+      for (int64_t t = 0; t < T; ++t) {
+        const vfloat denom = splat(normaliser[i * T + t] + eps);
+        for_vectors(DH, [&](int64_t d0, int64_t count) {
+          store(h_i + t * rh.s2 + d0, load(num.data() + t * Dc + d0, count) / denom, count);
+        });
+      }
+    }
+  });
+}
+
+void backward_whole_f32(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& grad_h,
+                        const at::Tensor& h, const float* weights, const float* a, const float* row_max,
+                        const float* m, const float* row_sum, const float* normaliser, float scale, float eps,
+                        const at::Tensor& grad_q, const at::Tensor& grad_k, const at::Tensor& grad_v, float* grad_m,
+                        float* row_sums, float* col_sums) {
+  const int64_t B = q.size(0), H = q.size(1), T = q.size(2), DH = q.size(3);
+  const int64_t Tr = round_up(T, kTileRows), Tc = round_up(T, kLanes), Dc = round_up(DH, kLanes);
+  const int64_t blocks = Tc / kLanes;
+  const F32Rows rq = f32_rows(q), rk = f32_rows(k), rv = f32_rows(v), rdh = f32_rows(grad_h), rh = f32_rows(h),
+                rdq = f32_rows(grad_q), rdk = f32_rows(grad_k), rdv = f32_rows(grad_v);
+  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+    // rows past T stay 0 in every buffer an A operand is read from (dn, c, ds) or a B operand (xp)
+    std::vector<float> dn(Tr * Dc, 0.0f), c(Tr * Tc, 0.0f), vt(DH * Tc), g(Tr * Tc), ds(Tr * Tc, 0.0f),
+        xp(Tr * Dc, 0.0f), out(Tr * Dc), grad_row_sum(T);
+    std::vector<vfloat> cols(blocks);
+    // out's T x DH sums into a slice of a gradient
+    auto store_rows = [&](float* dst, int64_t stride) {
+      for (int64_t t = 0; t < T; ++t) std::memcpy(dst + t * stride, out.data() + t * Dc, DH * sizeof(float));
+    };
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t b = i / H, hh = i % H;
+      if (i + 1 < end) {  // the next slice's rows, while this one computes (as backward_whole_bf16)
+        const int64_t nb = (i + 1) / H, nh = (i + 1) % H;
+        for (const F32Rows* x : {&rq, &rk, &rv, &rdh, &rh}) prefetch_rows(x->slice(nb, nh), x->s2, T, DH);
+      }
+      const float* a_i = a + i * T;
+      // dN and the normaliser's gradient, row by row (as backward_whole_bf16)
+      const float* dh_i = rdh.slice(b, hh);
+      const float* h_i = rh.slice(b, hh);
+      for (int64_t t = 0; t < T; ++t) {
+        const int64_t r = i * T + t;
+        const vfloat inverse = splat(1.0f / (normaliser[r] + eps));
+        float* dn_row = dn.data() + t * Dc;
+        vfloat dot{};
+        for_vectors(DH, [&](int64_t d0, int64_t count) {
+          const vfloat dnv = load(dh_i + t * rdh.s2 + d0, count) * inverse;
+          store(dn_row + d0, dnv, count);
+          dot += dnv * load(h_i + t * rh.s2 + d0, count);
+        });
+        normaliser_grads(-lane_sum(dot), row_sum[r], m[r], grad_row_sum[t], grad_m[r]);
+      }
+      // dV = C^T dN over t >= s
+      copy_rows(weights + i * T * T, T, T, T, c.data(), Tc);
+      fma_rows(c.data(), 1, Tc, dn.data(), Dc, Tr, out.data(), Dc, Span::kFromDiagonal, T, Dc / kLanes, false);
+      store_rows(rdv.slice(b, hh), rdv.s2);
+      // G = dN v^T, the vectors of columns up to the diagonal
+      transpose_rows(rv.slice(b, hh), rv.s2, T, DH, vt.data(), Tc);
+      fma_rows(dn.data(), Dc, 1, vt.data(), Tc, Tr, g.data(), Tc, Span::kAll, DH, blocks, true);
+      // dS = (G + grad_row_sum) D' and the sums of d log D = (G + grad_row_sum) C (backward_f32's row pass)
+      std::fill(cols.begin(), cols.end(), vfloat{});
+      for (int64_t t = 0; t < T; ++t) {
+        row_sums[i * T + t] = backward_row(g.data() + t * Tc, grad_row_sum[t], c.data() + t * Tc, a_i,
+                                           row_max[i * T + t], scale, ds.data() + t * Tc, cols.data(), t, T);
+      }
+      for (int64_t blk = 0; blk < blocks; ++blk) {
+        store(col_sums + i * T + blk * kLanes, cols[blk], std::min(kLanes, T - blk * kLanes));
+      }
+      // dQ = dS k over s <= t
+      copy_rows(rk.slice(b, hh), rk.s2, T, DH, xp.data(), Dc);
+      fma_rows(ds.data(), Tc, 1, xp.data(), Dc, Tr, out.data(), Dc, Span::kUpToDiagonal, T, Dc / kLanes, false);
+      store_rows(rdq.slice(b, hh), rdq.s2);
+      // dK = dS^T q over t >= s
+      copy_rows(rq.slice(b, hh), rq.s2, T, DH, xp.data(), Dc);
+      fma_rows(ds.data(), 1, Tc, xp.data(), Dc, Tr, out.data(), Dc, Span::kFromDiagonal, T, Dc / kLanes, false);
+      store_rows(rdk.slice(b, hh), rdk.s2);
+    }
+  });
+}
 
 // q, k, v, h (B, H, T, DH) bf16 with unit last strides, DH even; a, row_max, m (B, H, T) fp32 contiguous; weights
 // (B, H, T, T) bf16 contiguous or None. Writes h (and C into weights); returns (row_sum, normaliser) (B, H, T).
@@ -923,6 +1155,72 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_bf16(
   TORCH_CHECK(has_bf16_scores(), "backward_bf16 needs a CPU with AVX512-BF16 (see has_bf16_scores)");
   return backward_bf16_impl(q, k, v, grad_h, h, weights, a, row_max, m, row_sum, normaliser, scale, eps, grad_q,
                             grad_k, grad_v, tiles, nullptr);
+}
+
+void check_f32_rows(const at::Tensor& x, const at::Tensor& like, const char* what) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat, what, " must be a float32 CPU tensor");
+  TORCH_CHECK(x.dim() == 4 && x.sizes() == like.sizes(), what, " must have shape ", like.sizes());
+  TORCH_CHECK(x.stride(3) == 1, what, " must have a unit last stride");
+}
+
+// The checks of the O(T) vectors (a, row_max, m; in backward also row_sum, normaliser): (B, H, T) fp32 contiguous
+void check_vectors(std::initializer_list<std::pair<const at::Tensor*, const char*>> vectors, int64_t n, int64_t T) {
+  for (const auto& [x, what] : vectors) {
+    check_slices(*x, n, T, what);
+    TORCH_CHECK(x->scalar_type() == at::kFloat, what, " must be float32");
+  }
+}
+
+// forward_bf16's contract in fp32: q, k, v, h (B, H, T, DH) float32 with unit last strides (any DH); weights
+// (B, H, T, T) float32 contiguous or None. Writes h (and C into weights); returns (row_sum, normaliser) (B, H, T).
+std::tuple<at::Tensor, at::Tensor> forward_fp32(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                const at::Tensor& a, const at::Tensor& row_max, const at::Tensor& m,
+                                                double scale, double eps, const std::optional<at::Tensor>& weights,
+                                                at::Tensor h) {
+  check_f32_rows(q, q, "q");
+  check_f32_rows(k, q, "k");
+  check_f32_rows(v, q, "v");
+  check_f32_rows(h, q, "h");
+  const int64_t T = q.size(2), n = q.size(0) * q.size(1);
+  check_vectors({{&a, "a"}, {&row_max, "row_max"}, {&m, "m"}}, n, T);
+  float* pw = nullptr;
+  if (weights.has_value()) {
+    check_slices(*weights, n, T * T, "weights");
+    TORCH_CHECK(weights->scalar_type() == at::kFloat, "weights must be float32");
+    pw = weights->data_ptr<float>();
+  }
+  auto row_sum = at::empty({q.size(0), q.size(1), T}, a.options());
+  auto normaliser = at::empty_like(row_sum);
+  forward_whole_f32(q, k, v, a.data_ptr<float>(), row_max.data_ptr<float>(), m.data_ptr<float>(),
+                    static_cast<float>(scale), static_cast<float>(eps), pw, row_sum.data_ptr<float>(),
+                    normaliser.data_ptr<float>(), h);
+  return {row_sum, normaliser};
+}
+
+// backward_bf16's contract in fp32: q, k, v, grad_h, h, grad_q, grad_k, grad_v (B, H, T, DH) float32 with unit last
+// strides; weights (B, H, T, T) float32 contiguous (the forward's C). Writes the three gradients; returns grad_m and
+// the row and column sums of d log D, (B, H, T) fp32 each.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_fp32(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& grad_h, const at::Tensor& h,
+    const at::Tensor& weights, const at::Tensor& a, const at::Tensor& row_max, const at::Tensor& m,
+    const at::Tensor& row_sum, const at::Tensor& normaliser, double scale, double eps, at::Tensor grad_q,
+    at::Tensor grad_k, at::Tensor grad_v) {
+  check_f32_rows(q, q, "q");
+  for (const auto& [x, what] : {std::pair<const at::Tensor*, const char*>{&k, "k"}, {&v, "v"}, {&grad_h, "grad_h"},
+                                {&h, "h"}, {&grad_q, "grad_q"}, {&grad_k, "grad_k"}, {&grad_v, "grad_v"}})
+    check_f32_rows(*x, q, what);
+  const int64_t T = q.size(2), n = q.size(0) * q.size(1);
+  check_slices(weights, n, T * T, "weights");
+  TORCH_CHECK(weights.scalar_type() == at::kFloat, "weights must be float32");
+  check_vectors({{&a, "a"}, {&row_max, "row_max"}, {&m, "m"}, {&row_sum, "row_sum"}, {&normaliser, "normaliser"}},
+                n, T);
+  auto grad_m = at::empty({q.size(0), q.size(1), T}, a.options());
+  auto row_sums = at::empty_like(grad_m), col_sums = at::empty_like(grad_m);
+  backward_whole_f32(q, k, v, grad_h, h, weights.data_ptr<float>(), a.data_ptr<float>(), row_max.data_ptr<float>(),
+                     m.data_ptr<float>(), row_sum.data_ptr<float>(), normaliser.data_ptr<float>(),
+                     static_cast<float>(scale), static_cast<float>(eps), grad_q, grad_k, grad_v,
+                     grad_m.data_ptr<float>(), row_sums.data_ptr<float>(), col_sums.data_ptr<float>());
+  return {grad_m, row_sums, col_sums};
 }
 
 // The projections' weights (block-diagonal, (C / bs, bs, bs), any floating dtype) as fp32 tables, and their
@@ -1043,6 +1341,11 @@ TORCH_LIBRARY(vision_lstm_cpu, m) {
   m.def("backward_bf16(Tensor q, Tensor k, Tensor v, Tensor grad_h, Tensor h, Tensor weights, Tensor a, "
         "Tensor row_max, Tensor m, Tensor row_sum, Tensor normaliser, float scale, float eps, Tensor(a!) grad_q, "
         "Tensor(b!) grad_k, Tensor(c!) grad_v, bool tiles=True) -> (Tensor, Tensor, Tensor)");
+  m.def("forward_fp32(Tensor q, Tensor k, Tensor v, Tensor a, Tensor row_max, Tensor m, float scale, float eps, "
+        "Tensor(a!)? weights, Tensor(b!) h) -> (Tensor, Tensor)");
+  m.def("backward_fp32(Tensor q, Tensor k, Tensor v, Tensor grad_h, Tensor h, Tensor weights, Tensor a, "
+        "Tensor row_max, Tensor m, Tensor row_sum, Tensor normaliser, float scale, float eps, Tensor(a!) grad_q, "
+        "Tensor(b!) grad_k, Tensor(c!) grad_v) -> (Tensor, Tensor, Tensor)");
   m.def("has_bf16_scores() -> bool", &has_bf16_scores);  // no tensor arguments: one kernel for every backend
   m.def("has_tile_scores() -> bool", &has_tile_scores);
   m.def("vector_lanes() -> int", &vector_lanes);
@@ -1058,4 +1361,6 @@ TORCH_LIBRARY_IMPL(vision_lstm_cpu, CPU, m) {
   m.impl("forward_bf16_projected", &forward_bf16_projected);
   m.impl("backward_bf16", &backward_bf16);
   m.impl("backward_bf16_projected", &backward_bf16_projected);
+  m.impl("forward_fp32", &forward_fp32);
+  m.impl("backward_fp32", &backward_fp32);
 }
