@@ -183,8 +183,7 @@ class _ParallelMLSTM(torch.autograd.Function):
     the whole forward and the whole backward are one kernel each, slice by slice in cache (the backward's dN v^T
     then stays in fp32 rather than being rounded to bf16), and so they are in fp32 on every CPU (``forward_fp32``,
     ``backward_fp32``: the products only where the causal mask leaves them nonzero). Same math and precision
-    policy otherwise; without them
-    (no compiler, ``VIL_FUSED=0``, other devices) the PyTorch passes below run.
+    policy otherwise; without them (no compiler, ``VIL_FUSED=0``, other devices) the PyTorch passes below run.
     """
 
     @staticmethod
