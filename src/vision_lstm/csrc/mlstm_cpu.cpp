@@ -48,6 +48,19 @@ inline vfloat decay_lanes(vfloat a, float row_max, float scale, int64_t s0, int6
   return lane <= static_cast<int32_t>(t) ? d : vfloat{};
 }
 
+// A (B, H, T, DH) tensor's base pointer and strides, read once (Tensor::stride() in the kernels' loops was a
+// measurable share of their time): the whole kernels' view of q, k, v, h and the gradients
+template <typename E>
+struct SliceRows {
+  E* p;
+  int64_t s0, s1, s2;
+  E* slice(int64_t b, int64_t hh) const { return p + b * s0 + hh * s1; }
+};
+template <typename E>
+SliceRows<E> slice_rows(const at::Tensor& x) {
+  return {static_cast<E*>(x.data_ptr()), x.stride(0), x.stride(1), x.stride(2)};
+}
+
 // Asks the cache for T rows of DH elements (bf16 or fp32), `stride` elements apart (one request per 64-byte line).
 template <typename T_>
 inline void prefetch_rows(const T_* p, int64_t stride, int64_t T, int64_t DH) {
@@ -186,8 +199,11 @@ void divide_rows_bf16(const at::Tensor& num, const at::Tensor& denom, const at::
   });
 }
 
-void check_rows(const at::Tensor& x, const at::Tensor& like, const char* what) {
-  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kBFloat16, what, " must be a bfloat16 CPU tensor");
+// x: a CPU tensor of like's (B, H, T, DH) shape in dtype (bf16; fp32 for the fp32 whole kernels), unit last stride
+void check_rows(const at::Tensor& x, const at::Tensor& like, const char* what,
+                at::ScalarType dtype = at::kBFloat16) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == dtype, what, " must be a ",
+              dtype == at::kFloat ? "float32" : "bfloat16", " CPU tensor");
   TORCH_CHECK(x.dim() == 4 && x.sizes() == like.sizes(), what, " must have shape ", like.sizes());
   TORCH_CHECK(x.stride(3) == 1, what, " must have a unit last stride");
 }
@@ -261,6 +277,14 @@ void check_slices(const at::Tensor& t, int64_t n, int64_t len, const char* what)
   TORCH_CHECK(t.is_contiguous(), what, " must be contiguous");
   TORCH_CHECK(t.device().is_cpu(), what, " must be on the CPU");
   TORCH_CHECK(t.numel() == n * len, what, " has ", t.numel(), " elements, expected ", n * len);
+}
+
+// The checks of the O(T) vectors (a, row_max, m; in backward also row_sum, normaliser): (B, H, T) fp32 contiguous
+void check_vectors(std::initializer_list<std::pair<const at::Tensor*, const char*>> vectors, int64_t n, int64_t T) {
+  for (const auto& [x, what] : vectors) {
+    check_slices(*x, n, T, what);
+    TORCH_CHECK(x->scalar_type() == at::kFloat, what, " must be float32");
+  }
 }
 
 // scores (..., T, T) fp32/fp64; a, row_max (..., T) same dtype; weights (..., T, T) in the scores' dtype or bf16.
@@ -738,17 +762,11 @@ void backward_whole_bf16(const at::Tensor& q, const at::Tensor& k, const at::Ten
   const int64_t pairs = DH / 2, token_pairs = (T + 1) / 2, tp = 2 * token_pairs;
   const int64_t blocks = (T + kLanes - 1) / kLanes, padded = blocks * kLanes;
   const int64_t dhp = tiles ? DH : (DH + kLanes - 1) / kLanes * kLanes;  // as in forward_whole_bf16
-  // each tensor's base pointer and strides, read once (forward_whole_bf16)
-  struct Rows {
-    at::BFloat16* p;
-    int64_t s0, s1, s2;
-    at::BFloat16* slice(int64_t b, int64_t hh) const { return p + b * s0 + hh * s1; }
-  };
-  auto rows_of = [](const at::Tensor& x) {
-    return Rows{static_cast<at::BFloat16*>(x.data_ptr()), x.stride(0), x.stride(1), x.stride(2)};
-  };
-  const Rows rq = rows_of(q), rk = rows_of(k), rv = rows_of(v), rdh = rows_of(grad_h), rh = rows_of(h),
-             rdq = rows_of(grad_q), rdk = rows_of(grad_k), rdv = rows_of(grad_v);
+  using Rows = SliceRows<at::BFloat16>;
+  const Rows rq = slice_rows<at::BFloat16>(q), rk = slice_rows<at::BFloat16>(k), rv = slice_rows<at::BFloat16>(v),
+             rdh = slice_rows<at::BFloat16>(grad_h), rh = slice_rows<at::BFloat16>(h),
+             rdq = slice_rows<at::BFloat16>(grad_q), rdk = slice_rows<at::BFloat16>(grad_k),
+             rdv = slice_rows<at::BFloat16>(grad_v);
   at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
     std::vector<at::BFloat16> dn(T * DH);                 // dN, rows DH apart: A of G = dN v^T
     std::vector<uint32_t> dn_pairs(token_pairs * dhp, 0);  // dN in pairs of rows: B of dV = C^T dN
@@ -931,8 +949,9 @@ inline void transpose_stages(vfloat* r) {
 }
 
 // out[c][r] = x[r][c] for rows x cols of x (rows x_ld apart); out's rows out_ld apart (a multiple of kLanes, at least
-// rows), zeros past `rows`: kLanes x kLanes blocks transposed in registers (element by element, the stores a row
-// apart made the transpose of k a fifth of the whole forward's time, ViL-T's shape, session 34)
+// rows), zeros past `rows`: kLanes x kLanes blocks transposed in registers, rather than element by element with
+// stores a row apart (the forward without that transpose of k ran a fifth faster, ViL-T's shape, session 34; the
+// blocks' own gain was within the run-to-run spread of that measurement)
 inline void transpose_rows(const float* x, int64_t x_ld, int64_t rows, int64_t cols, float* out, int64_t out_ld) {
   for (int64_t r0 = 0; r0 < out_ld; r0 += kLanes) {
     for (int64_t c0 = 0; c0 < cols; c0 += kLanes) {
@@ -948,20 +967,14 @@ inline void transpose_rows(const float* x, int64_t x_ld, int64_t rows, int64_t c
   }
 }
 
-// A (B, H, T, DH) fp32 tensor's base pointer and strides, read once (Tensor::stride() in loops costs)
-struct F32Rows {
-  float* p;
-  int64_t s0, s1, s2;
-  float* slice(int64_t b, int64_t hh) const { return p + b * s0 + hh * s1; }
-};
-F32Rows f32_rows(const at::Tensor& x) { return {x.data_ptr<float>(), x.stride(0), x.stride(1), x.stride(2)}; }
-
 void forward_whole_f32(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const float* a,
                        const float* row_max, const float* m, float scale, float eps, float* weights, float* row_sum,
                        float* normaliser, const at::Tensor& h) {
   const int64_t B = q.size(0), H = q.size(1), T = q.size(2), DH = q.size(3);
   const int64_t Tr = round_up(T, kTileRows), Tc = round_up(T, kLanes), Dc = round_up(DH, kLanes);
-  const F32Rows rq = f32_rows(q), rk = f32_rows(k), rv = f32_rows(v), rh = f32_rows(h);
+  using Rows = SliceRows<float>;
+  const Rows rq = slice_rows<float>(q), rk = slice_rows<float>(k), rv = slice_rows<float>(v),
+             rh = slice_rows<float>(h);
   at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> qp(Tr * DH, 0.0f), kt(DH * Tc), vp(Tr * Dc, 0.0f), scores(Tr * Tc), c(Tr * Tc, 0.0f),
         num(Tr * Dc);
@@ -969,7 +982,7 @@ void forward_whole_f32(const at::Tensor& q, const at::Tensor& k, const at::Tenso
       const int64_t b = i / H, hh = i % H;
       if (i + 1 < end) {  // the next slice's inputs, while this one computes (as forward_whole_bf16)
         const int64_t nb = (i + 1) / H, nh = (i + 1) % H;
-        for (const F32Rows* x : {&rq, &rk, &rv}) prefetch_rows(x->slice(nb, nh), x->s2, T, DH);
+        for (const Rows* x : {&rq, &rk, &rv}) prefetch_rows(x->slice(nb, nh), x->s2, T, DH);
       }
       copy_rows(rq.slice(b, hh), rq.s2, T, DH, qp.data(), DH);
       transpose_rows(rk.slice(b, hh), rk.s2, T, DH, kt.data(), Tc);
@@ -1005,8 +1018,10 @@ void backward_whole_f32(const at::Tensor& q, const at::Tensor& k, const at::Tens
   const int64_t B = q.size(0), H = q.size(1), T = q.size(2), DH = q.size(3);
   const int64_t Tr = round_up(T, kTileRows), Tc = round_up(T, kLanes), Dc = round_up(DH, kLanes);
   const int64_t blocks = Tc / kLanes;
-  const F32Rows rq = f32_rows(q), rk = f32_rows(k), rv = f32_rows(v), rdh = f32_rows(grad_h), rh = f32_rows(h),
-                rdq = f32_rows(grad_q), rdk = f32_rows(grad_k), rdv = f32_rows(grad_v);
+  using Rows = SliceRows<float>;
+  const Rows rq = slice_rows<float>(q), rk = slice_rows<float>(k), rv = slice_rows<float>(v),
+             rdh = slice_rows<float>(grad_h), rh = slice_rows<float>(h), rdq = slice_rows<float>(grad_q),
+             rdk = slice_rows<float>(grad_k), rdv = slice_rows<float>(grad_v);
   at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
     // rows past T stay 0 in every buffer an A operand is read from (dn, c, ds) or a B operand (xp)
     std::vector<float> dn(Tr * Dc, 0.0f), c(Tr * Tc, 0.0f), vt(DH * Tc), g(Tr * Tc), ds(Tr * Tc, 0.0f),
@@ -1020,7 +1035,7 @@ void backward_whole_f32(const at::Tensor& q, const at::Tensor& k, const at::Tens
       const int64_t b = i / H, hh = i % H;
       if (i + 1 < end) {  // the next slice's rows, while this one computes (as backward_whole_bf16)
         const int64_t nb = (i + 1) / H, nh = (i + 1) % H;
-        for (const F32Rows* x : {&rq, &rk, &rv, &rdh, &rh}) prefetch_rows(x->slice(nb, nh), x->s2, T, DH);
+        for (const Rows* x : {&rq, &rk, &rv, &rdh, &rh}) prefetch_rows(x->slice(nb, nh), x->s2, T, DH);
       }
       const float* a_i = a + i * T;
       // dN and the normaliser's gradient, row by row (as backward_whole_bf16)
@@ -1129,12 +1144,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_bf16_impl(
   const int64_t T = q.size(2), n = q.size(0) * q.size(1);
   check_slices(weights, n, T * T, "weights");
   TORCH_CHECK(weights.scalar_type() == at::kBFloat16, "weights must be bfloat16");
-  const std::pair<const at::Tensor*, const char*> vectors[] = {{&a, "a"}, {&row_max, "row_max"}, {&m, "m"},
-                                                               {&row_sum, "row_sum"}, {&normaliser, "normaliser"}};
-  for (const auto& [x, what] : vectors) {
-    check_slices(*x, n, T, what);
-    TORCH_CHECK(x->scalar_type() == at::kFloat, what, " must be float32");
-  }
+  check_vectors({{&a, "a"}, {&row_max, "row_max"}, {&m, "m"}, {&row_sum, "row_sum"}, {&normaliser, "normaliser"}},
+                n, T);
   auto grad_m = at::empty({q.size(0), q.size(1), T}, a.options());
   auto row_sums = at::empty_like(grad_m), col_sums = at::empty_like(grad_m);
 #if defined(__AVX512BF16__)
@@ -1157,30 +1168,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_bf16(
                             grad_k, grad_v, tiles, nullptr);
 }
 
-void check_f32_rows(const at::Tensor& x, const at::Tensor& like, const char* what) {
-  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat, what, " must be a float32 CPU tensor");
-  TORCH_CHECK(x.dim() == 4 && x.sizes() == like.sizes(), what, " must have shape ", like.sizes());
-  TORCH_CHECK(x.stride(3) == 1, what, " must have a unit last stride");
-}
-
-// The checks of the O(T) vectors (a, row_max, m; in backward also row_sum, normaliser): (B, H, T) fp32 contiguous
-void check_vectors(std::initializer_list<std::pair<const at::Tensor*, const char*>> vectors, int64_t n, int64_t T) {
-  for (const auto& [x, what] : vectors) {
-    check_slices(*x, n, T, what);
-    TORCH_CHECK(x->scalar_type() == at::kFloat, what, " must be float32");
-  }
-}
-
 // forward_bf16's contract in fp32: q, k, v, h (B, H, T, DH) float32 with unit last strides (any DH); weights
 // (B, H, T, T) float32 contiguous or None. Writes h (and C into weights); returns (row_sum, normaliser) (B, H, T).
 std::tuple<at::Tensor, at::Tensor> forward_fp32(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                 const at::Tensor& a, const at::Tensor& row_max, const at::Tensor& m,
                                                 double scale, double eps, const std::optional<at::Tensor>& weights,
                                                 at::Tensor h) {
-  check_f32_rows(q, q, "q");
-  check_f32_rows(k, q, "k");
-  check_f32_rows(v, q, "v");
-  check_f32_rows(h, q, "h");
+  check_rows(q, q, "q", at::kFloat);
+  check_rows(k, q, "k", at::kFloat);
+  check_rows(v, q, "v", at::kFloat);
+  check_rows(h, q, "h", at::kFloat);
   const int64_t T = q.size(2), n = q.size(0) * q.size(1);
   check_vectors({{&a, "a"}, {&row_max, "row_max"}, {&m, "m"}}, n, T);
   float* pw = nullptr;
@@ -1205,10 +1202,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_fp32(
     const at::Tensor& weights, const at::Tensor& a, const at::Tensor& row_max, const at::Tensor& m,
     const at::Tensor& row_sum, const at::Tensor& normaliser, double scale, double eps, at::Tensor grad_q,
     at::Tensor grad_k, at::Tensor grad_v) {
-  check_f32_rows(q, q, "q");
+  check_rows(q, q, "q", at::kFloat);
   for (const auto& [x, what] : {std::pair<const at::Tensor*, const char*>{&k, "k"}, {&v, "v"}, {&grad_h, "grad_h"},
                                 {&h, "h"}, {&grad_q, "grad_q"}, {&grad_k, "grad_k"}, {&grad_v, "grad_v"}})
-    check_f32_rows(*x, q, what);
+    check_rows(*x, q, what, at::kFloat);
   const int64_t T = q.size(2), n = q.size(0) * q.size(1);
   check_slices(weights, n, T * T, "weights");
   TORCH_CHECK(weights.scalar_type() == at::kFloat, "weights must be float32");
