@@ -296,8 +296,8 @@ def test_rebuild_gives_the_same_gradients_without_keeping_the_inputs(cell_path, 
 def test_placeholder_inputs_are_rebuilt_where_the_projected_kernels_do_not_apply(cell_path, autocast):
     """Given sources with placeholders (q, k, v never computed by the caller), the cell computes q, k, v from the
     sources in its kernels where they apply (ViL's layer: tests/test_model.py), and otherwise calls rebuild for them
-    in forward: here sources whose head dimension is odd, so never from the kernels. The same output and gradients
-    as with q, k, v given."""
+    in forward: here sources that are not contiguous (and whose head dimension is odd), so never from the kernels.
+    The same output and gradients as with q, k, v given."""
     from vision_lstm.cell import ProjectedSources
     B, T, H, DH = 2, 11, 3, 5
     torch.manual_seed(0)
@@ -309,7 +309,8 @@ def test_placeholder_inputs_are_rebuilt_where_the_projected_kernels_do_not_apply
         leaves = [t.clone().requires_grad_() for t in (q, k, v)]
         inputs = [torch.zeros(()).expand(B, H, T, DH).requires_grad_() for _ in range(3)] if placeholders else leaves
         rebuild = lambda: tuple(t.detach() for t in leaves)  # noqa: E731
-        sources = ProjectedSources(torch.zeros(B, T, H * DH), torch.zeros(B, T, H * DH), H, (), placeholders)
+        c = torch.zeros(B, T, 2 * H * DH)[..., ::2]
+        sources = ProjectedSources(c, c, H, (), placeholders)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             out = mlstm_parallel(*inputs, *gates, rebuild=rebuild, sources=sources)
         grads = torch.autograd.grad((out.float() * weight).sum(), inputs + gates)

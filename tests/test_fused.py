@@ -382,6 +382,81 @@ def test_projected_backward_is_the_projections_then_the_whole_backward(kernels, 
             assert torch.equal(x, y), tiles
 
 
+@pytest.mark.parametrize("T,DH,bs,with_bias", [(1, 2, 1, True), (17, 34, 2, False), (64, 96, 4, True),
+                                               (33, 64, 8, True), (5, 16, 16, False), (7, 12, 4, False)])
+def test_fp32_projected_kernels_are_the_projections_then_the_whole_kernels(kernels, T, DH, bs, with_bias):
+    """forward_fp32_projected and backward_fp32_projected (q, k, v computed per slice inside the fp32 whole kernels
+    from c and x_m) against block_diag_mm writing q, k, v out and forward_fp32 / backward_fp32 reading them: the
+    same sums, so the same bits, for h, C, the row sums and normaliser, the three gradients and the gate sums.
+    Block sizes up to this build's vector width, heads with a shorter last vector (DH 34, 12), with and without
+    biases."""
+    if bs > fused.vector_lanes():
+        pytest.skip(f"{bs}-channel blocks are wider than this build's {fused.vector_lanes()}-lane vectors")
+    B, H = 2, 3
+    C = H * DH
+    g = torch.Generator().manual_seed(T + DH + bs + 2)
+    c, x_m, grad_h = (torch.randn(B, T, C, generator=g) for _ in range(3))
+    grad_h = grad_h.view(B, T, H, DH).transpose(1, 2)
+    weights = [torch.randn(C // bs, bs, bs, generator=g) / bs for _ in range(3)]
+    biases = [torch.randn(C, generator=g) if with_bias else None for _ in range(3)]
+    heads = []
+    for source, weight, bias in zip((c, c, x_m), weights, biases):
+        out = torch.empty(B, H, T, DH)
+        kernels.block_diag_mm([source.view(B, T, H, DH)], [weight], bias, out.transpose(1, 2))
+        heads.append(out)
+    projections = [weights[0], biases[0], weights[1], biases[1], weights[2], biases[2]]
+    _, a, row_max = _decay_inputs(B, H, T, seed=T)
+    m = row_max - 3 * torch.rand(B, H, T, generator=g)
+    scale, eps = DH ** -0.5, 1e-6
+    weights_c = torch.empty(B, H, T, T)
+    h = torch.empty(B, T, H, DH).transpose(1, 2)
+    row_sum, normaliser = kernels.forward_fp32(*heads, a, row_max, m, scale, eps, weights_c, h)
+    got_c = torch.full_like(weights_c, float("nan"))
+    got_h = torch.full_like(h, float("nan"))
+    got_sum, got_norm = kernels.forward_fp32_projected(c, x_m, H, *projections, a, row_max, m, scale, eps, got_h,
+                                                       got_c)
+    assert not h.isnan().any()
+    for x, y in ((got_h, h), (got_c, weights_c), (got_sum, row_sum), (got_norm, normaliser)):
+        assert torch.equal(x, y)
+    got_h = torch.full_like(h, float("nan"))  # inference: no C written, the same h
+    kernels.forward_fp32_projected(c, x_m, H, *projections, a, row_max, m, scale, eps, got_h)
+    assert torch.equal(got_h, h)
+    want = [torch.empty(B, H, T, DH) for _ in range(3)]
+    want_sums = kernels.backward_fp32(*heads, grad_h, h, weights_c, a, row_max, m, row_sum, normaliser, scale, eps,
+                                      *want)
+    got = [torch.full((B, H, T, DH), float("nan")) for _ in range(3)]
+    got_sums = kernels.backward_fp32_projected(c, x_m, H, *projections, grad_h, h, weights_c, a, row_max, m, row_sum,
+                                               normaliser, scale, eps, *got)
+    assert not any(t.isnan().any() for t in want)
+    for x, y in zip((*got, *got_sums), (*want, *want_sums)):
+        assert torch.equal(x, y)
+
+
+def test_fp32_projected_kernels_reject_bad_input(kernels):
+    B, T, H, DH = 1, 4, 2, 8
+    _, a, row_max = _decay_inputs(B, H, T)
+    c = torch.randn(B, T, H * DH)
+    w, b, h = torch.randn(H * DH // 4, 4, 4), torch.randn(H * DH), torch.empty(B, H, T, DH)
+
+    def run(c=c, x_m=c, heads=H, wq=w, bq=b, h=h):
+        kernels.forward_fp32_projected(c, x_m, heads, wq, bq, w, b, w, b, a, row_max, row_max, 1.0, 1e-6, h)
+    run()
+    with pytest.raises(RuntimeError, match="c must be a contiguous .* float32 tensor"):
+        run(c=c.bfloat16())
+    with pytest.raises(RuntimeError, match="x_m must be contiguous float32 with c's shape"):
+        run(x_m=c[:, :3].contiguous())
+    with pytest.raises(RuntimeError, match="do not split into 3 heads"):
+        run(heads=3)
+    with pytest.raises(RuntimeError, match="each bias must have shape"):
+        run(bq=torch.randn(3))
+    with pytest.raises(RuntimeError, match="h must be a float32"):
+        run(h=h.bfloat16())
+    grads = [torch.empty(B, H, T, DH) for _ in range(3)]
+    with pytest.raises(RuntimeError, match="weights has"):
+        kernels.backward_fp32_projected(c, c, H, w, b, w, b, w, b, h, h, torch.zeros(B, H, T, 2), a, row_max, a, a,
+                                        a, 1.0, 1e-6, *grads)
+
+
 def test_projected_forward_rejects_bad_input(kernels):
     if not fused.has_bf16_scores():
         pytest.skip("this CPU has no AVX512-BF16")

@@ -190,10 +190,7 @@ class _ParallelMLSTM(torch.autograd.Function):
     def forward(ctx, q, k, v, igate, fgate, eps, low_dtype, kernels, rebuild, token_major, sources):
         scale = q.shape[-1] ** -0.5
         projected = sources is not None and sources.placeholders
-        if projected and not (rebuild is not None and _whole_forward(kernels, q, v, low_dtype)
-                              and projected_training_applies(sources.c, sources.num_heads)
-                              and sources.x_m.shape == sources.c.shape and sources.x_m.dtype == sources.c.dtype
-                              and sources.x_m.is_contiguous()):
+        if projected and not (rebuild is not None and _projected_forward(kernels, q, v, low_dtype, sources)):
             q, k, v = rebuild()  # not computed by the caller, and the projected kernel does not apply: here they are
             projected = False
         if kernels is None:
@@ -219,7 +216,7 @@ class _ParallelMLSTM(torch.autograd.Function):
             h = torch.empty(B, T, H, v.shape[-1], dtype=v.dtype, device=v.device).transpose(1, 2)
         else:
             h = torch.empty_like(q if ctx.layouts[0] is None else ctx.layouts[0], dtype=v.dtype, device=v.device)
-        if _whole_forward(kernels, q, v, low_dtype) or _whole_forward_fp32(kernels, q, k, v, low_dtype):
+        if projected or _whole_forward(kernels, q, v, low_dtype) or _whole_forward_fp32(kernels, q, k, v, low_dtype):
             # The whole forward in one kernel (bf16: AMX tiles or AVX512-BF16 dot products; fp32: multiply-adds):
             # S, C and its row sums, the normaliser, C v (summed in fp32 and divided before its one rounding) and
             # h, slice by slice in cache; q, k, v are read and h written in place, and C is written out only for
@@ -229,13 +226,14 @@ class _ParallelMLSTM(torch.autograd.Function):
                 v = v.contiguous()
             weights_mm = (torch.empty(q.shape[:-1] + (q.shape[-2],), dtype=low_dtype or torch.float32)
                           if needs_grad else None)
-            if low_dtype is None:
-                row_sum, normaliser = kernels.forward_fp32(q, k, v, a, running_max, m, scale, eps, weights_mm, h)
-            elif projected:  # q, k, v computed slice by slice from their sources, as in backward
+            if projected:  # q, k, v computed slice by slice from their sources, as in backward
                 (wq, bq), (wk, bk), (wv, bv) = sources.projections
-                row_sum, normaliser = kernels.forward_bf16_projected(
-                    sources.c, sources.x_m, sources.num_heads, wq, bq, wk, bk, wv, bv, a, running_max, m, scale, eps,
-                    h, True, weights_mm)
+                args = (sources.c, sources.x_m, sources.num_heads, wq, bq, wk, bk, wv, bv, a, running_max, m, scale,
+                        eps, h)
+                row_sum, normaliser = (kernels.forward_fp32_projected(*args, weights_mm) if low_dtype is None else
+                                       kernels.forward_bf16_projected(*args, True, weights_mm))
+            elif low_dtype is None:
+                row_sum, normaliser = kernels.forward_fp32(q, k, v, a, running_max, m, scale, eps, weights_mm, h)
             else:
                 row_sum, normaliser = kernels.forward_bf16(q, k, v, a, running_max, m, scale, eps, weights_mm, h)
             row_sum, normaliser = row_sum.unsqueeze(-1), normaliser.unsqueeze(-1)  # (B, H, T, 1)
@@ -279,16 +277,19 @@ class _ParallelMLSTM(torch.autograd.Function):
             q, k, v, fgate, a, running_max, weights, m, argmax, row_sum, normaliser, h = ctx.saved_tensors
         rebuilt = ctx.rebuild is not None
         sources, ctx.sources = ctx.sources, None
-        # The whole backward in one kernel, slice by slice in cache (backward_bf16 in csrc/mlstm_cpu.cpp), with the
-        # gradients written in the layouts q, k, v came in; from q, k, v's sources where forward was given them
-        # (backward_bf16_projected: then rebuild, which would write q, k, v out, is not called).
-        if sources is not None and _whole_backward(kernels, (sources.c, sources.x_m, grad_h, h), weights, low_dtype) \
+        # The whole backward in one kernel, slice by slice in cache (backward_bf16, backward_fp32 in
+        # csrc/mlstm_cpu.cpp), with the gradients written in the layouts q, k, v came in; from q, k, v's sources where
+        # forward was given them (backward_*_projected: then rebuild, which would write q, k, v out, is not called).
+        source_rows = None if sources is None else (sources.c, sources.x_m, grad_h, h)
+        fp32 = sources is not None and _whole_backward_fp32(kernels, source_rows, weights, low_dtype)
+        if sources is not None and (fp32 or _whole_backward(kernels, source_rows, weights, low_dtype)) \
                 and sources.c.is_contiguous() and sources.x_m.is_contiguous():
             ctx.rebuild = None
             grads = [torch.empty(h.shape, dtype=h.dtype) if like is None else torch.empty_like(like, device=h.device)
                      for like in ctx.layouts]
             (wq, bq), (wk, bk), (wv, bv) = sources.projections
-            sums = kernels.backward_bf16_projected(
+            projected_backward = kernels.backward_fp32_projected if fp32 else kernels.backward_bf16_projected
+            sums = projected_backward(
                 sources.c, sources.x_m, sources.num_heads, wq, bq, wk, bk, wv, bv, grad_h, h, weights, a,
                 running_max, m.squeeze(-1), row_sum.squeeze(-1), normaliser.squeeze(-1), ctx.scale, ctx.eps, *grads)
             return _whole_backward_gradients(grads, *sums, argmax, fgate)
@@ -392,6 +393,17 @@ def _whole_backward(kernels, rows, weights, low_dtype) -> bool:
             and fused.has_bf16_scores())
 
 
+def _projected_forward(kernels, q, v, low_dtype, sources: "ProjectedSources") -> bool:
+    """Whether the whole forward computes q, k, v from ``sources`` inside its kernel (``forward_bf16_projected`` under
+    bf16 autocast, ``forward_fp32_projected`` in fp32): :func:`projected_training_applies`, x_m like c, and the
+    whole forward's own conditions (q, v: the placeholders, in the products' dtype)."""
+    c, x_m = sources.c, sources.x_m
+    if kernels is None or not projected_training_applies(c, sources.num_heads) or x_m.shape != c.shape \
+            or x_m.dtype != c.dtype or not x_m.is_contiguous():
+        return False
+    return c.dtype == torch.float32 if low_dtype is None else _whole_forward(kernels, q, v, low_dtype)
+
+
 def _whole_forward_fp32(kernels, q, k, v, low_dtype) -> bool:
     """Whether the whole forward runs in one fused kernel in fp32 (``forward_fp32``, on every CPU the kernels build
     on): fp32 q, k, v outside autocast with unit last strides."""
@@ -471,40 +483,49 @@ def _mlstm_parallel_eager(q, k, v, igate, fgate, eps: float, rebuild=None, token
 
 def projected_training_applies(c: torch.Tensor, num_heads: int) -> bool:
     """Whether the parallel cell, given :class:`ProjectedSources` with placeholders, computes q, k, v from sources like
-    c (B, T, H * DH) inside its bf16 kernels, forward and backward: bf16 contiguous CPU tensors, an even head
-    dimension, not inside ``torch.compile``, and the fused kernels' AVX512-BF16 forward (under bf16 autocast, which
-    the cell checks itself)."""
-    return (c.device.type == "cpu" and c.dtype == torch.bfloat16 and c.ndim == 3 and c.is_contiguous()
-            and c.shape[1] > 0 and c.shape[2] % num_heads == 0 and (c.shape[2] // num_heads) % 2 == 0
-            and not torch.compiler.is_compiling() and fused.has_bf16_scores())
+    c (B, T, H * DH) inside its whole kernels, forward and backward: contiguous CPU tensors, not inside
+    ``torch.compile``, and either bf16 with an even head dimension and the fused kernels' AVX512-BF16 forward (under
+    bf16 autocast, which the cell checks itself), or fp32 with the fused kernels (every CPU they build on; outside
+    autocast)."""
+    if not (c.device.type == "cpu" and c.ndim == 3 and c.is_contiguous() and c.shape[1] > 0
+            and c.shape[2] % num_heads == 0 and not torch.compiler.is_compiling()):
+        return False
+    if c.dtype == torch.float32:
+        return fused.vector_lanes() > 0  # (0: no kernels)
+    return c.dtype == torch.bfloat16 and (c.shape[2] // num_heads) % 2 == 0 and fused.has_bf16_scores()
 
 
 def projected_form_applies(c: torch.Tensor, num_heads: int) -> bool:
-    """Whether :func:`mlstm_parallel_projected` runs for sources like c (B, T, H * DH): under bf16 autocast with no
-    gradients wanted, bf16 CPU tensors, an even head dimension, not inside ``torch.compile``, and the fused kernels'
-    AVX512-BF16 forward (:func:`vision_lstm.fused.has_bf16_scores`)."""
-    return (not torch.is_grad_enabled() and c.device.type == "cpu" and torch.is_autocast_enabled("cpu")
-            and torch.get_autocast_dtype("cpu") == torch.bfloat16 and c.dtype == torch.bfloat16 and c.ndim == 3
-            and c.shape[1] > 0 and c.shape[2] % num_heads == 0 and (c.shape[2] // num_heads) % 2 == 0
-            and not torch.compiler.is_compiling() and fused.has_bf16_scores())
+    """Whether :func:`mlstm_parallel_projected` runs for sources like c (B, T, H * DH): no gradients wanted, CPU
+    tensors, not inside ``torch.compile``, and either bf16 tensors under bf16 autocast with an even head dimension
+    and the fused kernels' AVX512-BF16 forward (:func:`vision_lstm.fused.has_bf16_scores`), or fp32 tensors outside
+    autocast with the fused kernels (every CPU they build on)."""
+    if torch.is_grad_enabled() or c.device.type != "cpu" or c.ndim != 3 or c.shape[1] == 0 \
+            or c.shape[2] % num_heads or torch.compiler.is_compiling():
+        return False
+    if not torch.is_autocast_enabled("cpu"):
+        return c.dtype == torch.float32 and fused.vector_lanes() > 0  # (0: no kernels)
+    return (torch.get_autocast_dtype("cpu") == torch.bfloat16 and c.dtype == torch.bfloat16
+            and (c.shape[2] // num_heads) % 2 == 0 and fused.has_bf16_scores())
 
 
 def mlstm_parallel_projected(c, x_m, num_heads: int, projections, igate, fgate,
                              eps: float = DEFAULT_EPS) -> torch.Tensor:
     """The parallel form for inference with the ViL layer's q, k, v projections inside it: q = Wq c + bq,
-    k = Wk c + bk, v = Wv x_m + bv (W block-diagonal), computed per (batch, head) slice inside the fused bf16
-    forward kernel and never written to memory, where the projections would write q, k, v out and the cell read
-    them back (six passes over (B, T, H * DH) memory per layer).
+    k = Wk c + bk, v = Wv x_m + bv (W block-diagonal), computed per (batch, head) slice inside the fused whole
+    forward kernel (bf16 or fp32) and never written to memory, where the projections would write q, k, v out and the
+    cell read them back (six passes over (B, T, H * DH) memory per layer).
 
-    c, x_m: (B, T, H * DH) bf16; projections: ((Wq, bq), (Wk, bk), (Wv, bv)) with W (H * DH / bs, bs, bs) and b
-    (H * DH,) or None, in the dtype the products would use (under bf16 autocast: bf16); igate, fgate: (B, H, T).
-    Returns h (B, H, T, DH) in bf16 as a view of token-major (B, T, H, DH) memory: the same bits as the
-    projections' kernels followed by :func:`mlstm_parallel` under bf16 autocast (``tests/test_fused.py``). Only
-    where :func:`projected_form_applies` (under bf16 autocast, without gradients).
+    c, x_m: (B, T, H * DH) bf16 (under bf16 autocast) or fp32 (outside autocast); projections: ((Wq, bq), (Wk, bk),
+    (Wv, bv)) with W (H * DH / bs, bs, bs) and b (H * DH,) or None, in the dtype the products would use (under bf16
+    autocast: bf16); igate, fgate: (B, H, T). Returns h (B, H, T, DH) in c's dtype as a view of token-major
+    (B, T, H, DH) memory: the same bits as the projections' kernels followed by :func:`mlstm_parallel`
+    (``tests/test_fused.py``). Only where :func:`projected_form_applies` (without gradients).
     """
     if not projected_form_applies(c, num_heads):
-        raise ValueError("mlstm_parallel_projected runs under bf16 autocast without gradients, on bf16 CPU tensors "
-                         "with an even head dimension, on a CPU with AVX512-BF16 (see projected_form_applies)")
+        raise ValueError("mlstm_parallel_projected runs without gradients on CPU tensors with the fused kernels: fp32 "
+                         "outside autocast, or bf16 under bf16 autocast with an even head dimension on a CPU with "
+                         "AVX512-BF16 (see projected_form_applies)")
     B, T, inner = c.shape
     DH = inner // num_heads
     if x_m.shape != c.shape or igate.shape != (B, num_heads, T) or fgate.shape != (B, num_heads, T):
@@ -515,8 +536,12 @@ def mlstm_parallel_projected(c, x_m, num_heads: int, projections, igate, fgate,
         a, running_max, m, _ = _decay_vectors(igate, fgate)
         h = torch.empty(B, T, num_heads, DH, dtype=c.dtype).transpose(1, 2)
         (wq, bq), (wk, bk), (wv, bv) = projections
-        fused.ops().forward_bf16_projected(c.contiguous(), x_m.contiguous(), num_heads, wq, bq, wk, bk, wv, bv, a,
-                                           running_max, m, DH ** -0.5, eps, h)
+        args = (c.contiguous(), x_m.contiguous(), num_heads, wq, bq, wk, bk, wv, bv, a, running_max, m, DH ** -0.5,
+                eps, h)
+        if c.dtype == torch.float32:
+            fused.ops().forward_fp32_projected(*args)
+        else:
+            fused.ops().forward_bf16_projected(*args)
     return h
 
 

@@ -792,11 +792,13 @@ class ViLLayer(nn.Module):
             c, h = self._projected_cell(kernels, x_m, grid, gate_c, gates_x)
         else:
             training_cell = torch.is_grad_enabled() and self.mlstm_mode == "parallel"
-            # In training under bf16 autocast with the kernels, the cell's kernels compute q, k, v from c and x_m
-            # themselves, slice by slice in cache, forward and backward (the same bits as the projections'
-            # block_diag_mm): the projections do not write them out (q, k, v below are then placeholders)
-            inside = (training_cell and kernels is not None and low_dtype == torch.bfloat16
-                      and projected_training_applies(x_m, H))
+            # The cell's whole kernels (under bf16 autocast, or in fp32) with the layer's kernels
+            whole_kernels = kernels is not None and (low_dtype == torch.bfloat16
+                                                     or (low_dtype is None and x_m.dtype == torch.float32))
+            # In training with those, the cell's kernels compute q, k, v from c and x_m themselves, slice by slice
+            # in cache, forward and backward (the same bits as the projections' block_diag_mm): the projections do
+            # not write them out (q, k, v below are then placeholders)
+            inside = training_cell and whole_kernels and projected_training_applies(x_m, H)
             c, gates_c, q, k, v = self._conv_gates_heads(kernels, x_m, grid, gate_c, heads=not inside)
             igate, fgate = self._gates(gates_x, gates_c)
             # The cell's backward recomputes q, k, v from c and x_m (which the projections, the conv and the output
@@ -804,10 +806,10 @@ class ViLLayer(nn.Module):
             # backward for three (B, H, T, DH) tensors fewer per layer (docs/performance.md: session 22)
             rebuild = functools.partial(self._qkv_heads_again, c.detach(), x_m.detach(), low_dtype) \
                 if training_cell else None
-            # With the kernels in bf16, the cell's whole-backward kernel can compute q, k, v again itself, slice by
-            # slice in cache, rather than the projections writing them out for it (same bits: block_diag_mm's sums)
+            # With those kernels, the cell's whole-backward kernel can compute q, k, v again itself, slice by slice
+            # in cache, rather than the projections writing them out for it (same bits: block_diag_mm's sums)
             sources = ProjectedSources(c.detach(), x_m.detach(), H, self._projection_weights(c.dtype), inside) \
-                if rebuild is not None and kernels is not None and low_dtype == torch.bfloat16 else None
+                if rebuild is not None and whole_kernels else None
             h = mlstm(q, k, v, igate, fgate, mode=self.mlstm_mode, chunk_size=self.chunk_size, rebuild=rebuild,
                       token_major=True, sources=sources)  # (B, H, T, DH), token-major memory (parallel form)
         # The output path (per-head norm, skip, output gate) runs in h's dtype: under autocast the low dtype, where
@@ -863,7 +865,7 @@ class ViLLayer(nn.Module):
 
     def _projected_cell(self, kernels, x_m: torch.Tensor, grid: tuple[int, int], gate_c: torch.Tensor,
                         gates_x: torch.Tensor):
-        """Inference in bf16 with the CPU kernels: c = SiLU(conv(x_m)) (B, T, inner) and h (B, H, T, DH) from the
+        """Inference with the CPU kernels (bf16 or fp32): c = SiLU(conv(x_m)) (B, T, inner) and h (B, H, T, DH) from the
         cell with the q, k, v projections inside its kernel (:func:`cell.mlstm_parallel_projected`), the same
         values as :meth:`_conv_gates_heads` and the parallel cell give, without writing q, k, v out."""
         self._check_grid(x_m, grid)

@@ -577,14 +577,14 @@ bool has_tile_scores() { return has_bf16_scores() && can_use_tiles(); }
 // The fp32 lanes of the kernels' vectors (vec.h): the block-diagonal kernels take blocks of up to this many channels
 int64_t vector_lanes() { return kLanes; }
 
-// out (T x DH bf16, rows DH apart) = the block-diagonal product of one head's slice x (T rows, `stride` apart)
-// with a weight table (blockdiag.h, at the head's first channel) plus bias (fp32 at that channel, or null): the sum
-// block_diag_mm makes for one input, rounded once, so the same bits.
+// out (T x DH, rows out_ld apart; bf16 or fp32 as x) = the block-diagonal product of one head's slice x (T rows,
+// `stride` apart) with a weight table (blockdiag.h, at the head's first channel) plus bias (fp32 at that channel, or
+// null): the sum block_diag_mm makes for one input, rounded once, so the same bits.
 // Vector by vector of channels, all T rows each: the table's and the bias's vectors are loaded once per slice (row
 // by row they were loaded again for every row, most of the loop's loads).
-template <int BS>
-void project_slice(const at::BFloat16* x, int64_t stride, const float* table, int64_t C, const float* bias,
-                   at::BFloat16* out, int64_t T, int64_t DH) {
+template <int BS, typename E>
+void project_slice(const E* x, int64_t stride, const float* table, int64_t C, const float* bias, E* out,
+                   int64_t out_ld, int64_t T, int64_t DH) {
   for_vectors(DH, [&](int64_t d0, int64_t count) {
     vfloat w[BS];
     for (int s = 0; s < BS; ++s) w[s] = load(table + s * C + d0, count);
@@ -592,23 +592,26 @@ void project_slice(const at::BFloat16* x, int64_t stride, const float* table, in
     for (int64_t t = 0; t < T; ++t) {
       vfloat sum = start;
       sum += mm_loaded<BS>(load(x + t * stride + d0, count), w, Shifts<BS>{});
-      store(out + t * DH + d0, sum, count);
+      store(out + t * out_ld + d0, sum, count);
     }
   });
 }
 
 // The cell's q = Wq c + bq, k = Wk c + bk, v = Wv x_m + bv (block-diagonal W, the ViL layer's projections) for
-// forward_bf16_projected: the weights as blockdiag.h's fp32 tables (C channels each), the biases in fp32 (or empty).
+// the projected kernels (forward_bf16_projected, forward_fp32_projected and their backwards): the weights as
+// blockdiag.h's fp32 tables (C channels each), the biases in fp32 (or empty).
 struct Projections {
   int64_t bs, C;
   std::vector<float> tables[3], biases[3];
 
-  // Product p (0: q, 1: k, 2: v) of the slice whose first channel is `channel`: x its source's rows
-  void slice(int p, const at::BFloat16* x, int64_t stride, int64_t channel, int64_t T, int64_t DH,
-             at::BFloat16* out) const {
+  // Product p (0: q, 1: k, 2: v) of the slice whose first channel is `channel`: x its source's rows, out's rows
+  // out_ld apart
+  template <typename E>
+  void slice(int p, const E* x, int64_t stride, int64_t channel, int64_t T, int64_t DH, E* out,
+             int64_t out_ld) const {
     const float* bias = biases[p].empty() ? nullptr : biases[p].data() + channel;
     with_block_size(bs, [&](auto block) {
-      project_slice<decltype(block)::value>(x, stride, tables[p].data() + channel, C, bias, out, T, DH);
+      project_slice<decltype(block)::value>(x, stride, tables[p].data() + channel, C, bias, out, out_ld, T, DH);
     });
   }
 
@@ -617,7 +620,7 @@ struct Projections {
   void slices(const at::BFloat16* rows[3], int64_t strides[3], int64_t channel, int64_t T, int64_t DH,
               at::BFloat16* buffer) const {
     for (int p = 0; p < 3; ++p) {
-      slice(p, rows[p], strides[p], channel, T, DH, buffer + p * T * DH);
+      slice(p, rows[p], strides[p], channel, T, DH, buffer + p * T * DH, DH);
       rows[p] = buffer + p * T * DH;
       strides[p] = DH;
     }
@@ -859,7 +862,7 @@ void backward_whole_bf16(const at::Tensor& q, const at::Tensor& k, const at::Ten
 }
 #endif
 
-// ---- the whole forward and backward in fp32 (forward_fp32, backward_fp32), on every CPU the kernels build on ----
+// ---- the whole forward and backward in fp32 (forward_fp32, backward_fp32 and their projected forms), every CPU ----
 // As forward_whole_bf16 and backward_whole_bf16 (same passes, same order), with fp32 products: each slice's operands
 // are copied into zero-padded per-thread buffers (rows a multiple of kTileRows, row lengths whole vectors), and every
 // product is tiles of kTileRows x up to 2 vectors of fp32 multiply-adds held in registers (fma_tile) that skip what
@@ -969,7 +972,7 @@ inline void transpose_rows(const float* x, int64_t x_ld, int64_t rows, int64_t c
 
 void forward_whole_f32(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const float* a,
                        const float* row_max, const float* m, float scale, float eps, float* weights, float* row_sum,
-                       float* normaliser, const at::Tensor& h) {
+                       float* normaliser, const at::Tensor& h, const Projections* projections = nullptr) {
   const int64_t B = q.size(0), H = q.size(1), T = q.size(2), DH = q.size(3);
   const int64_t Tr = round_up(T, kTileRows), Tc = round_up(T, kLanes), Dc = round_up(DH, kLanes);
   using Rows = SliceRows<float>;
@@ -977,16 +980,25 @@ void forward_whole_f32(const at::Tensor& q, const at::Tensor& k, const at::Tenso
              rh = slice_rows<float>(h);
   at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> qp(Tr * DH, 0.0f), kt(DH * Tc), vp(Tr * Dc, 0.0f), scores(Tr * Tc), c(Tr * Tc, 0.0f),
-        num(Tr * Dc);
+        num(Tr * Dc), kp(projections ? T * DH : 0);
     for (int64_t i = begin; i < end; ++i) {
       const int64_t b = i / H, hh = i % H;
       if (i + 1 < end) {  // the next slice's inputs, while this one computes (as forward_whole_bf16)
         const int64_t nb = (i + 1) / H, nh = (i + 1) % H;
-        for (const Rows* x : {&rq, &rk, &rv}) prefetch_rows(x->slice(nb, nh), x->s2, T, DH);
+        for (const Rows* x : {&rq, &rk, &rv}) {
+          if (x != &rk || !projections) prefetch_rows(x->slice(nb, nh), x->s2, T, DH);  // (q's and k's source: c)
+        }
       }
-      copy_rows(rq.slice(b, hh), rq.s2, T, DH, qp.data(), DH);
-      transpose_rows(rk.slice(b, hh), rk.s2, T, DH, kt.data(), Tc);
-      copy_rows(rv.slice(b, hh), rv.s2, T, DH, vp.data(), Dc);
+      if (projections) {  // q, k, v computed from their sources into the buffers the copies fill otherwise
+        projections->slice(0, rq.slice(b, hh), rq.s2, hh * DH, T, DH, qp.data(), DH);
+        projections->slice(1, rk.slice(b, hh), rk.s2, hh * DH, T, DH, kp.data(), DH);
+        transpose_rows(kp.data(), DH, T, DH, kt.data(), Tc);
+        projections->slice(2, rv.slice(b, hh), rv.s2, hh * DH, T, DH, vp.data(), Dc);
+      } else {
+        copy_rows(rq.slice(b, hh), rq.s2, T, DH, qp.data(), DH);
+        transpose_rows(rk.slice(b, hh), rk.s2, T, DH, kt.data(), Tc);
+        copy_rows(rv.slice(b, hh), rv.s2, T, DH, vp.data(), Dc);
+      }
       // S = q k^T, the vectors of columns up to the diagonal
       fma_rows(qp.data(), DH, 1, kt.data(), Tc, Tr, scores.data(), Tc, Span::kAll, DH, Tc / kLanes, true);
       const float* a_i = a + i * T;
@@ -1014,7 +1026,7 @@ void backward_whole_f32(const at::Tensor& q, const at::Tensor& k, const at::Tens
                         const at::Tensor& h, const float* weights, const float* a, const float* row_max,
                         const float* m, const float* row_sum, const float* normaliser, float scale, float eps,
                         const at::Tensor& grad_q, const at::Tensor& grad_k, const at::Tensor& grad_v, float* grad_m,
-                        float* row_sums, float* col_sums) {
+                        float* row_sums, float* col_sums, const Projections* projections = nullptr) {
   const int64_t B = q.size(0), H = q.size(1), T = q.size(2), DH = q.size(3);
   const int64_t Tr = round_up(T, kTileRows), Tc = round_up(T, kLanes), Dc = round_up(DH, kLanes);
   const int64_t blocks = Tc / kLanes;
@@ -1035,7 +1047,9 @@ void backward_whole_f32(const at::Tensor& q, const at::Tensor& k, const at::Tens
       const int64_t b = i / H, hh = i % H;
       if (i + 1 < end) {  // the next slice's rows, while this one computes (as backward_whole_bf16)
         const int64_t nb = (i + 1) / H, nh = (i + 1) % H;
-        for (const Rows* x : {&rq, &rk, &rv, &rdh, &rh}) prefetch_rows(x->slice(nb, nh), x->s2, T, DH);
+        for (const Rows* x : {&rq, &rk, &rv, &rdh, &rh}) {
+          if (x != &rk || !projections) prefetch_rows(x->slice(nb, nh), x->s2, T, DH);  // (q's and k's source: c)
+        }
       }
       const float* a_i = a + i * T;
       // dN and the normaliser's gradient, row by row (as backward_whole_bf16)
@@ -1058,7 +1072,12 @@ void backward_whole_f32(const at::Tensor& q, const at::Tensor& k, const at::Tens
       fma_rows(c.data(), 1, Tc, dn.data(), Dc, Tr, out.data(), Dc, Span::kFromDiagonal, T, Dc / kLanes, false);
       store_rows(rdv.slice(b, hh), rdv.s2);
       // G = dN v^T, the vectors of columns up to the diagonal
-      transpose_rows(rv.slice(b, hh), rv.s2, T, DH, vt.data(), Tc);
+      if (projections) {  // v from its source, through out (free again) into the transposed buffer
+        projections->slice(2, rv.slice(b, hh), rv.s2, hh * DH, T, DH, out.data(), Dc);
+        transpose_rows(out.data(), Dc, T, DH, vt.data(), Tc);
+      } else {
+        transpose_rows(rv.slice(b, hh), rv.s2, T, DH, vt.data(), Tc);
+      }
       fma_rows(dn.data(), Dc, 1, vt.data(), Tc, Tr, g.data(), Tc, Span::kAll, DH, blocks, true);
       // dS = (G + grad_row_sum) D' and the sums of d log D = (G + grad_row_sum) C (backward_f32's row pass)
       std::fill(cols.begin(), cols.end(), vfloat{});
@@ -1070,11 +1089,19 @@ void backward_whole_f32(const at::Tensor& q, const at::Tensor& k, const at::Tens
         store(col_sums + i * T + blk * kLanes, cols[blk], std::min(kLanes, T - blk * kLanes));
       }
       // dQ = dS k over s <= t
-      copy_rows(rk.slice(b, hh), rk.s2, T, DH, xp.data(), Dc);
+      if (projections) {
+        projections->slice(1, rk.slice(b, hh), rk.s2, hh * DH, T, DH, xp.data(), Dc);
+      } else {
+        copy_rows(rk.slice(b, hh), rk.s2, T, DH, xp.data(), Dc);
+      }
       fma_rows(ds.data(), Tc, 1, xp.data(), Dc, Tr, out.data(), Dc, Span::kUpToDiagonal, T, Dc / kLanes, false);
       store_rows(rdq.slice(b, hh), rdq.s2);
       // dK = dS^T q over t >= s
-      copy_rows(rq.slice(b, hh), rq.s2, T, DH, xp.data(), Dc);
+      if (projections) {
+        projections->slice(0, rq.slice(b, hh), rq.s2, hh * DH, T, DH, xp.data(), Dc);
+      } else {
+        copy_rows(rq.slice(b, hh), rq.s2, T, DH, xp.data(), Dc);
+      }
       fma_rows(ds.data(), 1, Tc, xp.data(), Dc, Tr, out.data(), Dc, Span::kFromDiagonal, T, Dc / kLanes, false);
       store_rows(rdk.slice(b, hh), rdk.s2);
     }
@@ -1170,10 +1197,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_bf16(
 
 // forward_bf16's contract in fp32: q, k, v, h (B, H, T, DH) float32 with unit last strides (any DH); weights
 // (B, H, T, T) float32 contiguous or None. Writes h (and C into weights); returns (row_sum, normaliser) (B, H, T).
-std::tuple<at::Tensor, at::Tensor> forward_fp32(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                                const at::Tensor& a, const at::Tensor& row_max, const at::Tensor& m,
-                                                double scale, double eps, const std::optional<at::Tensor>& weights,
-                                                at::Tensor h) {
+// (forward_fp32_projected passes its Projections and the sources' head views as q, k, v.)
+std::tuple<at::Tensor, at::Tensor> forward_fp32_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                     const at::Tensor& a, const at::Tensor& row_max,
+                                                     const at::Tensor& m, double scale, double eps,
+                                                     const std::optional<at::Tensor>& weights, const at::Tensor& h,
+                                                     const Projections* projections) {
   check_rows(q, q, "q", at::kFloat);
   check_rows(k, q, "k", at::kFloat);
   check_rows(v, q, "v", at::kFloat);
@@ -1190,18 +1219,26 @@ std::tuple<at::Tensor, at::Tensor> forward_fp32(const at::Tensor& q, const at::T
   auto normaliser = at::empty_like(row_sum);
   forward_whole_f32(q, k, v, a.data_ptr<float>(), row_max.data_ptr<float>(), m.data_ptr<float>(),
                     static_cast<float>(scale), static_cast<float>(eps), pw, row_sum.data_ptr<float>(),
-                    normaliser.data_ptr<float>(), h);
+                    normaliser.data_ptr<float>(), h, projections);
   return {row_sum, normaliser};
+}
+
+std::tuple<at::Tensor, at::Tensor> forward_fp32(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                const at::Tensor& a, const at::Tensor& row_max, const at::Tensor& m,
+                                                double scale, double eps, const std::optional<at::Tensor>& weights,
+                                                at::Tensor h) {
+  return forward_fp32_impl(q, k, v, a, row_max, m, scale, eps, weights, h, nullptr);
 }
 
 // backward_bf16's contract in fp32: q, k, v, grad_h, h, grad_q, grad_k, grad_v (B, H, T, DH) float32 with unit last
 // strides; weights (B, H, T, T) float32 contiguous (the forward's C). Writes the three gradients; returns grad_m and
 // the row and column sums of d log D, (B, H, T) fp32 each.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_fp32(
+// (backward_fp32_projected passes its Projections and the sources' head views as q, k, v.)
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_fp32_impl(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& grad_h, const at::Tensor& h,
     const at::Tensor& weights, const at::Tensor& a, const at::Tensor& row_max, const at::Tensor& m,
-    const at::Tensor& row_sum, const at::Tensor& normaliser, double scale, double eps, at::Tensor grad_q,
-    at::Tensor grad_k, at::Tensor grad_v) {
+    const at::Tensor& row_sum, const at::Tensor& normaliser, double scale, double eps, const at::Tensor& grad_q,
+    const at::Tensor& grad_k, const at::Tensor& grad_v, const Projections* projections) {
   check_rows(q, q, "q", at::kFloat);
   for (const auto& [x, what] : {std::pair<const at::Tensor*, const char*>{&k, "k"}, {&v, "v"}, {&grad_h, "grad_h"},
                                 {&h, "h"}, {&grad_q, "grad_q"}, {&grad_k, "grad_k"}, {&grad_v, "grad_v"}})
@@ -1216,20 +1253,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_fp32(
   backward_whole_f32(q, k, v, grad_h, h, weights.data_ptr<float>(), a.data_ptr<float>(), row_max.data_ptr<float>(),
                      m.data_ptr<float>(), row_sum.data_ptr<float>(), normaliser.data_ptr<float>(),
                      static_cast<float>(scale), static_cast<float>(eps), grad_q, grad_k, grad_v,
-                     grad_m.data_ptr<float>(), row_sums.data_ptr<float>(), col_sums.data_ptr<float>());
+                     grad_m.data_ptr<float>(), row_sums.data_ptr<float>(), col_sums.data_ptr<float>(),
+                     projections);
   return {grad_m, row_sums, col_sums};
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_fp32(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& grad_h, const at::Tensor& h,
+    const at::Tensor& weights, const at::Tensor& a, const at::Tensor& row_max, const at::Tensor& m,
+    const at::Tensor& row_sum, const at::Tensor& normaliser, double scale, double eps, at::Tensor grad_q,
+    at::Tensor grad_k, at::Tensor grad_v) {
+  return backward_fp32_impl(q, k, v, grad_h, h, weights, a, row_max, m, row_sum, normaliser, scale, eps, grad_q,
+                            grad_k, grad_v, nullptr);
+}
+
 // The projections' weights (block-diagonal, (C / bs, bs, bs), any floating dtype) as fp32 tables, and their
-// biases ((C,) or None) in fp32, for sources c, x_m (B, T, C) bf16 contiguous with C = num_heads * DH.
+// biases ((C,) or None) in fp32, for sources c, x_m (B, T, C) contiguous in `dtype` (bf16 or fp32, the kernel's)
+// with C = num_heads * DH.
 Projections make_projections(const at::Tensor& c, const at::Tensor& x_m, int64_t num_heads, const at::Tensor& wq,
                              const std::optional<at::Tensor>& bq, const at::Tensor& wk,
                              const std::optional<at::Tensor>& bk, const at::Tensor& wv,
-                             const std::optional<at::Tensor>& bv) {
-  TORCH_CHECK(c.dim() == 3 && c.scalar_type() == at::kBFloat16 && c.is_contiguous(),
-              "c must be a contiguous (B, T, C) bfloat16 tensor, got ", c.sizes(), " ", c.scalar_type());
-  TORCH_CHECK(x_m.sizes() == c.sizes() && x_m.scalar_type() == at::kBFloat16 && x_m.is_contiguous(),
-              "x_m must be contiguous bfloat16 with c's shape ", c.sizes(), ", got ", x_m.sizes(), " ",
+                             const std::optional<at::Tensor>& bv, at::ScalarType dtype = at::kBFloat16) {
+  const char* name = dtype == at::kBFloat16 ? "bfloat16" : "float32";
+  TORCH_CHECK(c.dim() == 3 && c.scalar_type() == dtype && c.is_contiguous(),
+              "c must be a contiguous (B, T, C) ", name, " tensor, got ", c.sizes(), " ", c.scalar_type());
+  TORCH_CHECK(x_m.sizes() == c.sizes() && x_m.scalar_type() == dtype && x_m.is_contiguous(),
+              "x_m must be contiguous ", name, " with c's shape ", c.sizes(), ", got ", x_m.sizes(), " ",
               x_m.scalar_type());
   const int64_t C = c.size(2);
   TORCH_CHECK(num_heads > 0 && C % num_heads == 0, C, " channels do not split into ", num_heads, " heads");
@@ -1294,6 +1343,34 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_bf16_projected(
                             grad_v, tiles, &projections);
 }
 
+// forward_bf16_projected's contract in fp32 (forward_fp32 with q, k, v computed from c and x_m slice by slice): c,
+// x_m (B, T, C) float32 contiguous, any DH; h (B, H, T, DH) float32, unit last stride; `weights` as forward_fp32's.
+// The sums are block_diag_mm's, so h and C are forward_fp32's bits from block_diag_mm's q, k, v.
+std::tuple<at::Tensor, at::Tensor> forward_fp32_projected(
+    const at::Tensor& c, const at::Tensor& x_m, int64_t num_heads, const at::Tensor& wq,
+    const std::optional<at::Tensor>& bq, const at::Tensor& wk, const std::optional<at::Tensor>& bk,
+    const at::Tensor& wv, const std::optional<at::Tensor>& bv, const at::Tensor& a, const at::Tensor& row_max,
+    const at::Tensor& m, double scale, double eps, at::Tensor h, const std::optional<at::Tensor>& weights) {
+  const Projections projections = make_projections(c, x_m, num_heads, wq, bq, wk, bk, wv, bv, at::kFloat);
+  return forward_fp32_impl(source_heads(c, num_heads), source_heads(c, num_heads), source_heads(x_m, num_heads), a,
+                           row_max, m, scale, eps, weights, h, &projections);
+}
+
+// backward_bf16_projected's contract in fp32: backward_fp32 with q, k, v computed from c and x_m slice by slice, as
+// forward_fp32_projected computes them (the same bits as backward_fp32 from block_diag_mm's q, k, v).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_fp32_projected(
+    const at::Tensor& c, const at::Tensor& x_m, int64_t num_heads, const at::Tensor& wq,
+    const std::optional<at::Tensor>& bq, const at::Tensor& wk, const std::optional<at::Tensor>& bk,
+    const at::Tensor& wv, const std::optional<at::Tensor>& bv, const at::Tensor& grad_h, const at::Tensor& h,
+    const at::Tensor& weights, const at::Tensor& a, const at::Tensor& row_max, const at::Tensor& m,
+    const at::Tensor& row_sum, const at::Tensor& normaliser, double scale, double eps, at::Tensor grad_q,
+    at::Tensor grad_k, at::Tensor grad_v) {
+  const Projections projections = make_projections(c, x_m, num_heads, wq, bq, wk, bk, wv, bv, at::kFloat);
+  return backward_fp32_impl(source_heads(c, num_heads), source_heads(c, num_heads), source_heads(x_m, num_heads),
+                            grad_h, h, weights, a, row_max, m, row_sum, normaliser, scale, eps, grad_q, grad_k,
+                            grad_v, &projections);
+}
+
 // q, k (B, H, T, DH) bf16, unit last stride, DH even; a, row_max (B, H, T) fp32 contiguous; weights (B, H, T, T)
 // bf16 contiguous. Returns row_sum (B, H, T) fp32. Only where has_bf16_scores().
 at::Tensor weights_forward_qk(const at::Tensor& q, const at::Tensor& k, const at::Tensor& a,
@@ -1343,6 +1420,13 @@ TORCH_LIBRARY(vision_lstm_cpu, m) {
   m.def("backward_fp32(Tensor q, Tensor k, Tensor v, Tensor grad_h, Tensor h, Tensor weights, Tensor a, "
         "Tensor row_max, Tensor m, Tensor row_sum, Tensor normaliser, float scale, float eps, Tensor(a!) grad_q, "
         "Tensor(b!) grad_k, Tensor(c!) grad_v) -> (Tensor, Tensor, Tensor)");
+  m.def("forward_fp32_projected(Tensor c, Tensor x_m, int num_heads, Tensor wq, Tensor? bq, Tensor wk, Tensor? bk, "
+        "Tensor wv, Tensor? bv, Tensor a, Tensor row_max, Tensor m, float scale, float eps, Tensor(a!) h, "
+        "Tensor(b!)? weights=None) -> (Tensor, Tensor)");
+  m.def("backward_fp32_projected(Tensor c, Tensor x_m, int num_heads, Tensor wq, Tensor? bq, Tensor wk, Tensor? bk, "
+        "Tensor wv, Tensor? bv, Tensor grad_h, Tensor h, Tensor weights, Tensor a, Tensor row_max, Tensor m, "
+        "Tensor row_sum, Tensor normaliser, float scale, float eps, Tensor(a!) grad_q, Tensor(b!) grad_k, "
+        "Tensor(c!) grad_v) -> (Tensor, Tensor, Tensor)");
   m.def("has_bf16_scores() -> bool", &has_bf16_scores);  // no tensor arguments: one kernel for every backend
   m.def("has_tile_scores() -> bool", &has_tile_scores);
   m.def("vector_lanes() -> int", &vector_lanes);
@@ -1360,4 +1444,6 @@ TORCH_LIBRARY_IMPL(vision_lstm_cpu, CPU, m) {
   m.impl("backward_bf16_projected", &backward_bf16_projected);
   m.impl("forward_fp32", &forward_fp32);
   m.impl("backward_fp32", &backward_fp32);
+  m.impl("forward_fp32_projected", &forward_fp32_projected);
+  m.impl("backward_fp32_projected", &backward_fp32_projected);
 }
