@@ -86,8 +86,8 @@ def main():
     p.add_argument("--ref", default="HEAD", help="git revision to compare the working tree with (default HEAD)")
     p.add_argument("--what", default="cell,vil_tiny_cifar", help="cell and/or throughput.py config names")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
-                   help="default auto: bf16 where the processor has bf16 matrix arithmetic, else fp32 (emulated bf16 "
-                        "is many times slower and would time the emulation)")
+                   help="default auto: as train.py's --precision auto (runtime.resolve_precision): bf16 where the "
+                        "processor has bf16 matrix arithmetic and its bf16 products measure >= 1.5x fp32's, else fp32")
     p.add_argument("--mode", default="train", choices=["train", "infer"],
                    help="training steps (forward, backward, AdamW; the cell: forward + backward) or inference")
     p.add_argument("--rounds", type=int, default=5)

@@ -1,4 +1,5 @@
-"""Which precision runs fast on this processor: bf16 autocast only where bf16 matrix arithmetic is native."""
+"""Which precision runs fast on this processor: bf16 autocast only where bf16 matrix arithmetic is native and its
+products measure well ahead of fp32's."""
 import pytest
 
 from vision_lstm import runtime
@@ -21,14 +22,32 @@ def test_bf16_in_cpuinfo(cpuinfo, expected):
     assert runtime.bf16_in_cpuinfo(cpuinfo) is expected
 
 
-@pytest.mark.parametrize("native", [True, False])
-def test_auto_is_bf16_only_where_native(monkeypatch, native):
+@pytest.mark.parametrize("native, rates, expected", [
+    (False, None, "fp32"),            # emulated bf16: never measured (it would take seconds)
+    (True, (139.0, 382.0), "bf16"),   # AMD Zen 4 (session 24): bf16 products 2.7x fp32's
+    (True, (345.0, 198.0), "fp32"),   # Intel Xeon, AVX512-BF16 without AMX exposed (session 36): 0.57x
+    (True, (100.0, 149.0), "fp32"),   # just under BF16_MIN_SPEEDUP
+    (True, (100.0, 150.0), "bf16"),
+])
+def test_auto_is_bf16_only_where_native_and_faster(monkeypatch, native, rates, expected):
     monkeypatch.setattr(runtime, "native_bf16", lambda device="cpu": native)
+
+    def measured():
+        assert native, "bf16 products measured where they are emulated"
+        return rates
+    monkeypatch.setattr(runtime, "matmul_rates", measured)
     precision, note = runtime.resolve_precision("auto")
-    assert precision == ("bf16" if native else "fp32") and note.startswith("precision auto: ")
+    assert precision == expected and note.startswith("precision auto: ")
+    if native:  # the log says what was measured
+        assert f"measured {rates[1]:.0f} against {rates[0]:.0f} GFLOP/s" in note
     assert runtime.resolve_precision("fp32") == ("fp32", "")
     forced, warning = runtime.resolve_precision("bf16")  # an explicit choice is kept, but not silently when slow
     assert forced == "bf16" and (warning.startswith("warning: ") != native) and (warning == "") == native
+
+
+def test_matmul_rates_measures_both_dtypes():
+    fp32, bf16 = runtime.matmul_rates.__wrapped__(size=64, repeats=1)  # small: bf16 may be emulated here
+    assert fp32 > 0 and bf16 > 0
 
 
 def test_bad_precision_is_refused():
@@ -59,6 +78,10 @@ def test_evaluation_precision_falls_back_to_fp32_where_bf16_is_emulated(monkeypa
     assert cli._evaluation_precision(None, "fp32", "cpu") == "fp32"
     monkeypatch.setattr(runtime, "native_bf16", lambda device="cpu": True)
     assert cli._evaluation_precision(None, "bf16", "cpu") == "bf16" and capsys.readouterr().err == ""
+    monkeypatch.setattr(runtime, "matmul_rates", lambda: (345.0, 198.0))  # native, but slower than fp32 here:
+    assert cli._evaluation_precision(None, "bf16", "cpu") == "bf16"  # bf16 weights still reproduce their accuracy
+    assert cli._evaluation_precision("auto", "fp32", "cpu") == "fp32"
+    monkeypatch.setattr(runtime, "matmul_rates", lambda: (139.0, 382.0))
     assert cli._evaluation_precision("auto", "fp32", "cpu") == "bf16"
 
 

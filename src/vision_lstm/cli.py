@@ -201,10 +201,10 @@ def _evaluation_precision(requested: str | None, trained: str, device: str) -> s
     """The precision to evaluate in. By default the one the run evaluated in (its logged accuracy reproduces
     exactly), unless that was bf16 and this processor would emulate it (many times slower): then fp32, said on
     stderr."""
-    from .runtime import resolve_precision
+    from .runtime import native_bf16, resolve_precision
 
-    if requested is None and trained == "bf16":  # bf16 where it is native, as "auto" decides
-        precision, _ = resolve_precision("auto", device)
+    if requested is None and trained == "bf16":  # bf16 wherever it is native, even where fp32 would be faster
+        precision = "bf16" if native_bf16(device) else "fp32"
         if precision != "bf16":
             print("note: these weights were evaluated in bf16 during training, but this processor has no bf16 matrix "
                   "arithmetic (AVX512-BF16 or AMX); evaluating in fp32 instead, which may differ from the logged "

@@ -57,7 +57,7 @@ class TrainConfig:
     test_subset: int | None = None
     eval_batch_size: int = 500
     # "bf16" (autocast; weights, optimiser and EMA stay fp32), "fp32", or "auto": bf16 where the processor has bf16
-    # matrix arithmetic, else fp32 (runtime.resolve_precision)
+    # matrix arithmetic and its bf16 products measure >= 1.5x fp32's, else fp32 (runtime.resolve_precision)
     precision: str = "auto"
     compile: bool = False
     grad_checkpointing: bool = False  # recompute block pairs' activations in backward: less memory, 15-35 % slower

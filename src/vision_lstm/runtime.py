@@ -15,8 +15,10 @@ set, and on systems without glibc.
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import platform
+import time
 from pathlib import Path
 
 # mallopt parameter numbers from glibc's malloc.h
@@ -131,19 +133,54 @@ def native_bf16(device: str = "cpu") -> bool:
         return False
 
 
+# bf16 autocast pays only where bf16 matrix products run well ahead of fp32 ones: it adds casts, and the model's
+# other passes gain less. Measured on ViL-T (2 cores): with bf16 products 2.7x the fp32 ones (AMD Zen 4) bf16 trained
+# 1.9x and inferred 2.2x as fast as fp32 (results/benchmarks/session26-zen4-rounds); at 0.57x (an Intel Xeon with
+# AVX512-BF16 but no AMX exposed: 198 against 345 GFLOP/s) it trained 0.75x and inferred 0.69x as fast
+# (results/benchmarks/session36-intel-avx512bf16-start). So "auto" picks bf16 from 1.5x on.
+BF16_MIN_SPEEDUP = 1.5
+
+
+@functools.lru_cache(maxsize=None)
+def matmul_rates(size: int = 1024, repeats: int = 3) -> tuple[float, float]:
+    """This CPU's (fp32, bf16) GFLOP/s on a size x size matrix product, best of ``repeats`` after a warm-up, with
+    PyTorch's current threads: about 0.1 s, once a process. Call it only where bf16 is native (:func:`native_bf16`):
+    emulated bf16 products take seconds."""
+    import torch
+    rates = []
+    for dtype in (torch.float32, torch.bfloat16):
+        a, b = torch.randn(size, size).to(dtype), torch.randn(size, size).to(dtype)
+        torch.mm(a, b)
+        best = float("inf")
+        for _ in range(repeats):
+            start = time.perf_counter()
+            torch.mm(a, b)
+            best = min(best, time.perf_counter() - start)
+        rates.append(2 * size ** 3 / best / 1e9)
+    return rates[0], rates[1]
+
+
 def resolve_precision(precision: str, device: str = "cpu") -> tuple[str, str]:
     """The precision to run in ("fp32" or "bf16") for a requested one ("auto", "fp32" or "bf16"), and a note for
     the log ("" when there is nothing to say). "auto" is bf16 autocast where the hardware has bf16 matrix
-    arithmetic (weights, optimiser and EMA stay fp32 either way), else fp32; an explicit "bf16" is kept but
-    warned about where it is emulated."""
+    arithmetic and, on a CPU, its bf16 products measure at least BF16_MIN_SPEEDUP times as fast as fp32 ones
+    (:func:`matmul_rates`; weights, optimiser and EMA stay fp32 either way), else fp32; an explicit "bf16" is kept
+    but warned about where it is emulated."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     native = native_bf16(device)
     if precision == "auto":
-        if native:
-            return "bf16", "precision auto: bf16 autocast (this processor has bf16 matrix arithmetic)"
-        return "fp32", ("precision auto: fp32 (this processor has no bf16 matrix arithmetic - AVX512-BF16 or AMX - "
-                        "so bf16 autocast would be emulated and far slower)")
+        if not native:
+            return "fp32", ("precision auto: fp32 (this processor has no bf16 matrix arithmetic - AVX512-BF16 or "
+                            "AMX - so bf16 autocast would be emulated and far slower)")
+        if str(device).startswith("cuda"):
+            return "bf16", "precision auto: bf16 autocast (this GPU has bf16 matrix arithmetic)"
+        fp32, bf16 = matmul_rates()
+        measured = f"bf16 matrix products measured {bf16:.0f} against {fp32:.0f} GFLOP/s in fp32 on this processor"
+        if bf16 < BF16_MIN_SPEEDUP * fp32:
+            return "fp32", (f"precision auto: fp32 ({measured}: bf16 autocast pays from {BF16_MIN_SPEEDUP}x on; "
+                            "--precision bf16 forces it)")
+        return "bf16", f"precision auto: bf16 autocast ({measured})"
     if precision == "bf16" and not native:
         return "bf16", ("warning: bf16 was asked for, but this processor has no bf16 matrix arithmetic (AVX512-BF16 "
                         "or AMX): PyTorch emulates it and training runs many times slower than in fp32. "
