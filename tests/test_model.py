@@ -306,27 +306,29 @@ def test_inference_computes_q_k_v_inside_the_cell(precision):
 
 @pytest.mark.parametrize("shape", [(1, 16, 8), (37, 48, 24), (300, 192, 384), (256, 384, 192), (130, 192, 8)])
 def test_bias_fused_linear_gives_the_bits_of_addmm(shape):
-    # linear_rows: oneDNN's linear with the bias fused, in bf16, where the probe finds it; addmm's bits either way
-    # (rows from 1 to a few hundred, ViL-T's widths and the gates' 8 outputs), and plain addmm in fp32.
+    # linear_rows: oneDNN's linear with the bias fused, in bf16 and (fuse_fp32, from 32 rows) fp32, where the probe
+    # finds it; addmm's bits either way (rows from 1 to a few hundred, ViL-T's widths and the gates' 8 outputs).
     N, K, M = shape
     torch.manual_seed(0)
     x, w, b = torch.randn(N, K), torch.randn(M, K), torch.randn(M)
     for dtype in (torch.bfloat16, torch.float32):
         args = (x.to(dtype), w.to(dtype), b.to(dtype))
-        assert torch.equal(layers.linear_rows(*args), torch.addmm(args[2], args[0], args[1].t())), dtype
+        assert torch.equal(layers.linear_rows(*args, fuse_fp32=True), torch.addmm(args[2], args[0], args[1].t()))
     assert torch.equal(layers.linear_rows(x, w, None), x @ w.t())
 
 
-def test_bf16_products_fuse_their_bias():
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_products_fuse_their_bias(dtype):
     # Under bf16 autocast the layer's products with a bias (x_m, z, the gates' part from x, the down-projection)
     # run oneDNN's linear with the bias fused (linear_rows), not addmm, which first writes the bias over its output:
-    # 4 per layer in training (the down-projection since session 32) and in inference, with the same bits.
+    # 4 per layer in training (the down-projection since session 32) and in inference, with the same bits. In fp32
+    # (since session 36) in inference only.
     from torch.utils._python_dispatch import TorchDispatchMode
-    if not layers._bias_fused_linear_works():
+    if not layers._bias_fused_linear_works(dtype):
         pytest.skip("oneDNN's linear with a fused bias is not available here: the products use addmm")
     torch.manual_seed(0)
     model = create_model("vil_tiny", depth=2, dim=48, num_heads=4, img_size=16, patch_size=4, num_classes=10)
-    x = torch.randn(2, 3, 16, 16)
+    x = torch.randn(2, 3, 16, 16)  # 2 images x 16 tokens: 32 rows, as many as fp32 takes the fused route from
 
     class Count(TorchDispatchMode):
         calls = 0
@@ -335,10 +337,10 @@ def test_bf16_products_fuse_their_bias():
             Count.calls += func == torch.ops.mkldnn._linear_pointwise.default
             return func(*args, **(kwargs or {}))
 
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
         with Count():
             want = model(x)
-        assert Count.calls == 4 * 4  # 2 pairs of blocks
+        assert Count.calls == (4 * 4 if dtype == torch.bfloat16 else 0)  # 2 pairs of blocks
         Count.calls = 0
         with torch.no_grad(), Count():
             got = model(x)

@@ -152,26 +152,42 @@ def layer_kernels(t: torch.Tensor, dtype: torch.dtype):
 
 
 @functools.cache
-def _bias_fused_linear_works() -> bool:
+def _bias_fused_linear_works(dtype: torch.dtype = torch.bfloat16) -> bool:
     """Whether oneDNN's linear with the bias fused (``torch.ops.mkldnn._linear_pointwise``, the op inductor emits
-    for CPU linears; private, so probed) is here and gives addmm's bits on a bf16 probe."""
+    for CPU linears; private, so probed) is here and gives addmm's bits on probes in dtype (fp32, where addmm is
+    MKL's: also at ViL-T's widths, whose sums a library could split otherwise)."""
+    shapes = [(37, 48, 24)] + ([(64, 192, 384), (64, 384, 192)] if dtype == torch.float32 else [])
     try:
         generator = torch.Generator().manual_seed(0)
-        x, w, b = (torch.randn(shape, generator=generator).bfloat16() for shape in ((37, 48), (24, 48), (24,)))
-        return torch.equal(torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], ""), torch.addmm(b, x, w.t()))
+        for n, k, m in shapes:
+            x, w, b = (torch.randn(shape, generator=generator).to(dtype) for shape in ((n, k), (m, k), (m,)))
+            if not torch.equal(torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], ""), torch.addmm(b, x, w.t())):
+                return False
+        return True
     except (AttributeError, RuntimeError):
         return False
 
 
-def linear_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+# fp32 takes the fused route from this many rows on: below it MKL's addmm may take another path (one row: a
+# matrix-vector product, other bits), and the pass it saves is small there anyway
+_FP32_FUSED_MIN_ROWS = 32
+
+
+def linear_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                fuse_fp32: bool = False) -> torch.Tensor:
     """x W^T + b for x (N, K), W (M, K), b (M,) or None, all one dtype; not differentiable through the fast route
-    (call it without gradients or inside an autograd function). In bf16 on the CPU it runs oneDNN's linear with the
-    bias fused: addmm (F.linear) first writes the bias over its whole (N, M) output and then accumulates the
-    product into it, one more pass over that output (8192 x 192 -> 384: 0.45 against 0.59 ms, bf16, 2 cores of a
-    Xeon with AMX, session 29, ad hoc). The same bits as addmm (both are oneDNN's bf16 product; probed at first
-    use, pinned in tests/test_model.py)."""
-    if (bias is not None and x.dtype == torch.bfloat16 and x.device.type == "cpu" and weight.dtype == bias.dtype
-            == x.dtype and not torch.compiler.is_compiling() and _bias_fused_linear_works()):
+    (call it without gradients or inside an autograd function). On the CPU, in bf16 and (fuse_fp32, from
+    _FP32_FUSED_MIN_ROWS rows) in fp32, it runs oneDNN's linear with the bias fused: addmm (F.linear) first writes
+    the bias over its whole (N, M) output and then accumulates the product into it, one more pass over that output
+    (8192 x 192 -> 384: 0.45 against 0.59 ms, bf16, 2 cores of a Xeon with AMX, session 29, ad hoc; in fp32 that
+    pass was the copies taking 7 % of a ViL-T inference, session 36: inference only, since in training steps it
+    measured 0.89-0.96x on the MNIST and ViL-T models, unexplained). The same bits as addmm (bf16: both are oneDNN's
+    product; fp32: oneDNN's and MKL's sums agree at these shapes; probed at first use, pinned in
+    tests/test_model.py)."""
+    fused_dtype = x.dtype == torch.bfloat16 or (fuse_fp32 and x.dtype == torch.float32
+                                                and x.shape[0] >= _FP32_FUSED_MIN_ROWS)
+    if (bias is not None and fused_dtype and x.device.type == "cpu" and weight.dtype == bias.dtype == x.dtype
+            and not torch.compiler.is_compiling() and _bias_fused_linear_works(x.dtype)):
         return torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight.contiguous(), bias, "none", [], "")
     return x @ weight.t() if bias is None else torch.addmm(bias, x, weight.t())
 
@@ -480,11 +496,13 @@ class _UpProjections(torch.autograd.Function):
     column_sums where they apply: about twice as fast as PyTorch's sum over the rows of a bf16 gradient)."""
 
     @staticmethod
-    def forward(ctx, x, *weights_and_biases):
-        # x: (B, T, D); weights_and_biases: W_m, b_m, W_z, b_z, W_g, b_g with W (out, D), b (out,)
+    def forward(ctx, x, inference, *weights_and_biases):
+        # x: (B, T, D); inference: called without gradients; weights_and_biases: W_m, b_m, W_z, b_z, W_g, b_g with
+        # W (out, D), b (out,)
         rows = x.reshape(-1, x.shape[-1])
         used = [t.to(x.dtype) for t in weights_and_biases]
-        outs = tuple(linear_rows(rows, w, b).view(*x.shape[:-1], -1) for w, b in zip(used[0::2], used[1::2]))
+        outs = tuple(linear_rows(rows, w, b, fuse_fp32=inference).view(*x.shape[:-1], -1)
+                     for w, b in zip(used[0::2], used[1::2]))
         ctx.save_for_backward(x, *used[0::2])
         ctx.dtypes = [t.dtype for t in weights_and_biases]
         return outs  # (B, T, out) each
@@ -502,14 +520,15 @@ class _UpProjections(torch.autograd.Function):
             grad = grad.to(x.dtype).reshape(-1, weight.shape[0])
             if ctx.needs_input_grad[0]:
                 grad_x = grad @ weight if grad_x is None else grad_x.addmm_(grad, weight)
-            grad_w = (grad.t() @ rows).to(ctx.dtypes[2 * i]) if ctx.needs_input_grad[1 + 2 * i] else None
+            # (inputs: x, inference, then each product's weight and bias)
+            grad_w = (grad.t() @ rows).to(ctx.dtypes[2 * i]) if ctx.needs_input_grad[2 + 2 * i] else None
             grad_b = None
-            if ctx.needs_input_grad[2 + 2 * i]:
+            if ctx.needs_input_grad[3 + 2 * i]:
                 grad_b = kernels.column_sums(grad) if kernels is not None and grad.is_contiguous() else \
                     grad.sum(0, dtype=torch.float32)
                 grad_b = grad_b.to(ctx.dtypes[2 * i + 1])
             param_grads += [grad_w, grad_b]
-        return (None if grad_x is None else grad_x.view(x.shape), *param_grads)
+        return (None if grad_x is None else grad_x.view(x.shape), None, *param_grads)
 
 
 class _DownProjection(torch.autograd.Function):
@@ -785,7 +804,7 @@ class ViLLayer(nn.Module):
             # The three products below read x: cast it once (autocast would cast it for each, forward and backward).
             x = x.to(low_dtype)
         # (B, T, inner), (B, T, inner), (B, T, 2H): three products, so that x_m, which the conv reads, is contiguous
-        x_m, z, gates_x = _UpProjections.apply(x, w_m, b_m, w_z, b_z, w_g, b_g)
+        x_m, z, gates_x = _UpProjections.apply(x, not torch.is_grad_enabled(), w_m, b_m, w_z, b_z, w_g, b_g)
         kernels = self._head_kernels(x_m)
         if kernels is not None and self.mlstm_mode == "parallel" and projected_form_applies(x_m, H):
             # Inference: q, k, v are computed inside the cell's kernel, never written out
@@ -825,11 +844,11 @@ class ViLLayer(nn.Module):
             if kernels is None:
                 return self.proj_down(y)  # (B, T, D); autocast again
             return _DownProjection.apply(y, kernels, self.proj_down.weight, self.proj_down.bias)
-        if y.dtype != torch.bfloat16:
+        if y.dtype not in (torch.bfloat16, torch.float32):
             return self.proj_down(y)
-        down = self.proj_down  # inference in bf16: the bias fused into the product (linear_rows), as autocast rounds
+        down = self.proj_down  # inference: the bias fused into the product (linear_rows), rounded as autocast would
         bias = None if down.bias is None else down.bias.to(y.dtype)
-        return linear_rows(y.reshape(B * T, inner), down.weight.to(y.dtype), bias).view(B, T, -1)
+        return linear_rows(y.reshape(B * T, inner), down.weight.to(y.dtype), bias, fuse_fp32=True).view(B, T, -1)
 
     def _head_kernels(self, x_m: torch.Tensor):
         """The CPU kernels (:func:`layer_kernels`) for the conv and the q, k, v projections of x_m (B, T, inner), or
