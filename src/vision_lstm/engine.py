@@ -391,6 +391,10 @@ class Trainer:
             self._merge_checkpoint_config()
         # The precision this run computes in: "auto" depends on the processor, which may differ on a resume.
         self.precision, self.precision_note = resolve_precision(self.cfg.precision, self.device.type)
+        if self.info.enabled:  # "auto" times products on each process: all of them take the main process's choice
+            chosen = [self.precision, self.precision_note]
+            dist.broadcast_object_list(chosen, src=0)
+            self.precision, self.precision_note = chosen
         # Data, before the output folder: a run that cannot start (missing or corrupt files) leaves no folder behind.
         # The main process downloads what is missing; the others read the files once it has (after the barrier).
         cfg = self.cfg
