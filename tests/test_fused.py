@@ -432,45 +432,25 @@ def test_fp32_projected_kernels_are_the_projections_then_the_whole_kernels(kerne
         assert torch.equal(x, y)
 
 
-def test_fp32_projected_kernels_reject_bad_input(kernels):
-    B, T, H, DH = 1, 4, 2, 8
-    _, a, row_max = _decay_inputs(B, H, T)
-    c = torch.randn(B, T, H * DH)
-    w, b, h = torch.randn(H * DH // 4, 4, 4), torch.randn(H * DH), torch.empty(B, H, T, DH)
-
-    def run(c=c, x_m=c, heads=H, wq=w, bq=b, h=h):
-        kernels.forward_fp32_projected(c, x_m, heads, wq, bq, w, b, w, b, a, row_max, row_max, 1.0, 1e-6, h)
-    run()
-    with pytest.raises(RuntimeError, match="c must be a contiguous .* float32 tensor"):
-        run(c=c.bfloat16())
-    with pytest.raises(RuntimeError, match="x_m must be contiguous float32 with c's shape"):
-        run(x_m=c[:, :3].contiguous())
-    with pytest.raises(RuntimeError, match="do not split into 3 heads"):
-        run(heads=3)
-    with pytest.raises(RuntimeError, match="each bias must have shape"):
-        run(bq=torch.randn(3))
-    with pytest.raises(RuntimeError, match="h must be a float32"):
-        run(h=h.bfloat16())
-    grads = [torch.empty(B, H, T, DH) for _ in range(3)]
-    with pytest.raises(RuntimeError, match="weights has"):
-        kernels.backward_fp32_projected(c, c, H, w, b, w, b, w, b, h, h, torch.zeros(B, H, T, 2), a, row_max, a, a,
-                                        a, 1.0, 1e-6, *grads)
-
-
-def test_projected_forward_rejects_bad_input(kernels):
-    if not fused.has_bf16_scores():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_projected_kernels_reject_bad_input(kernels, dtype):
+    # forward_fp32_projected and forward_bf16_projected (and backward_fp32_projected) share their checks
+    if dtype == torch.bfloat16 and not fused.has_bf16_scores():
         pytest.skip("this CPU has no AVX512-BF16")
+    name = "float32" if dtype == torch.float32 else "bfloat16"
+    forward = kernels.forward_fp32_projected if dtype == torch.float32 else kernels.forward_bf16_projected
+    other = torch.bfloat16 if dtype == torch.float32 else torch.float32
     B, T, H, DH = 1, 4, 2, 8
     _, a, row_max = _decay_inputs(B, H, T)
-    c = torch.randn(B, T, H * DH).bfloat16()
-    w, b, h = torch.randn(H * DH // 4, 4, 4), torch.randn(H * DH), torch.empty(B, H, T, DH).bfloat16()
+    c = torch.randn(B, T, H * DH).to(dtype)
+    w, b, h = torch.randn(H * DH // 4, 4, 4), torch.randn(H * DH), torch.empty(B, H, T, DH).to(dtype)
 
     def run(c=c, x_m=c, heads=H, wq=w, bq=b, h=h):
-        kernels.forward_bf16_projected(c, x_m, heads, wq, bq, w, b, w, b, a, row_max, row_max, 1.0, 1e-6, h)
+        forward(c, x_m, heads, wq, bq, w, b, w, b, a, row_max, row_max, 1.0, 1e-6, h)
     run()
-    with pytest.raises(RuntimeError, match="c must be a contiguous"):
-        run(c=c.float())
-    with pytest.raises(RuntimeError, match="x_m must be contiguous bfloat16 with c's shape"):
+    with pytest.raises(RuntimeError, match=f"c must be a contiguous .* {name} tensor"):
+        run(c=c.to(other))
+    with pytest.raises(RuntimeError, match=f"x_m must be contiguous {name} with c's shape"):
         run(x_m=c[:, :3].contiguous())
     with pytest.raises(RuntimeError, match="do not split into 3 heads"):
         run(heads=3)
@@ -478,8 +458,15 @@ def test_projected_forward_rejects_bad_input(kernels):
         run(wq=torch.randn(H * DH // 2, 2, 2))
     with pytest.raises(RuntimeError, match="each bias must have shape"):
         run(bq=torch.randn(3))
+    with pytest.raises(RuntimeError, match=f"h must be a {name}"):
+        run(h=h.to(other))
     with pytest.raises(RuntimeError, match="h must have shape"):
-        run(h=torch.empty(B, H, T + 1, DH).bfloat16())
+        run(h=torch.empty(B, H, T + 1, DH).to(dtype))
+    if dtype == torch.float32:
+        grads = [torch.empty(B, H, T, DH) for _ in range(3)]
+        with pytest.raises(RuntimeError, match="weights has"):
+            kernels.backward_fp32_projected(c, c, H, w, b, w, b, w, b, h, h, torch.zeros(B, H, T, 2), a, row_max,
+                                            a, a, a, 1.0, 1e-6, *grads)
 
 
 def test_projected_cell_gives_the_bits_of_the_projections_and_the_parallel_cell(kernels):
