@@ -497,6 +497,51 @@ def test_projected_cell_gives_the_bits_of_the_projections_and_the_parallel_cell(
         mlstm_parallel_projected(c, x_m, H, projections, igate[:, :2], fgate)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("B,T,H,DH,norm_bias", [(2, 17, 4, 24, True), (3, 64, 4, 96, False), (2, 49, 4, 32, True)])
+def test_gated_projected_cell_gives_the_bits_of_the_cell_then_the_gated_norm(kernels, dtype, B, T, H, DH, norm_bias):
+    """mlstm_parallel_projected(output=...), the kernels that end with the layer's output path, against the h they
+    would write fed to gated_head_norm_output (the gated norm's kernel): equal, in fp32 and under bf16 autocast;
+    16-lane tails (DH 24), token tails (T 17, 49), with and without the norm's bias."""
+    if dtype == torch.bfloat16 and not fused.has_bf16_scores():
+        pytest.skip("this CPU has no AVX512-BF16")
+    from vision_lstm.cell import mlstm_parallel_projected
+    from vision_lstm.layers import MultiHeadNorm, gated_head_norm_output
+    C, bs = H * DH, 4
+    g = torch.Generator().manual_seed(0)
+    c, x_m, z = (torch.randn(B, T, C, generator=g).to(dtype) for _ in range(3))
+    projections = [((torch.randn(C // bs, bs, bs, generator=g) / 2).to(dtype), torch.randn(C, generator=g).to(dtype))
+                   for _ in range(3)]
+    igate, fgate = (torch.randn(B, H, T, generator=g) for _ in range(2))
+    norm = MultiHeadNorm(C, H, bias=norm_bias)
+    with torch.no_grad():
+        for param in norm.parameters():
+            param.normal_(generator=g)
+        skip = torch.randn(C, generator=g)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            h = mlstm_parallel_projected(c, x_m, H, projections, igate, fgate)
+            want = gated_head_norm_output(h.transpose(1, 2), c, z, norm, skip)
+            got = mlstm_parallel_projected(c, x_m, H, projections, igate, fgate,
+                                           output=(z, norm.weight, norm.bias, skip, norm.eps))
+            assert got.shape == (B, T, C) and got.dtype == dtype and got.is_contiguous()
+            assert torch.equal(got, want)
+            assert want.abs().max() > 0.1  # (a test of something)
+            with pytest.raises(ValueError, match="expected z with c's shape"):
+                mlstm_parallel_projected(c, x_m, H, projections, igate, fgate,
+                                         output=(z[:, 1:], norm.weight, norm.bias, skip, norm.eps))
+    name = "forward_fp32_projected_gated" if dtype == torch.float32 else "forward_bf16_projected_gated"
+    _, a, row_max = _decay_inputs(B, H, T)
+    args = (c, x_m, H, *(t for pair in projections for t in pair), a, row_max, row_max, 1.0, 1e-6)
+    y = torch.empty_like(c)
+    with pytest.raises(RuntimeError, match="y must be contiguous with c's shape"):
+        getattr(kernels, name)(*args, z, norm.weight, norm.bias, skip, 1e-5, y[:, 1:])
+    with pytest.raises(RuntimeError, match="z must be contiguous with c's shape"):
+        getattr(kernels, name)(*args, z.float() if dtype == torch.bfloat16 else z.bfloat16(), norm.weight,
+                               norm.bias, skip, 1e-5, y)
+    with pytest.raises(RuntimeError, match=r"skip must have shape \(%d\)" % C):
+        getattr(kernels, name)(*args, z, norm.weight, norm.bias, skip[1:], 1e-5, y)
+
+
 @pytest.mark.parametrize("T", [1, 15, 17, 49, 64, 100])  # whole 16-lane blocks, tails, more than 64
 def test_weights_forward_matches_the_plain_formula(kernels, T):
     scores, a, row_max = _decay_inputs(2, 3, T)

@@ -270,8 +270,9 @@ def test_layer_makes_no_head_major_copies_of_q_k_v(monkeypatch):
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_inference_computes_q_k_v_inside_the_cell(precision):
     # Without gradients, in fp32 (with the CPU kernels) or under bf16 autocast (on a CPU with AVX512-BF16), the
-    # cell's kernel computes q, k, v from c and x_m itself (cell.mlstm_parallel_projected): no projection writes them
-    # out, and the outputs are the bits of the path that does (the same model with gradients on). A reversed block,
+    # cell's kernel computes q, k, v from c and x_m itself and ends with the layer's output path
+    # (cell.mlstm_parallel_projected with output=...): no projection writes them out, no gated norm pass reads h
+    # back, and the outputs are the bits of the path that does (the same model with gradients on). A reversed block,
     # a grid that is not square.
     from torch.utils._python_dispatch import TorchDispatchMode
     from vision_lstm import fused
@@ -300,7 +301,8 @@ def test_inference_computes_q_k_v_inside_the_cell(precision):
         with torch.no_grad(), CountKernels():
             got = model(x)
     assert CountKernels.calls.get("vision_lstm_cpu.block_diag_mm", 0) == 0
-    assert CountKernels.calls.get(f"vision_lstm_cpu.forward_{precision}_projected", 0) == 4  # 2 pairs of blocks
+    assert CountKernels.calls.get("vision_lstm_cpu.gated_norm_forward", 0) == 0
+    assert CountKernels.calls.get(f"vision_lstm_cpu.forward_{precision}_projected_gated", 0) == 4  # 2 pairs of blocks
     assert torch.equal(got, want)
 
 

@@ -509,8 +509,8 @@ def projected_form_applies(c: torch.Tensor, num_heads: int) -> bool:
             and (c.shape[2] // num_heads) % 2 == 0 and fused.has_bf16_scores())
 
 
-def mlstm_parallel_projected(c, x_m, num_heads: int, projections, igate, fgate,
-                             eps: float = DEFAULT_EPS) -> torch.Tensor:
+def mlstm_parallel_projected(c, x_m, num_heads: int, projections, igate, fgate, eps: float = DEFAULT_EPS,
+                             output=None) -> torch.Tensor:
     """The parallel form for inference with the ViL layer's q, k, v projections inside it: q = Wq c + bq,
     k = Wk c + bk, v = Wv x_m + bv (W block-diagonal), computed per (batch, head) slice inside the fused whole
     forward kernel (bf16 or fp32) and never written to memory, where the projections would write q, k, v out and the
@@ -521,6 +521,12 @@ def mlstm_parallel_projected(c, x_m, num_heads: int, projections, igate, fgate,
     autocast: bf16); igate, fgate: (B, H, T). Returns h (B, H, T, DH) in c's dtype as a view of token-major
     (B, T, H, DH) memory: the same bits as the projections' kernels followed by :func:`mlstm_parallel`
     (``tests/test_fused.py``). Only where :func:`projected_form_applies` (without gradients).
+
+    output: None, or the ViL layer's output path after the cell as (z, norm_weight, norm_bias, skip, norm_eps), z
+    (B, T, H * DH) in c's dtype, the others (H * DH,) (norm_bias may be None): then the kernel ends with it and
+    returns y = (HeadNorm(h) * (1 + norm_weight) + norm_bias + skip * c) * SiLU(z) (B, T, H * DH) instead of h,
+    the bits of the CPU kernels' gated norm on the h above (``layers.gated_head_norm_output``), with h's rows going
+    from the kernel's buffers into y (h is never written to memory and read back).
     """
     if not projected_form_applies(c, num_heads):
         raise ValueError("mlstm_parallel_projected runs without gradients on CPU tensors with the fused kernels: fp32 "
@@ -534,10 +540,23 @@ def mlstm_parallel_projected(c, x_m, num_heads: int, projections, igate, fgate,
     with torch.autocast(c.device.type, enabled=False):
         igate, fgate = igate.float(), fgate.float()
         a, running_max, m, _ = _decay_vectors(igate, fgate)
-        h = torch.empty(B, T, num_heads, DH, dtype=c.dtype).transpose(1, 2)
         (wq, bq), (wk, bk), (wv, bv) = projections
         args = (c.contiguous(), x_m.contiguous(), num_heads, wq, bq, wk, bk, wv, bv, a, running_max, m, DH ** -0.5,
-                eps, h)
+                eps)
+        if output is not None:
+            z, norm_weight, norm_bias, skip, norm_eps = output
+            if z.shape != c.shape or z.dtype != c.dtype:
+                raise ValueError(f"expected z with c's shape {tuple(c.shape)} and dtype {c.dtype}, got "
+                                 f"{tuple(z.shape)} {z.dtype}")
+            y = torch.empty_like(args[0])
+            gated = (*args, z.contiguous(), norm_weight, norm_bias, skip, norm_eps, y)
+            if c.dtype == torch.float32:
+                fused.ops().forward_fp32_projected_gated(*gated)
+            else:
+                fused.ops().forward_bf16_projected_gated(*gated)
+            return y
+        h = torch.empty(B, T, num_heads, DH, dtype=c.dtype).transpose(1, 2)
+        args = (*args, h)
         if c.dtype == torch.float32:
             fused.ops().forward_fp32_projected(*args)
         else:

@@ -36,9 +36,9 @@ import torch
 from . import runtime
 
 _CSRC = Path(__file__).with_name("csrc")
-# compiled; the kernels include vec.h (and blockdiag.h)
+# compiled; the kernels include vec.h (and blockdiag.h, headnorm.h)
 _SOURCES = ("mlstm_cpu.cpp", "blockdiag_cpu.cpp", "layer_cpu.cpp", "alloc_cpu.cpp")
-_FILES = (*_SOURCES, "vec.h", "blockdiag.h")
+_FILES = (*_SOURCES, "vec.h", "blockdiag.h", "headnorm.h")
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno"]
 
 

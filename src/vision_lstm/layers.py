@@ -807,8 +807,9 @@ class ViLLayer(nn.Module):
         x_m, z, gates_x = _UpProjections.apply(x, not torch.is_grad_enabled(), w_m, b_m, w_z, b_z, w_g, b_g)
         kernels = self._head_kernels(x_m)
         if kernels is not None and self.mlstm_mode == "parallel" and projected_form_applies(x_m, H):
-            # Inference: q, k, v are computed inside the cell's kernel, never written out
-            c, h = self._projected_cell(kernels, x_m, grid, gate_c, gates_x)
+            # Inference: q, k, v are computed inside the cell's kernel, never written out, and the kernel ends with
+            # the output path: h is not written out either
+            y = self._projected_output(kernels, x_m, grid, gate_c, gates_x, z)
         else:
             training_cell = torch.is_grad_enabled() and self.mlstm_mode == "parallel"
             # The cell's whole kernels (under bf16 autocast, or in fp32) with the layer's kernels
@@ -831,14 +832,14 @@ class ViLLayer(nn.Module):
                 if rebuild is not None and whole_kernels else None
             h = mlstm(q, k, v, igate, fgate, mode=self.mlstm_mode, chunk_size=self.chunk_size, rebuild=rebuild,
                       token_major=True, sources=sources)  # (B, H, T, DH), token-major memory (parallel form)
-        # The output path (per-head norm, skip, output gate) runs in h's dtype: under autocast the low dtype, where
-        # autocast itself would run the norm and the chain after it in fp32 (four fp32 passes and two casts); the
-        # norm's statistics still accumulate in fp32. The parallel cell writes h in token-major memory.
-        h = h.transpose(1, 2)  # (B, T, H, DH)
-        if low_dtype is not None:
-            h = h.to(low_dtype)
-        with torch.autocast(device, enabled=False):
-            y = gated_head_norm_output(h, c, z, self.outnorm, self.learnable_skip)  # (B, T, inner)
+            # The output path (per-head norm, skip, output gate) runs in h's dtype: under autocast the low dtype,
+            # where autocast itself would run the norm and the chain after it in fp32 (four fp32 passes and two
+            # casts); the norm's statistics still accumulate in fp32. The parallel cell writes h in token-major memory.
+            h = h.transpose(1, 2)  # (B, T, H, DH)
+            if low_dtype is not None:
+                h = h.to(low_dtype)
+            with torch.autocast(device, enabled=False):
+                y = gated_head_norm_output(h, c, z, self.outnorm, self.learnable_skip)  # (B, T, inner)
         if torch.is_grad_enabled():
             kernels = layer_kernels(y, y.dtype)
             if kernels is None:
@@ -882,18 +883,21 @@ class ViLLayer(nn.Module):
                                           self.q_proj.bias, self.k_proj.weight, self.k_proj.bias, self.v_proj.weight,
                                           self.v_proj.bias)
 
-    def _projected_cell(self, kernels, x_m: torch.Tensor, grid: tuple[int, int], gate_c: torch.Tensor,
-                        gates_x: torch.Tensor):
-        """Inference with the CPU kernels (bf16 or fp32): c = SiLU(conv(x_m)) (B, T, inner) and h (B, H, T, DH) from the
-        cell with the q, k, v projections inside its kernel (:func:`cell.mlstm_parallel_projected`), the same
-        values as :meth:`_conv_gates_heads` and the parallel cell give, without writing q, k, v out."""
+    def _projected_output(self, kernels, x_m: torch.Tensor, grid: tuple[int, int], gate_c: torch.Tensor,
+                          gates_x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """Inference with the CPU kernels (bf16 or fp32): the output path's y (B, T, inner) from the cell with the
+        q, k, v projections inside its kernel and the output path at its end (:func:`cell.mlstm_parallel_projected`):
+        the same values as :meth:`_conv_gates_heads`, the parallel cell and :func:`gated_head_norm_output` give,
+        without writing q, k, v or h out."""
         self._check_grid(x_m, grid)
         x_m = x_m.contiguous()
         c = torch.empty_like(x_m)
         kernels.conv_silu_forward(x_m, *grid, self.conv.weight, self.conv.bias, c)
         with torch.autocast(x_m.device.type, enabled=False):
             igate, fgate = self._gates(gates_x, F.linear(c, gate_c.to(c.dtype)))
-        return c, mlstm_parallel_projected(c, x_m, self.num_heads, self._projection_weights(c.dtype), igate, fgate)
+        output = (z.to(c.dtype), self.outnorm.weight, self.outnorm.bias, self.learnable_skip, self.outnorm.eps)
+        return mlstm_parallel_projected(c, x_m, self.num_heads, self._projection_weights(c.dtype), igate, fgate,
+                                        output=output)
 
     def _projection_weights(self, dtype: torch.dtype) -> tuple:
         """((Wq, bq), (Wk, bk), (Wv, bv)) in the products' dtype (as autocast rounds them), biases None where absent:

@@ -27,6 +27,7 @@
 #include <vector>
 
 #include "vec.h"
+#include "headnorm.h"
 
 namespace {
 
@@ -81,22 +82,6 @@ void with_dtype(at::ScalarType dtype, Fn&& fn) {
 // ---------------------------------------------------------------------------------------------------------------
 // gated_norm
 
-// Mean and 1 / std of one head's DH values (two passes over the values: no cancellation in the variance).
-template <typename T>
-inline void head_stats(const T* h, int64_t DH, float eps, float& mean, float& rstd) {
-  vfloat sum{};
-  for_vectors(DH, [&](int64_t d0, int64_t count) { sum += load(h + d0, count); });
-  mean = lane_sum(sum) / DH;
-  vfloat squares{};
-  for_vectors(DH, [&](int64_t d0, int64_t count) {
-    const vfloat centred = load(h + d0, count) - mean;
-    // lanes past count load as 0: keep them out of the sum
-    squares += count == kLanes ? centred * centred
-                               : (kLaneIndex < static_cast<int32_t>(count)) ? centred * centred : vfloat{};
-  });
-  rstd = 1.0f / std::sqrt(lane_sum(squares) / DH + eps);
-}
-
 // A layer norm's input gradient over n values: rstd (g - mean(g) - normed mean(g normed)) from the normalised
 // values, the gradient g for them, and the lane sums of g and g normed
 template <typename T>
@@ -127,15 +112,8 @@ void gated_norm_fwd(Tokens<const T> h, Tokens<const T> c, Tokens<const T> z, con
         head_stats(ph + head * DH, DH, eps, mean[r * H + head], rstd[r * H + head]);
       for (int64_t head = 0; head < H; ++head) {
         const int64_t off = head * DH;
-        const float mu = mean[r * H + head], rs = rstd[r * H + head];
-        for_vectors(DH, [&](int64_t d0, int64_t count) {
-          const int64_t i = off + d0;
-          const vfloat normed = (load(ph + i, count) - mu) * rs;
-          const vfloat pre = normed * load(scale + i, count) + load(bias + i, count) +
-                             load(skip + i, count) * load(pc + i, count);
-          const vfloat zv = load(pz + i, count);
-          store(py + i, pre * zv * sigmoid(zv), count);
-        });
+        gated_head_out(ph + off, pc + off, pz + off, scale + off, bias + off, skip + off, mean[r * H + head],
+                       rstd[r * H + head], DH, py + off);
       }
     }
   });

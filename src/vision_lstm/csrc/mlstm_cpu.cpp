@@ -34,6 +34,7 @@
 
 #include "vec.h"
 #include "blockdiag.h"
+#include "headnorm.h"
 
 namespace {
 
@@ -627,6 +628,50 @@ struct Projections {
   }
 };
 
+// The layer's output path after the cell, y = (HeadNorm(h) * (1 + w) + b + skip * c) * SiLU(z) (headnorm.h), for
+// the inference kernels that end with it (forward_fp32_projected_gated, forward_bf16_projected_gated): each row of
+// h goes from registers and a row buffer straight into y, never to memory, and layer_cpu.cpp's gated_norm pass
+// (which would read h, c and z back and write y) is not needed. c, z, y: (B, T, C) contiguous in the kernel's dtype;
+// scale = 1 + w, bias (zeros without one), skip: (C,) fp32.
+struct GatedOutput {
+  at::Tensor c, z, y, scale, bias, skip;  // (held: the pointers below point into them)
+  float eps;
+  const void *c_data, *z_data;
+  void* y_data;
+  const float *scale_data, *bias_data, *skip_data;
+  int64_t T, C;
+
+  GatedOutput(at::Tensor c_, at::Tensor z_, at::Tensor y_, at::Tensor scale_, at::Tensor bias_, at::Tensor skip_,
+              float eps_)
+      : c(std::move(c_)), z(std::move(z_)), y(std::move(y_)), scale(std::move(scale_)), bias(std::move(bias_)),
+        skip(std::move(skip_)), eps(eps_), c_data(c.data_ptr()), z_data(z.data_ptr()), y_data(y.data_ptr()),
+        scale_data(scale.data_ptr<float>()), bias_data(bias.data_ptr<float>()), skip_data(skip.data_ptr<float>()),
+        T(c.size(1)), C(c.size(2)) {}
+
+  // y's rows (b, 0 .. T - 1) for one head (channels channel .. channel + DH - 1) from that head's T rows of h (ld
+  // apart), in the kernel's dtype E: gated_norm_forward's arithmetic, so its bits. All rows' statistics first (into
+  // `stats`, 2 T floats), as gated_norm_forward does for its heads: each is a chain of dependent steps, and the
+  // chains of different rows overlap when nothing else sits between them (row by row, the MNIST recipe's model,
+  // DH = 32, inferred at 0.87x). Raw pointers: Tensor's accessors, called per slice, would cost a share of the
+  // kernel, as their strides did.
+  // asks the cache for z's rows of slice (b, channel): read at the slice's end, from memory
+  template <typename E>
+  void prefetch(int64_t b, int64_t channel, int64_t DH) const {
+    prefetch_rows(static_cast<const E*>(z_data) + b * T * C + channel, C, T, DH);
+  }
+
+  template <typename E>
+  void rows(const E* h, int64_t ld, int64_t b, int64_t T_rows, int64_t channel, int64_t DH, float* stats) const {
+    for (int64_t t = 0; t < T_rows; ++t) head_stats(h + t * ld, DH, eps, stats[2 * t], stats[2 * t + 1]);
+    for (int64_t t = 0; t < T_rows; ++t) {
+      const int64_t offset = (b * T + t) * C + channel;
+      gated_head_out(h + t * ld, static_cast<const E*>(c_data) + offset, static_cast<const E*>(z_data) + offset,
+                     scale_data + channel, bias_data + channel, skip_data + channel, stats[2 * t],
+                     stats[2 * t + 1], DH, static_cast<E*>(y_data) + offset);
+    }
+  }
+};
+
 #if defined(__AVX512BF16__)
 // The whole forward of the cell (eqs. 59-64) for bf16 q, k, v, one slice at a time with every intermediate in
 // cache: S = q k^T (fp32), C = S D' and its row sums (forward_row), the normaliser n = max(|row sum|, exp(-m)), the
@@ -639,7 +684,7 @@ struct Projections {
 void forward_whole_bf16(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const float* a,
                         const float* row_max, const float* m, float scale, float eps, at::BFloat16* weights,
                         float* row_sum, float* normaliser, const at::Tensor& h, bool tiles,
-                        const Projections* projections = nullptr) {
+                        const Projections* projections = nullptr, const GatedOutput* gate = nullptr) {
   const int64_t B = q.size(0), H = q.size(1), T = q.size(2), DH = q.size(3);
   const int64_t pairs = DH / 2;
   const int64_t padded = (T + kLanes - 1) / kLanes * kLanes;  // S's columns: whole 16-lane blocks
@@ -661,6 +706,9 @@ void forward_whole_bf16(const at::Tensor& q, const at::Tensor& k, const at::Tens
     std::vector<at::BFloat16> c(T * 2 * token_pairs, at::BFloat16(0.0f));  // C in bf16, rows of 2 * token_pairs
     std::vector<float> num(T * dhp);
     std::vector<at::BFloat16> projected(projections ? 3 * T * DH : 0);  // q, k, v of the slice, rows DH apart
+    // with `gate`: the slice's h, rounded as h would be stored, and its rows' statistics
+    std::vector<at::BFloat16> h_rows(gate ? T * DH : 0);
+    std::vector<float> stats(gate ? 2 * T : 0);
     for (int64_t i = begin; i < end; ++i) {
       const int64_t b = i / H, hh = i % H;
       const at::BFloat16* rows[3] = {pq + b * q0 + hh * q1, pk + b * k0 + hh * k1, pv + b * v0 + hh * v1};
@@ -675,6 +723,7 @@ void forward_whole_bf16(const at::Tensor& q, const at::Tensor& k, const at::Tens
         prefetch_rows(pk + nb * k0 + nh * k1, k2, T, DH);
         prefetch_rows(pv + nb * v0 + nh * v1, v2, T, DH);
         prefetch_rows(ph + nb * h0 + nh * h1, h2, T, DH);
+        if (gate) gate->prefetch<at::BFloat16>(nb, nh * DH, DH);
       }
       if (projections) projections->slices(rows, strides, hh * DH, T, DH, projected.data());
       const at::BFloat16 *q_i = rows[0], *k_i = rows[1], *v_i = rows[2];
@@ -698,12 +747,13 @@ void forward_whole_bf16(const at::Tensor& q, const at::Tensor& k, const at::Tens
       const float* num_rows = num.data();
       for (int64_t t = 0; t < T; ++t) {
         const vfloat denom = splat(normaliser[i * T + t] + eps);
-        at::BFloat16* h_row = h_i + t * h2;
+        at::BFloat16* out_row = gate ? h_rows.data() + t * DH : h_i + t * h2;
         const float* num_row = num_rows + t * dhp;
         for_vectors(DH, [&](int64_t d0, int64_t count) {
-          store(h_row + d0, load(num_row + d0, count) / denom, count);
+          store(out_row + d0, load(num_row + d0, count) / denom, count);
         });
       }
+      if (gate) gate->rows(h_rows.data(), DH, b, T, hh * DH, DH, stats.data());
     }
     if (tiles) at::native::cpublas::brgemm_release(true);
   });
@@ -972,7 +1022,8 @@ inline void transpose_rows(const float* x, int64_t x_ld, int64_t rows, int64_t c
 
 void forward_whole_f32(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const float* a,
                        const float* row_max, const float* m, float scale, float eps, float* weights, float* row_sum,
-                       float* normaliser, const at::Tensor& h, const Projections* projections = nullptr) {
+                       float* normaliser, const at::Tensor& h, const Projections* projections = nullptr,
+                       const GatedOutput* gate = nullptr) {
   const int64_t B = q.size(0), H = q.size(1), T = q.size(2), DH = q.size(3);
   const int64_t Tr = round_up(T, kTileRows), Tc = round_up(T, kLanes), Dc = round_up(DH, kLanes);
   using Rows = SliceRows<float>;
@@ -980,7 +1031,7 @@ void forward_whole_f32(const at::Tensor& q, const at::Tensor& k, const at::Tenso
              rh = slice_rows<float>(h);
   at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> qp(Tr * DH, 0.0f), kt(DH * Tc), vp(Tr * Dc, 0.0f), scores(Tr * Tc), c(Tr * Tc, 0.0f),
-        num(Tr * Dc), kp(projections ? T * DH : 0);
+        num(Tr * Dc), kp(projections ? T * DH : 0), stats(gate ? 2 * T : 0);
     for (int64_t i = begin; i < end; ++i) {
       const int64_t b = i / H, hh = i % H;
       if (i + 1 < end) {  // the next slice's inputs, while this one computes (as forward_whole_bf16)
@@ -988,6 +1039,7 @@ void forward_whole_f32(const at::Tensor& q, const at::Tensor& k, const at::Tenso
         for (const Rows* x : {&rq, &rk, &rv}) {
           if (x != &rk || !projections) prefetch_rows(x->slice(nb, nh), x->s2, T, DH);  // (q's and k's source: c)
         }
+        if (gate) gate->prefetch<float>(nb, nh * DH, DH);
       }
       if (projections) {  // q, k, v computed from their sources into the buffers the copies fill otherwise
         projections->slice(0, rq.slice(b, hh), rq.s2, hh * DH, T, DH, qp.data(), DH);
@@ -1015,10 +1067,13 @@ void forward_whole_f32(const at::Tensor& q, const at::Tensor& k, const at::Tenso
       for (int64_t t = 0; t < T; ++t) {
         // one division a row, then products: a vector division takes about as long as 16-32 multiplications
         const vfloat inverse = splat(1.0f / (normaliser[i * T + t] + eps));
+        float* num_row = num.data() + t * Dc;
+        float* out_row = gate ? num_row : h_i + t * rh.s2;  // with `gate`: h's row in place of the numerator's
         for_vectors(DH, [&](int64_t d0, int64_t count) {
-          store(h_i + t * rh.s2 + d0, load(num.data() + t * Dc + d0, count) * inverse, count);
+          store(out_row + d0, load(num_row + d0, count) * inverse, count);
         });
       }
+      if (gate) gate->rows(num.data(), Dc, b, T, hh * DH, DH, stats.data());
     }
   });
 }
@@ -1117,7 +1172,8 @@ std::tuple<at::Tensor, at::Tensor> forward_bf16_impl(const at::Tensor& q, const 
                                                      const at::Tensor& a, const at::Tensor& row_max,
                                                      const at::Tensor& m, double scale, double eps,
                                                      const std::optional<at::Tensor>& weights, at::Tensor h,
-                                                     bool tiles, const Projections* projections) {
+                                                     bool tiles, const Projections* projections,
+                                                     const GatedOutput* gate = nullptr) {
   check_rows(q, q, "q");
   check_rows(k, q, "k");
   check_rows(v, q, "v");
@@ -1140,7 +1196,7 @@ std::tuple<at::Tensor, at::Tensor> forward_bf16_impl(const at::Tensor& q, const 
 #if defined(__AVX512BF16__)
   forward_whole_bf16(q, k, v, a.data_ptr<float>(), row_max.data_ptr<float>(), m.data_ptr<float>(),
                      static_cast<float>(scale), static_cast<float>(eps), pw, row_sum.data_ptr<float>(),
-                     normaliser.data_ptr<float>(), h, tiles && can_use_tiles(), projections);
+                     normaliser.data_ptr<float>(), h, tiles && can_use_tiles(), projections, gate);
 #endif
   return {row_sum, normaliser};
 }
@@ -1203,7 +1259,8 @@ std::tuple<at::Tensor, at::Tensor> forward_fp32_impl(const at::Tensor& q, const 
                                                      const at::Tensor& a, const at::Tensor& row_max,
                                                      const at::Tensor& m, double scale, double eps,
                                                      const std::optional<at::Tensor>& weights, const at::Tensor& h,
-                                                     const Projections* projections) {
+                                                     const Projections* projections,
+                                                     const GatedOutput* gate = nullptr) {
   check_rows(q, q, "q", at::kFloat);
   check_rows(k, q, "k", at::kFloat);
   check_rows(v, q, "v", at::kFloat);
@@ -1220,7 +1277,7 @@ std::tuple<at::Tensor, at::Tensor> forward_fp32_impl(const at::Tensor& q, const 
   auto normaliser = at::empty_like(row_sum);
   forward_whole_f32(q, k, v, a.data_ptr<float>(), row_max.data_ptr<float>(), m.data_ptr<float>(),
                     static_cast<float>(scale), static_cast<float>(eps), pw, row_sum.data_ptr<float>(),
-                    normaliser.data_ptr<float>(), h, projections);
+                    normaliser.data_ptr<float>(), h, projections, gate);
   return {row_sum, normaliser};
 }
 
@@ -1357,6 +1414,61 @@ std::tuple<at::Tensor, at::Tensor> forward_fp32_projected(
                            row_max, m, scale, eps, weights, h, &projections);
 }
 
+// The layer's output path for the gated inference ops below: checks z, y (c's shape and dtype, contiguous) and the
+// norm's parameters (C,), and holds scale = 1 + norm_weight, the bias (zeros without one) and skip in fp32, as
+// layer_cpu.cpp's gated_norm_forward takes them.
+GatedOutput make_gate(const at::Tensor& c, const at::Tensor& z, const at::Tensor& norm_weight,
+                      const std::optional<at::Tensor>& norm_bias, const at::Tensor& skip, double norm_eps,
+                      const at::Tensor& y) {
+  for (const auto& [x, what] : {std::pair{&z, "z"}, std::pair{&y, "y"}}) {
+    TORCH_CHECK(x->sizes() == c.sizes() && x->scalar_type() == c.scalar_type() && x->is_contiguous(), what,
+                " must be contiguous with c's shape ", c.sizes(), " and dtype ", c.scalar_type(), ", got ",
+                x->sizes(), " ", x->scalar_type());
+  }
+  const int64_t C = c.size(2);
+  auto channels = [&](const at::Tensor& p, const char* what) {
+    TORCH_CHECK(p.dim() == 1 && p.size(0) == C, what, " must have shape (", C, "), got ", p.sizes());
+    return p.to(at::kFloat).contiguous();
+  };
+  return GatedOutput(c, z, y, channels(norm_weight, "norm_weight") + 1.0f,
+                     norm_bias ? channels(*norm_bias, "norm_bias") : at::zeros({C}, c.options().dtype(at::kFloat)),
+                     channels(skip, "skip"), static_cast<float>(norm_eps));
+}
+
+// forward_bf16_projected for inference, ending with the layer's output path (GatedOutput): writes
+// y = (HeadNorm(h) * (1 + norm_weight) + norm_bias + skip * c) * SiLU(z), layer_cpu.cpp's gated_norm_forward of the
+// h that forward_bf16_projected gives, bit for bit, where that would write h and gated_norm read it back. z, y (B, T,
+// C) bf16 contiguous as c; norm_weight, skip (C,), norm_bias (C,) or None, any floating dtype (used in fp32).
+// Returns (row_sum, normaliser) (B, H, T).
+std::tuple<at::Tensor, at::Tensor> forward_bf16_projected_gated(
+    const at::Tensor& c, const at::Tensor& x_m, int64_t num_heads, const at::Tensor& wq,
+    const std::optional<at::Tensor>& bq, const at::Tensor& wk, const std::optional<at::Tensor>& bk,
+    const at::Tensor& wv, const std::optional<at::Tensor>& bv, const at::Tensor& a, const at::Tensor& row_max,
+    const at::Tensor& m, double scale, double eps, const at::Tensor& z, const at::Tensor& norm_weight,
+    const std::optional<at::Tensor>& norm_bias, const at::Tensor& skip, double norm_eps, at::Tensor y, bool tiles) {
+  TORCH_CHECK(has_bf16_scores(), "forward_bf16_projected_gated needs a CPU with AVX512-BF16 (see has_bf16_scores)");
+  const Projections projections = make_projections(c, x_m, num_heads, wq, bq, wk, bk, wv, bv);
+  const GatedOutput gate = make_gate(c, z, norm_weight, norm_bias, skip, norm_eps, y);
+  // (y's head views stand where h's would: the kernel writes y's rows instead)
+  return forward_bf16_impl(source_heads(c, num_heads), source_heads(c, num_heads), source_heads(x_m, num_heads), a,
+                           row_max, m, scale, eps, std::nullopt, source_heads(y, num_heads), tiles, &projections,
+                           &gate);
+}
+
+// forward_bf16_projected_gated in fp32: forward_fp32_projected ending with the output path, gated_norm_forward's
+// bits of its h. c, x_m, z, y (B, T, C) float32 contiguous.
+std::tuple<at::Tensor, at::Tensor> forward_fp32_projected_gated(
+    const at::Tensor& c, const at::Tensor& x_m, int64_t num_heads, const at::Tensor& wq,
+    const std::optional<at::Tensor>& bq, const at::Tensor& wk, const std::optional<at::Tensor>& bk,
+    const at::Tensor& wv, const std::optional<at::Tensor>& bv, const at::Tensor& a, const at::Tensor& row_max,
+    const at::Tensor& m, double scale, double eps, const at::Tensor& z, const at::Tensor& norm_weight,
+    const std::optional<at::Tensor>& norm_bias, const at::Tensor& skip, double norm_eps, at::Tensor y) {
+  const Projections projections = make_projections(c, x_m, num_heads, wq, bq, wk, bk, wv, bv, at::kFloat);
+  const GatedOutput gate = make_gate(c, z, norm_weight, norm_bias, skip, norm_eps, y);
+  return forward_fp32_impl(source_heads(c, num_heads), source_heads(c, num_heads), source_heads(x_m, num_heads), a,
+                           row_max, m, scale, eps, std::nullopt, source_heads(y, num_heads), &projections, &gate);
+}
+
 // backward_bf16_projected's contract in fp32: backward_fp32 with q, k, v computed from c and x_m slice by slice, as
 // forward_fp32_projected computes them (the same bits as backward_fp32 from block_diag_mm's q, k, v).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_fp32_projected(
@@ -1428,6 +1540,13 @@ TORCH_LIBRARY(vision_lstm_cpu, m) {
         "Tensor wv, Tensor? bv, Tensor grad_h, Tensor h, Tensor weights, Tensor a, Tensor row_max, Tensor m, "
         "Tensor row_sum, Tensor normaliser, float scale, float eps, Tensor(a!) grad_q, Tensor(b!) grad_k, "
         "Tensor(c!) grad_v) -> (Tensor, Tensor, Tensor)");
+  m.def("forward_bf16_projected_gated(Tensor c, Tensor x_m, int num_heads, Tensor wq, Tensor? bq, Tensor wk, "
+        "Tensor? bk, Tensor wv, Tensor? bv, Tensor a, Tensor row_max, Tensor m, float scale, float eps, Tensor z, "
+        "Tensor norm_weight, Tensor? norm_bias, Tensor skip, float norm_eps, Tensor(a!) y, bool tiles=True) "
+        "-> (Tensor, Tensor)");
+  m.def("forward_fp32_projected_gated(Tensor c, Tensor x_m, int num_heads, Tensor wq, Tensor? bq, Tensor wk, "
+        "Tensor? bk, Tensor wv, Tensor? bv, Tensor a, Tensor row_max, Tensor m, float scale, float eps, Tensor z, "
+        "Tensor norm_weight, Tensor? norm_bias, Tensor skip, float norm_eps, Tensor(a!) y) -> (Tensor, Tensor)");
   m.def("has_bf16_scores() -> bool", &has_bf16_scores);  // no tensor arguments: one kernel for every backend
   m.def("has_tile_scores() -> bool", &has_tile_scores);
   m.def("vector_lanes() -> int", &vector_lanes);
@@ -1447,4 +1566,6 @@ TORCH_LIBRARY_IMPL(vision_lstm_cpu, CPU, m) {
   m.impl("backward_fp32", &backward_fp32);
   m.impl("forward_fp32_projected", &forward_fp32_projected);
   m.impl("backward_fp32_projected", &backward_fp32_projected);
+  m.impl("forward_bf16_projected_gated", &forward_bf16_projected_gated);
+  m.impl("forward_fp32_projected_gated", &forward_fp32_projected_gated);
 }
