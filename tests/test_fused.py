@@ -811,11 +811,18 @@ def test_conv_silu_kernels_match_pytorchs_convolution(kernels, dtype, B, grid, C
     weight = torch.randn(C, 1, k, k, generator=gen) * 0.5
     bias = torch.randn(C, generator=gen) * 0.5 if with_bias else None
     out = torch.empty_like(x)
-    kernels.conv_silu_forward(x, *grid, weight, bias, out)
+    assert kernels.conv_silu_forward(x, *grid, weight, bias, out).numel() == 0
     x64, w64 = x.double().requires_grad_(), weight.double().requires_grad_()
     b64 = bias.double().requires_grad_() if with_bias else None
     want = _conv_silu_want(x64, grid, w64, b64)
     _assert_close_to(out, want.detach(), dtype)
+    # with the gates' weights (G, C): the same c, and c's product with them summed by the kernel (c as stored)
+    for G in (8, 3):
+        gate_w = torch.randn(G, C, generator=gen).to(dtype)
+        with_gates = torch.empty_like(x)
+        gates = kernels.conv_silu_forward(x, *grid, weight, bias, with_gates, gate_w)
+        assert torch.equal(with_gates, out) and gates.shape == (B, T, G) and gates.dtype == dtype
+        _assert_close_to(gates, out.double() @ gate_w.double().t(), dtype)
     grad_out = torch.randn(B, T, C, generator=gen).to(dtype)
     want.backward(grad_out.double())
     grad_x, grad_w, grad_b = kernels.conv_silu_backward(grad_out, x, *grid, weight, bias)
@@ -920,6 +927,8 @@ def test_layer_kernels_reject_bad_input(kernels):
         kernels.conv_silu_forward(x, 3, 5, torch.zeros(16, 1, 3, 3), None, torch.empty_like(x))
     with pytest.raises(RuntimeError, match="k = 1, 3, 5 or 7"):
         kernels.conv_silu_forward(x, 3, 4, torch.zeros(16, 1, 2, 2), None, torch.empty_like(x))
+    with pytest.raises(RuntimeError, match=r"gate_w must have shape \(G, 16\)"):
+        kernels.conv_silu_forward(x, 3, 4, torch.zeros(16, 1, 3, 3), None, torch.empty_like(x), torch.zeros(8, 15))
     with pytest.raises(RuntimeError, match="x must be a contiguous"):
         kernels.conv_silu_forward(torch.zeros(2, 16, 12).transpose(1, 2), 3, 4, torch.zeros(16, 1, 3, 3), None,
                                   torch.empty_like(x))

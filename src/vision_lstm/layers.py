@@ -561,8 +561,9 @@ class _DownProjection(torch.autograd.Function):
 
 
 class _ConvHeadProjections(torch.autograd.Function):
-    """c = SiLU(conv(x_m)) (:class:`_ConvSiLUKernel`), c's part of the gates, c @ gate_c^T, and q, k, v head-major
-    (:class:`_HeadMajorProjections`) as one autograd node over the CPU kernels.
+    """c = SiLU(conv(x_m)) (:class:`_ConvSiLUKernel`), c's part of the gates, c @ gate_c^T (summed by the conv's
+    kernel as it writes c), and q, k, v head-major (:class:`_HeadMajorProjections`) as one autograd node over the
+    CPU kernels.
 
     c feeds the q, k and gate products and the output path's skip, x_m the conv and v. As separate nodes, autograd
     sums their gradients in passes of their own: three additions of a (B, T, inner) tensor per layer, each reading
@@ -581,10 +582,10 @@ class _ConvHeadProjections(torch.autograd.Function):
         # are placeholders (one element expanded to their shape) for a cell that computes them from c and x_m.
         dtype = x_m.dtype
         c = torch.empty_like(x_m)
-        kernels.conv_silu_forward(x_m, height, width, conv_w, conv_b, c)
         gate_c_used = gate_c.to(dtype)
-        with torch.autocast(x_m.device.type, enabled=False):
-            gates_c = F.linear(c, gate_c_used)  # (B, T, 2H)
+        # c's part of the gates summed by the conv's kernel as it writes c (B, T, 2H): a product of its own would
+        # read c back from memory for 2H outputs a token
+        gates_c = kernels.conv_silu_forward(x_m, height, width, conv_w, conv_b, c, gate_c_used)
         weights = tuple(w.to(dtype) for w in (wq, wk, wv))
         biases = tuple(b.to(dtype) if b is not None else None for b in (bq, bk, bv))
         ctx.save_for_backward(x_m, c, conv_w, conv_b, gate_c_used, *weights)
@@ -892,9 +893,8 @@ class ViLLayer(nn.Module):
         self._check_grid(x_m, grid)
         x_m = x_m.contiguous()
         c = torch.empty_like(x_m)
-        kernels.conv_silu_forward(x_m, *grid, self.conv.weight, self.conv.bias, c)
-        with torch.autocast(x_m.device.type, enabled=False):
-            igate, fgate = self._gates(gates_x, F.linear(c, gate_c.to(c.dtype)))
+        gates_c = kernels.conv_silu_forward(x_m, *grid, self.conv.weight, self.conv.bias, c, gate_c.to(c.dtype))
+        igate, fgate = self._gates(gates_x, gates_c)  # (c's part of the gates summed by the conv's kernel)
         output = (z.to(c.dtype), self.outnorm.weight, self.outnorm.bias, self.learnable_skip, self.outnorm.eps)
         return mlstm_parallel_projected(c, x_m, self.num_heads, self._projection_weights(c.dtype), igate, fgate,
                                         output=output)
