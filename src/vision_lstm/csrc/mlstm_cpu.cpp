@@ -648,18 +648,18 @@ struct GatedOutput {
         scale_data(scale.data_ptr<float>()), bias_data(bias.data_ptr<float>()), skip_data(skip.data_ptr<float>()),
         T(c.size(1)), C(c.size(2)) {}
 
-  // y's rows (b, 0 .. T - 1) for one head (channels channel .. channel + DH - 1) from that head's T rows of h (ld
-  // apart), in the kernel's dtype E: gated_norm_forward's arithmetic, so its bits. All rows' statistics first (into
-  // `stats`, 2 T floats), as gated_norm_forward does for its heads: each is a chain of dependent steps, and the
-  // chains of different rows overlap when nothing else sits between them (row by row, the MNIST recipe's model,
-  // DH = 32, inferred at 0.87x). Raw pointers: Tensor's accessors, called per slice, would cost a share of the
-  // kernel, as their strides did.
   // asks the cache for z's rows of slice (b, channel): read at the slice's end, from memory
   template <typename E>
   void prefetch(int64_t b, int64_t channel, int64_t DH) const {
     prefetch_rows(static_cast<const E*>(z_data) + b * T * C + channel, C, T, DH);
   }
 
+  // y's rows (b, 0 .. T - 1) for one head (channels channel .. channel + DH - 1) from that head's T rows of h (ld
+  // apart), in the kernel's dtype E: gated_norm_forward's arithmetic, so its bits. All rows' statistics first (into
+  // `stats`, 2 T floats), as gated_norm_forward does for its heads: each is a chain of dependent steps, and the
+  // chains of different rows overlap when nothing else sits between them. Raw pointers: Tensor's accessors would
+  // cost a share of the kernel, as their strides did. (A first version, row by row with Tensor's accessors per row,
+  // inferred the MNIST recipe's model, DH = 32, at 0.87x: results/benchmarks/ab-session37-gated-fp32-infer.md.)
   template <typename E>
   void rows(const E* h, int64_t ld, int64_t b, int64_t T_rows, int64_t channel, int64_t DH, float* stats) const {
     for (int64_t t = 0; t < T_rows; ++t) head_stats(h + t * ld, DH, eps, stats[2 * t], stats[2 * t + 1]);
