@@ -949,21 +949,24 @@ inline void fma_tile(const float* a, int64_t a_r, int64_t a_p, const float* b, i
 enum class Span { kAll, kUpToDiagonal, kFromDiagonal };
 
 // out (rows x vectors * kLanes, rows out_r apart) = A B as fma_tile defines them, for rows a multiple of kTileRows:
-// each block of kTileRows rows over its span of p, and (diagonal_columns) only the pairs of column vectors that
-// reach the diagonal (S = q k^T and G = dN v^T, whose entries above it the causal mask zeroes; the columns of a
-// pair past the diagonal are computed, the pairs wholly past it left as they are)
+// each block of kTileRows rows over its span of p, and (diagonal_columns) only the column vectors that reach the
+// diagonal (S = q k^T and G = dN v^T, whose entries above it the causal mask zeroes; the columns of a vector past
+// the diagonal are computed, the vectors wholly past it left as they are)
 inline void fma_rows(const float* a, int64_t a_r, int64_t a_p, const float* b, int64_t b_p, int64_t rows, float* out,
                      int64_t out_r, Span span, int64_t p_end, int64_t vectors, bool diagonal_columns) {
   // pairs of column vectors outermost: their rows of B (b_p apart) stay in L1 while the blocks of rows of A pass
   // (the other order, B's whole row length re-read for every block of rows, ran at about 0.7x in that loop)
   for (int64_t v = 0; v < vectors; v += 2) {
     const int64_t nv = std::min<int64_t>(2, vectors - v);
-    // with diagonal_columns, only the row blocks that reach column vector v
-    const int64_t first = diagonal_columns ? std::max<int64_t>(0, (v * kLanes - kTileRows + 1)) / kTileRows : 0;
+    // with diagonal_columns, only the row blocks that reach column vector v: block j (rows j kTileRows ..
+    // j kTileRows + kTileRows - 1) from j = ceil((v kLanes - kTileRows + 1) / kTileRows) on
+    const int64_t first = diagonal_columns ? v * kLanes / kTileRows : 0;
     for (int64_t r0 = first * kTileRows; r0 < rows; r0 += kTileRows) {
       const int64_t p0 = span == Span::kFromDiagonal ? r0 : 0;
       const int64_t p1 = span == Span::kUpToDiagonal ? std::min(p_end, r0 + kTileRows) : p_end;
-      if (nv == 2) {
+      // with diagonal_columns, the pair's second vector only for the row blocks that reach it: above the diagonal
+      // the consumers (forward_row, backward_row) only zero those lanes, never reading them
+      if (nv == 2 && (!diagonal_columns || r0 + kTileRows > (v + 1) * kLanes)) {
         fma_tile<2>(a + r0 * a_r, a_r, a_p, b + v * kLanes, b_p, p0, p1, out + r0 * out_r + v * kLanes, out_r);
       } else {
         fma_tile<1>(a + r0 * a_r, a_r, a_p, b + v * kLanes, b_p, p0, p1, out + r0 * out_r + v * kLanes, out_r);
