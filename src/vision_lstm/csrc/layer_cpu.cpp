@@ -264,14 +264,6 @@ inline void load_image(Padded<K>& buffer, const T* image, int64_t C, int64_t cou
     for (int64_t x = 0; x < buffer.width; ++x) *buffer.at(y, x) = load(image + (y * buffer.width + x) * C, count);
 }
 
-// With gate_w (G x C fp32), also gates[b, t, g] = sum_c c[b, t, c] gate_w[g, c] (B, T, G; c as stored, in T's
-// dtype, summed in fp32, rounded once): the product of c with the gates' weights that would otherwise read c back
-// from memory for G = 8 outputs a token (about 1 ms of each ViL-T layer in an fp32 training step, 52 GFLOP/s, 2
-// cores, session 37). One task per image then, whose tokens' sums are taken once all its channels are written (its
-// c is still in cache): 4 tokens x 4 outputs in registers over the channel vectors (gate_block). (Adding each pair's
-// share to per-token vectors in memory as c was written instead ran the conv at 0.55x.) ViL-T's layer shape, 2 cores
-// of a Xeon without AMX, session 37, conv + product against this: 1.14x fp32 / 1.18x bf16 (medians) with everything
-// in cache, 1.31x fp32 with the inputs coming from memory (caches flushed between calls).
 // The sums of NT tokens' rows of c (C apart) with the gates' weight rows g0 .. g0 + ng - 1 (ng <= 4) into
 // gates[t * G + g]: NT x 4 accumulators in registers, each weight vector loaded once for the NT tokens (a token at a
 // time loaded four weight vectors for every four multiply-adds). Each sum runs over the channel vectors in order.
@@ -300,6 +292,14 @@ void gate_sums(const T* c, int64_t T_, int64_t C, const float* gate_w, int64_t G
   }
 }
 
+// With gate_w (G x C fp32), also gates[b, t, g] = sum_c c[b, t, c] gate_w[g, c] (B, T, G; c as stored, in T's
+// dtype, summed in fp32, rounded once): the product of c with the gates' weights that would otherwise read c back
+// from memory for G = 8 outputs a token (about 1 ms of each ViL-T layer in an fp32 training step, 52 GFLOP/s, 2
+// cores, session 37). One task per image then, whose tokens' sums are taken once all its channels are written (its
+// c is still in cache): 4 tokens x 4 outputs in registers over the channel vectors (gate_block). (Adding each pair's
+// share to per-token vectors in memory as c was written instead ran the conv at 0.55x.) ViL-T's layer shape, 2 cores
+// of a Xeon without AMX, session 37, conv + product against this: 1.14x fp32 / 1.18x bf16 (medians) with everything
+// in cache, 1.31x fp32 with the inputs coming from memory (caches flushed between calls).
 template <int K, typename T>
 void conv_silu_fwd(const T* x, const float* table, const float* bias, T* out, int64_t B, int64_t C, int64_t height,
                    int64_t width, const float* gate_w = nullptr, int64_t G = 0, T* gates = nullptr) {
@@ -336,8 +336,7 @@ void conv_silu_fwd(const T* x, const float* table, const float* bias, T* out, in
         for (int64_t y = 0; y < height; ++y)
           for (int64_t xx = 0; xx < width; ++xx) {
             const vfloat u = taps_sum<K>(image[0].at(y, xx), image[0].row, w[0], bv[0]);
-            T* p = o + (y * width + xx) * C;
-            store(p, u * sigmoid(u), count[0]);
+            store(o + (y * width + xx) * C, u * sigmoid(u), count[0]);
           }
       }
       if (gate_w && task % pairs == pairs - 1) {  // the image's last pair: all its channels are written
