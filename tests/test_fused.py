@@ -382,6 +382,23 @@ def test_projected_backward_is_the_projections_then_the_whole_backward(kernels, 
             assert torch.equal(x, y), tiles
 
 
+def _fp32_projected_inputs(B, H, T, DH, bs, with_bias, seed):
+    """fp32 sources c, x_m (B, T, H * DH), grad_h (B, H, T, DH) head views, block-diagonal weights and biases (or
+    None) for q, k, v, and the cell's decay inputs: (c, x_m, grad_h, weights, biases, a, row_max, m). Skips blocks
+    wider than this build's vectors."""
+    if bs > fused.vector_lanes():
+        pytest.skip(f"{bs}-channel blocks are wider than this build's {fused.vector_lanes()}-lane vectors")
+    C = H * DH
+    g = torch.Generator().manual_seed(seed)
+    c, x_m, grad_h = (torch.randn(B, T, C, generator=g) for _ in range(3))
+    grad_h = grad_h.view(B, T, H, DH).transpose(1, 2)
+    weights = [torch.randn(C // bs, bs, bs, generator=g) / bs for _ in range(3)]
+    biases = [torch.randn(C, generator=g) if with_bias else None for _ in range(3)]
+    _, a, row_max = _decay_inputs(B, H, T, seed=T)
+    m = row_max - 3 * torch.rand(B, H, T, generator=g)
+    return c, x_m, grad_h, weights, biases, a, row_max, m
+
+
 @pytest.mark.parametrize("T,DH,bs,with_bias", [(1, 2, 1, True), (17, 34, 2, False), (64, 96, 4, True),
                                                (33, 64, 8, True), (5, 16, 16, False), (7, 12, 4, False)])
 def test_fp32_projected_kernels_are_the_projections_then_the_whole_kernels(kernels, T, DH, bs, with_bias):
@@ -390,23 +407,16 @@ def test_fp32_projected_kernels_are_the_projections_then_the_whole_kernels(kerne
     same sums, so the same bits, for h, C, the row sums and normaliser, the three gradients and the gate sums.
     Block sizes up to this build's vector width, heads with a shorter last vector (DH 34, 12), with and without
     biases."""
-    if bs > fused.vector_lanes():
-        pytest.skip(f"{bs}-channel blocks are wider than this build's {fused.vector_lanes()}-lane vectors")
     B, H = 2, 3
     C = H * DH
-    g = torch.Generator().manual_seed(T + DH + bs + 2)
-    c, x_m, grad_h = (torch.randn(B, T, C, generator=g) for _ in range(3))
-    grad_h = grad_h.view(B, T, H, DH).transpose(1, 2)
-    weights = [torch.randn(C // bs, bs, bs, generator=g) / bs for _ in range(3)]
-    biases = [torch.randn(C, generator=g) if with_bias else None for _ in range(3)]
+    c, x_m, grad_h, weights, biases, a, row_max, m = _fp32_projected_inputs(B, H, T, DH, bs, with_bias,
+                                                                             T + DH + bs + 2)
     heads = []
     for source, weight, bias in zip((c, c, x_m), weights, biases):
         out = torch.empty(B, H, T, DH)
         kernels.block_diag_mm([source.view(B, T, H, DH)], [weight], bias, out.transpose(1, 2))
         heads.append(out)
     projections = [weights[0], biases[0], weights[1], biases[1], weights[2], biases[2]]
-    _, a, row_max = _decay_inputs(B, H, T, seed=T)
-    m = row_max - 3 * torch.rand(B, H, T, generator=g)
     scale, eps = DH ** -0.5, 1e-6
     weights_c = torch.empty(B, H, T, T)
     h = torch.empty(B, T, H, DH).transpose(1, 2)
@@ -430,6 +440,52 @@ def test_fp32_projected_kernels_are_the_projections_then_the_whole_kernels(kerne
     assert not any(t.isnan().any() for t in want)
     for x, y in zip((*got, *got_sums), (*want, *want_sums)):
         assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize("T,DH,bs,with_bias", [(1, 2, 1, True), (17, 34, 2, False), (64, 96, 4, True),
+                                               (33, 64, 8, True), (5, 16, 16, False), (7, 12, 4, False)])
+def test_fp32_projected_backward_can_take_the_projections_backward(kernels, T, DH, bs, with_bias):
+    """backward_fp32_projected_sources (the cell's backward that also takes the q, k, v projections' backward from
+    each slice's gradients in cache) against backward_fp32_projected's q, k, v gradients put through the dense
+    block-diagonal products in float64: c's gradient Wq^T dq + Wk^T dk, x_m's Wv^T dv, the weights' per-block outer
+    sums and the biases' column sums, within fp32 rounding of their sums; the gate sums are the same bits."""
+    B, H = 3, 3
+    C = H * DH
+    c, x_m, grad_h, weights, biases, a, row_max, m = _fp32_projected_inputs(B, H, T, DH, bs, with_bias,
+                                                                             T + DH + bs + 3)
+    projections = [weights[0], biases[0], weights[1], biases[1], weights[2], biases[2]]
+    scale, eps = DH ** -0.5, 1e-6
+    weights_c = torch.empty(B, H, T, T)
+    h = torch.empty(B, T, H, DH).transpose(1, 2)
+    row_sum, normaliser = kernels.forward_fp32_projected(c, x_m, H, *projections, a, row_max, m, scale, eps, h,
+                                                         weights_c)
+    head_grads = [torch.empty(B, H, T, DH) for _ in range(3)]
+    want_sums = kernels.backward_fp32_projected(c, x_m, H, *projections, grad_h, h, weights_c, a, row_max, m, row_sum,
+                                                normaliser, scale, eps, *head_grads)
+    grad_c, grad_x_m = (torch.full((B, T, C), float("nan")) for _ in range(2))
+    got = kernels.backward_fp32_projected_sources(c, x_m, H, *projections, grad_h, h, weights_c, a, row_max, m,
+                                                  row_sum, normaliser, scale, eps, grad_c, grad_x_m)
+    assert len(got) == 9
+    for x, y in zip(got[:3], want_sums):
+        assert torch.equal(x, y)
+    dq, dk, dv = (t.transpose(1, 2).reshape(-1, C).double() for t in head_grads)
+    dense = [_block_dense(w) for w in weights]
+    rows_c, rows_x = c.double().view(-1, C), x_m.double().view(-1, C)
+    for got_x, want_x, bound in ((grad_c, dq @ dense[0] + dk @ dense[1], dq.abs() @ dense[0].abs()
+                                  + dk.abs() @ dense[1].abs()),
+                                 (grad_x_m, dv @ dense[2], dv.abs() @ dense[2].abs())):
+        assert ((got_x.view(-1, C).double() - want_x).abs() <= 1e-6 * bound + 1e-30).all()
+    for p, (grad, source) in enumerate(((dq, rows_c), (dk, rows_c), (dv, rows_x))):
+        grad_w, grad_b = got[3 + 2 * p], got[4 + 2 * p]
+        assert grad_w.shape == (C // bs, bs, bs) and grad_b.shape == (C,)
+        blocks = (grad.view(-1, C // bs, bs), source.view(-1, C // bs, bs))
+        want_w = torch.einsum("nbo,nbi->boi", *blocks)
+        bound_w = torch.einsum("nbo,nbi->boi", *(t.abs() for t in blocks))
+        assert ((grad_w.double() - want_w).abs() <= 1e-6 * bound_w + 1e-30).all()
+        assert ((grad_b.double() - grad.sum(0)).abs() <= 1e-6 * grad.abs().sum(0) + 1e-30).all()
+    with pytest.raises(RuntimeError, match="grad_c must be a contiguous float32 tensor of c's shape"):
+        kernels.backward_fp32_projected_sources(c, x_m, H, *projections, grad_h, h, weights_c, a, row_max, m, row_sum,
+                                                normaliser, scale, eps, grad_c[:, :-1], grad_x_m)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -831,6 +887,38 @@ def test_conv_silu_kernels_match_pytorchs_convolution(kernels, dtype, B, grid, C
     _assert_close_to(grad_x, x64.grad, dtype)
     for got, source in ((grad_w, w64),) + (((grad_b, b64),) if with_bias else ()):
         torch.testing.assert_close(got.double(), source.grad, rtol=1e-4, atol=1e-4 * source.grad.abs().max().item())
+    # conv_silu_backward_summed: c's gradient is grad_out + more + gate_grad @ gate_w, x's gets the addend, and the
+    # gates' weight gradient gate_grad^T c (c as stored) comes too; G = 10 takes the path past 8 gates
+    for G, with_more, with_addend in ((8, True, True), (10, False, True), (0, True, False)):
+        more, addend = (torch.randn(B, T, C, generator=gen).to(dtype) if use else None
+                        for use in (with_more, with_addend))
+        gate_grad = torch.randn(B, T, G, generator=gen) if G else None
+        gate_w = torch.randn(G, C, generator=gen).to(dtype) if G else None
+        grad_c = grad_out.double() + (more.double() if with_more else 0)
+        if G:
+            grad_c = grad_c + gate_grad.double() @ gate_w.double()
+        x64.grad = w64.grad = None
+        if with_bias:
+            b64.grad = None
+        _conv_silu_want(x64, grid, w64, b64).backward(grad_c)
+        got_x, got_w, got_b, got_gate = kernels.conv_silu_backward_summed(grad_out, x, *grid, weight, bias, more,
+                                                                          gate_grad, gate_w, addend)
+        _assert_close_to(got_x, x64.grad + (addend.double() if with_addend else 0), dtype)
+        for got, source in ((got_w, w64),) + (((got_b, b64),) if with_bias else ()):
+            torch.testing.assert_close(got.double(), source.grad, rtol=1e-4,
+                                       atol=1e-4 * source.grad.abs().max().item())
+        if G:
+            want_gate = gate_grad.double().reshape(-1, G).t() @ out.double().reshape(-1, C)
+            assert got_gate.shape == (G, C) and got_gate.dtype == torch.float32
+            torch.testing.assert_close(got_gate.double(), want_gate, rtol=1e-5,
+                                       atol=1e-5 * want_gate.abs().max().item())
+        else:
+            assert got_gate.numel() == 0
+    with pytest.raises(RuntimeError, match="gate_grad and gate_w come together"):
+        kernels.conv_silu_backward_summed(grad_out, x, *grid, weight, bias, None, None, torch.ones(8, C), None)
+    with pytest.raises(RuntimeError, match="addend must be contiguous"):
+        kernels.conv_silu_backward_summed(grad_out, x, *grid, weight, bias, None, None, None,
+                                          torch.zeros(B, C, T, dtype=dtype).transpose(1, 2))
 
 
 def test_silu_kernel_is_accurate_for_any_input(kernels):

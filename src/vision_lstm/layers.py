@@ -576,10 +576,12 @@ class _ConvHeadProjections(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x_m, kernels, height, width, conv_w, conv_b, gate_c, num_heads, heads, wq, bq, wk, bk, wv, bv):
+    def forward(ctx, x_m, kernels, height, width, conv_w, conv_b, gate_c, num_heads, heads, outbox, wq, bq, wk, bk, wv,
+                bv):
         # x_m: (B, T, inner) contiguous, T = height * width in the layer's order; conv_w (inner, 1, k, k); gate_c
         # (2H, inner); w*: (inner / bs, bs, bs); b*: (inner,) or None. Products in x_m's dtype. heads=False: q, k, v
-        # are placeholders (one element expanded to their shape) for a cell that computes them from c and x_m.
+        # are placeholders (one element expanded to their shape) for a cell that computes them from c and x_m;
+        # outbox: None, or the cell's ProjectedSources.outbox (then the cell may take the projections' backward).
         dtype = x_m.dtype
         c = torch.empty_like(x_m)
         gate_c_used = gate_c.to(dtype)
@@ -589,7 +591,7 @@ class _ConvHeadProjections(torch.autograd.Function):
         weights = tuple(w.to(dtype) for w in (wq, wk, wv))
         biases = tuple(b.to(dtype) if b is not None else None for b in (bq, bk, bv))
         ctx.save_for_backward(x_m, c, conv_w, conv_b, gate_c_used, *weights)
-        ctx.kernels, ctx.grid, ctx.num_heads = kernels, (height, width), num_heads
+        ctx.kernels, ctx.grid, ctx.num_heads, ctx.outbox = kernels, (height, width), num_heads, outbox
         ctx.has_bias = tuple(b is not None for b in biases)
         ctx.gate_dtype = gate_c.dtype
         if not heads:
@@ -603,6 +605,11 @@ class _ConvHeadProjections(torch.autograd.Function):
         x_m, c, conv_w, conv_b, gate_c, *weights = ctx.saved_tensors
         needs = ctx.needs_input_grad
         B, T, inner = c.shape
+        projection_grads = ctx.outbox.pop("projection_grads", None) if ctx.outbox is not None else None
+        ctx.outbox = None
+        if projection_grads is not None:
+            return _ConvHeadProjections._backward_after_cell(ctx, (x_m, c, conv_w, conv_b, gate_c), grad_c,
+                                                             grad_gates, grad_q, grad_v, projection_grads)
         grads = _head_token_views((grad_q, grad_k, grad_v), c.dtype)
         skip_grad = grad_c
         grad_c = _head_input_grad(ctx.kernels, grads[:2], weights[:2], c, skip_grad)  # q's and k's + the skip's
@@ -620,12 +627,46 @@ class _ConvHeadProjections(torch.autograd.Function):
         grad_x_m = _head_input_grad(ctx.kernels, grads[2:], weights[2:], x_m, grad_x_m, True)  # + v's, one pass
         gate_grad = grad_gates if grad_gates is not None and needs[6] else None
         param_grads, grad_gate_c = _head_param_grads(ctx.kernels, grads, (c, c, x_m), weights[0].shape[-1],
-                                                     ctx.has_bias, needs[9:], gate_grad)
+                                                     ctx.has_bias, needs[10:], gate_grad)
         if gate_grad is not None:
             if grad_gate_c is None:  # q's weight pass did not run
                 grad_gate_c = grad_gates.t() @ c.view(B * T, inner)
             grad_gate_c = grad_gate_c.to(ctx.gate_dtype)
-        return (grad_x_m, None, None, None, grad_w, grad_b, grad_gate_c, None, None, *param_grads)
+        return (grad_x_m, None, None, None, grad_w, grad_b, grad_gate_c, None, None, None, *param_grads)
+
+    @staticmethod
+    def _backward_after_cell(ctx, saved, skip_grad, grad_gates, grad_c_qk, grad_x_v, projection_grads):
+        """backward where the cell's kernel took the projections' backward (cell.ProjectedSources.outbox): grad_c_qk,
+        grad_x_v are c's gradient through q and k and x_m's through v ((B, H, T, DH) views of token-major memory, or
+        None), projection_grads the weights' and biases' gradients. The conv's backward sums c's whole gradient
+        (those, the skip's and the gates' product's) and x_m's (v's added) as it goes, and the gates' weight
+        gradient on c: no pass over (B, T, inner) memory of its own for any of them. saved: x_m, c, conv_w,
+        conv_b, gate_c from ctx.saved_tensors (which backward has unpacked: checkpointing allows that once)."""
+        x_m, c, conv_w, conv_b, gate_c = saved
+        needs = ctx.needs_input_grad
+        B, T, inner = c.shape
+
+        def token_major(grad):  # (B, H, T, DH) view of (B, T, inner) memory -> that memory, or None
+            return None if grad is None else grad.transpose(1, 2).reshape(B, T, inner).to(c.dtype).contiguous()
+
+        grads_c = [g for g in (token_major(grad_c_qk), skip_grad) if g is not None]
+        if grad_gates is not None:
+            grad_gates = grad_gates.to(c.dtype).contiguous()
+        elif not grads_c:
+            grads_c = [torch.zeros_like(c)]
+        first = grads_c[0].to(c.dtype).contiguous()
+        more = grads_c[1].to(c.dtype).contiguous() if len(grads_c) > 1 else None
+        grad_x_m, grad_w, grad_b, grad_gate_c = ctx.kernels.conv_silu_backward_summed(
+            first, x_m, *ctx.grid, conv_w, conv_b, more, grad_gates, None if grad_gates is None else gate_c,
+            token_major(grad_x_v))
+        grad_w = grad_w.to(conv_w.dtype)
+        grad_b = grad_b.to(conv_b.dtype) if conv_b is not None else None
+        grad_gate_c = grad_gate_c.to(ctx.gate_dtype) if grad_gates is not None and needs[6] else None
+        param_grads = [grad if has or i % 2 == 0 else None for i, (grad, has) in
+                       enumerate(zip(projection_grads, (True, ctx.has_bias[0], True, ctx.has_bias[1], True,
+                                                         ctx.has_bias[2])))]
+        param_grads = [grad if need else None for grad, need in zip(param_grads, needs[10:])]
+        return (grad_x_m, None, None, None, grad_w, grad_b, grad_gate_c, None, None, None, *param_grads)
 
 
 def head_major_projections(c: torch.Tensor, x_m: torch.Tensor, num_heads: int, q_proj: "BlockDiagonalLinear",
@@ -820,7 +861,10 @@ class ViLLayer(nn.Module):
             # in cache, forward and backward (the same bits as the projections' block_diag_mm): the projections do
             # not write them out (q, k, v below are then placeholders)
             inside = training_cell and whole_kernels and projected_training_applies(x_m, H)
-            c, gates_c, q, k, v = self._conv_gates_heads(kernels, x_m, grid, gate_c, heads=not inside)
+            # the cell's fp32 backward may take the projections' backward too: it leaves their weights' gradients
+            # here for _ConvHeadProjections' backward (cell.ProjectedSources.outbox)
+            outbox = {} if inside else None
+            c, gates_c, q, k, v = self._conv_gates_heads(kernels, x_m, grid, gate_c, heads=not inside, outbox=outbox)
             igate, fgate = self._gates(gates_x, gates_c)
             # The cell's backward recomputes q, k, v from c and x_m (which the projections, the conv and the output
             # path keep anyway) instead of holding them from forward: 3 cheap block-diagonal products per layer in
@@ -829,7 +873,8 @@ class ViLLayer(nn.Module):
                 if training_cell else None
             # With those kernels, the cell's whole-backward kernel can compute q, k, v again itself, slice by slice
             # in cache, rather than the projections writing them out for it (same bits: block_diag_mm's sums)
-            sources = ProjectedSources(c.detach(), x_m.detach(), H, self._projection_weights(c.dtype), inside) \
+            sources = ProjectedSources(c.detach(), x_m.detach(), H, self._projection_weights(c.dtype), inside,
+                                       outbox) \
                 if rebuild is not None and whole_kernels else None
             h = mlstm(q, k, v, igate, fgate, mode=self.mlstm_mode, chunk_size=self.chunk_size, rebuild=rebuild,
                       token_major=True, sources=sources)  # (B, H, T, DH), token-major memory (parallel form)
@@ -870,7 +915,7 @@ class ViLLayer(nn.Module):
             raise ValueError(f"got {x.shape[1]} tokens for a {grid[0]}x{grid[1]} grid")
 
     def _conv_gates_heads(self, kernels, x_m: torch.Tensor, grid: tuple[int, int], gate_c: torch.Tensor,
-                          heads: bool = True):
+                          heads: bool = True, outbox: dict | None = None):
         """c = SiLU(conv(x_m)) (B, T, inner), c's part of the gates c @ gate_c^T (B, T, 2H), and q, k, v (B, H, T, DH)
         each: one node over the CPU kernels (:meth:`_head_kernels`) where they apply
         (:class:`_ConvHeadProjections`), else the conv, the projections and the product separately. heads=False
@@ -880,7 +925,7 @@ class ViLLayer(nn.Module):
             return (c, F.linear(c, gate_c), *self._qkv_heads(c, x_m))
         self._check_grid(x_m, grid)
         return _ConvHeadProjections.apply(x_m.to(compute_dtype(x_m)).contiguous(), kernels, *grid, self.conv.weight,
-                                          self.conv.bias, gate_c, self.num_heads, heads, self.q_proj.weight,
+                                          self.conv.bias, gate_c, self.num_heads, heads, outbox, self.q_proj.weight,
                                           self.q_proj.bias, self.k_proj.weight, self.k_proj.bias, self.v_proj.weight,
                                           self.v_proj.bias)
 

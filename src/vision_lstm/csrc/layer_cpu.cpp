@@ -346,21 +346,46 @@ void conv_silu_fwd(const T* x, const float* table, const float* bias, T* out, in
   });
 }
 
+// What conv_silu_bwd sums into c's gradient beyond grad_out, and what it adds to x's (all optional; null: none):
+// c's gradients from elsewhere (more, (B, T, C) in T's dtype) and through the gates' product gates = c @ gate_w^T
+// (gate_grad (B, T, G) fp32, gate_w (G, C) fp32), whose weight gradient gate_grad^T c it then sums too (into the
+// `sums` rows after the bias's), from c = SiLU(u) as the forward writes it; and an addend of x's gradient (x's
+// gradient from elsewhere, (B, T, C) in T's dtype). The layer's backward passes these rather than summing the
+// gradients of c and x_m in passes of their own over (B, T, C) memory.
+template <typename T>
+struct ConvGradExtras {
+  const T* more = nullptr;
+  const float* gate_grad = nullptr;
+  const float* gate_w = nullptr;
+  int64_t G = 0;
+  const T* addend = nullptr;
+};
+
 // The gradients of conv_silu_fwd for grad_out: grad_x (x's dtype) and the sums of the weight table and the bias
-// (fp32, K * K + 1 rows of C in `sums`). Per (image, channel vector): the convolution again, SiLU's gradient into a
-// second padded buffer, the weight sums from the two buffers, then the transposed convolution of the second.
+// (fp32, K * K + 1 rows of C in `sums`, then with extras' gates G rows of the gates' weight gradient). Per (image,
+// channel vector): the convolution again, SiLU's gradient into a second padded buffer, the weight sums from the two
+// buffers, then the transposed convolution of the second.
 template <int K, typename T>
 void conv_silu_bwd(const T* grad_out, const T* x, const float* table, const float* bias, T* grad_x, float* sums,
-                   int64_t B, int64_t C, int64_t height, int64_t width) {
+                   int64_t B, int64_t C, int64_t height, int64_t width, const ConvGradExtras<T>& extras = {}) {
   const int64_t T_ = height * width, vectors = (C + kLanes - 1) / kLanes;
-  const int64_t threads = at::get_num_threads();
-  std::vector<float> partial(threads * (K * K + 1) * C, 0.0f);
+  const int64_t threads = at::get_num_threads(), G = extras.gate_grad ? extras.G : 0, rows = K * K + 1 + G;
+  std::vector<float> partial(threads * rows * C, 0.0f);
   at::parallel_for(0, B * vectors, 1, [&](int64_t begin, int64_t end) {
-    float* part = partial.data() + at::get_thread_num() * (K * K + 1) * C;
+    float* part = partial.data() + at::get_thread_num() * rows * C;
     Padded<K> image(height, width), grad_u(height, width);
+    std::vector<vfloat> c_values(G ? T_ : 0);  // c's pixels for the gates' weight sums
     vfloat w[K * K], w_flipped[K * K];
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / vectors, c0 = (task % vectors) * kLanes, count = std::min(kLanes, C - c0);
+      if (task + 1 < end) {  // the next task's columns, while this one computes: a vector's T rows, C apart
+        const int64_t next = ((task + 1) / vectors) * T_ * C + ((task + 1) % vectors) * kLanes;
+        for (const T* rows : {grad_out, x, extras.more, static_cast<const T*>(extras.addend)}) {
+          if (rows == nullptr) continue;
+          for (int64_t t = 0; t < T_; ++t) __builtin_prefetch(rows + next + t * C);
+        }
+        for (int64_t t = 0; t < T_; ++t) __builtin_prefetch(grad_x + next + t * C, 1);  // (written: ask to own it)
+      }
       for (int i = 0; i < K * K; ++i) {
         w[i] = load(table + i * C + c0, count);
         w_flipped[K * K - 1 - i] = w[i];
@@ -368,13 +393,35 @@ void conv_silu_bwd(const T* grad_out, const T* x, const float* table, const floa
       const vfloat bv = load(bias + c0, count);
       load_image(image, x + b * T_ * C + c0, C, count);
       const T* go = grad_out + b * T_ * C + c0;
+      const T* more = extras.more ? extras.more + b * T_ * C + c0 : nullptr;
+      const float* gg = G ? extras.gate_grad + b * T_ * G : nullptr;
       vfloat gw[K * K] = {}, gb{};
+      // the gates' weights for these channels, up to 8 in registers (G is 2 per head: 8 for ViL's 4 heads)
+      vfloat gate_w[8];
+      for (int64_t g = 0; g < std::min<int64_t>(G, 8); ++g) gate_w[g] = load(extras.gate_w + g * C + c0, count);
       for (int64_t y = 0; y < height; ++y)
         for (int64_t xx = 0; xx < width; ++xx) {
+          const int64_t t = y * width + xx;
           const vfloat u = taps_sum<K>(image.at(y, xx), image.row, w, bv);
           const vfloat s = sigmoid(u);
+          vfloat gc = load(go + t * C, count);
+          if (more) gc += load(more + t * C, count);
+          if (G) {
+            const float* gt = gg + t * G;
+#pragma GCC unroll 8
+            for (int g = 0; g < 8; ++g)
+              if (g < G) gc += gt[g] * gate_w[g];
+            for (int64_t g = 8; g < G; ++g) gc += gt[g] * load(extras.gate_w + g * C + c0, count);
+            if constexpr (std::is_same_v<T, float>) {
+              c_values[t] = u * s;
+            } else {  // c as the forward wrote it (rounded to T)
+              T c_row[kLanes];
+              store(c_row, u * s, count);
+              c_values[t] = load(c_row, count);
+            }
+          }
           // d/du of u sigmoid(u) = sigmoid(u) (1 + u (1 - sigmoid(u)))
-          const vfloat gu = load(go + (y * width + xx) * C, count) * s * (1.0f + u * (1.0f - s));
+          const vfloat gu = gc * s * (1.0f + u * (1.0f - s));
           *grad_u.at(y, xx) = gu;
           gb += gu;
         }
@@ -391,14 +438,33 @@ void conv_silu_bwd(const T* grad_out, const T* x, const float* table, const floa
         }
       for (int i = 0; i < K * K; ++i) store(part + i * C + c0, load(part + i * C + c0, count) + gw[i], count);
       store(part + K * K * C + c0, load(part + K * K * C + c0, count) + gb, count);
+      for (int64_t g0 = 0; g0 < G; g0 += 8) {  // the gates' weight sums, 8 at a time in registers
+        const int64_t ng = std::min<int64_t>(8, G - g0);
+        vfloat acc[8] = {};
+        for (int64_t t = 0; t < T_; ++t) {
+          const float* gt = gg + t * G + g0;
+#pragma GCC unroll 8
+          for (int g = 0; g < 8; ++g)
+            if (g < ng) acc[g] += gt[g] * c_values[t];
+        }
+        for (int64_t g = 0; g < ng; ++g) {
+          float* p = part + (K * K + 1 + g0 + g) * C + c0;
+          store(p, load(p, count) + acc[g], count);
+        }
+      }
       // grad_x[y, x] = sum_{ky, kx} w[ky, kx] grad_u[y - ky + K / 2, x - kx + K / 2]: the flipped kernel
       T* gx = grad_x + b * T_ * C + c0;
+      const T* plus = extras.addend ? extras.addend + b * T_ * C + c0 : nullptr;
       for (int64_t y = 0; y < height; ++y)
-        for (int64_t xx = 0; xx < width; ++xx)
-          store(gx + (y * width + xx) * C, taps_sum<K>(grad_u.at(y, xx), grad_u.row, w_flipped, vfloat{}), count);
+        for (int64_t xx = 0; xx < width; ++xx) {
+          const int64_t t = y * width + xx;
+          vfloat sum = taps_sum<K>(grad_u.at(y, xx), grad_u.row, w_flipped, vfloat{});
+          if (plus) sum += load(plus + t * C, count);
+          store(gx + t * C, sum, count);
+        }
     }
   });
-  sum_partials(partial, threads, (K * K + 1) * C, sums);
+  sum_partials(partial, threads, rows * C, sums);
 }
 
 // Calls fn(std::integral_constant<int, K>) for the kernel size k (1, 3, 5 or 7)
@@ -455,29 +521,66 @@ at::Tensor conv_silu_forward(const at::Tensor& x, int64_t height, int64_t width,
   return gate_w ? gates : at::empty({0}, x.options());
 }
 
+// conv_silu_forward's gradients with what the layer's backward sums around it (ConvGradExtras), for c's gradient
+// grad_out + more + gate_grad @ gate_w: (grad_x (B, T, C) in x's dtype, plus addend where given; grad_weight (C, 1,
+// k, k), grad_bias (C,) and, with gate_grad, gate_w's gradient gate_grad^T c (G, C), all fp32; else an empty
+// tensor). more, addend: (B, T, C) contiguous in x's dtype or None; gate_grad (B, T, G) any floating dtype (used
+// in fp32) with gate_w (G, C) (as conv_silu_forward took it), or both None.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_silu_backward_summed(
+    const at::Tensor& grad_out, const at::Tensor& x, int64_t height, int64_t width, const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& more,
+    const std::optional<at::Tensor>& gate_grad, const std::optional<at::Tensor>& gate_w,
+    const std::optional<at::Tensor>& addend) {
+  const auto table = conv_table(x, height, width, weight);
+  TORCH_CHECK(grad_out.is_contiguous(), "grad_out must be contiguous");
+  check_tokens(grad_out, x.sizes(), x.scalar_type(), "grad_out");
+  for (const auto& [t, what] : {std::pair{&more, "more"}, std::pair{&addend, "addend"}}) {
+    if (!*t) continue;
+    TORCH_CHECK((*t)->is_contiguous(), what, " must be contiguous");
+    check_tokens(**t, x.sizes(), x.scalar_type(), what);
+  }
+  TORCH_CHECK(gate_grad.has_value() == gate_w.has_value(), "gate_grad and gate_w come together");
+  const int64_t C = x.size(2), k = weight.size(2), G = gate_w ? gate_w->size(0) : 0;
+  at::Tensor gg32, gw32;
+  if (gate_w) {
+    TORCH_CHECK(gate_w->dim() == 2 && gate_w->size(1) == C && G > 0, "gate_w must have shape (G, ", C, "), got ",
+                gate_w->sizes());
+    TORCH_CHECK(gate_grad->dim() == 3 && gate_grad->size(0) == x.size(0) && gate_grad->size(1) == x.size(1) &&
+                    gate_grad->size(2) == G,
+                "gate_grad must have shape (", x.size(0), ", ", x.size(1), ", ", G, "), got ", gate_grad->sizes());
+    gg32 = gate_grad->to(at::kFloat).contiguous();
+    gw32 = gate_w->to(at::kFloat).contiguous();
+  }
+  const auto b32 = channel_param(bias, C, "bias");
+  auto grad_x = at::empty_like(x);
+  auto sums = at::empty({k * k + 1 + G, C}, x.options().dtype(at::kFloat));
+  with_kernel_size(k, [&](auto size) {
+    constexpr int K = decltype(size)::value;
+    with_dtype(x.scalar_type(), [&](auto tag) {
+      using T = decltype(tag);
+      ConvGradExtras<T> extras;
+      extras.more = more ? more->data_ptr<T>() : nullptr;
+      extras.addend = addend ? addend->data_ptr<T>() : nullptr;
+      if (gate_w) extras.gate_grad = gg32.data_ptr<float>(), extras.gate_w = gw32.data_ptr<float>(), extras.G = G;
+      conv_silu_bwd<K, T>(grad_out.data_ptr<T>(), x.data_ptr<T>(), table.data_ptr<float>(), b32.data_ptr<float>(),
+                          grad_x.data_ptr<T>(), sums.data_ptr<float>(), x.size(0), C, height, width, extras);
+    });
+  });
+  auto grad_weight = sums.narrow(0, 0, k * k).t().reshape({C, 1, k, k});
+  auto grad_gate = gate_w ? sums.narrow(0, k * k + 1, G).clone() : at::empty({0}, x.options().dtype(at::kFloat));
+  return {grad_x, grad_weight, sums[k * k].clone(), grad_gate};
+}
+
 // The gradients of conv_silu_forward: (grad_x (B, T, C) in x's dtype, grad_weight (C, 1, k, k) and grad_bias (C,)
 // in fp32)
 std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_silu_backward(const at::Tensor& grad_out, const at::Tensor& x,
                                                                   int64_t height, int64_t width,
                                                                   const at::Tensor& weight,
                                                                   const std::optional<at::Tensor>& bias) {
-  const auto table = conv_table(x, height, width, weight);
-  TORCH_CHECK(grad_out.is_contiguous(), "grad_out must be contiguous");
-  check_tokens(grad_out, x.sizes(), x.scalar_type(), "grad_out");
-  const int64_t C = x.size(2), k = weight.size(2);
-  const auto b32 = channel_param(bias, C, "bias");
-  auto grad_x = at::empty_like(x);
-  auto sums = at::empty({k * k + 1, C}, x.options().dtype(at::kFloat));
-  with_kernel_size(k, [&](auto size) {
-    constexpr int K = decltype(size)::value;
-    with_dtype(x.scalar_type(), [&](auto tag) {
-      using T = decltype(tag);
-      conv_silu_bwd<K, T>(grad_out.data_ptr<T>(), x.data_ptr<T>(), table.data_ptr<float>(), b32.data_ptr<float>(),
-                          grad_x.data_ptr<T>(), sums.data_ptr<float>(), x.size(0), C, height, width);
-    });
-  });
-  auto grad_weight = sums.narrow(0, 0, k * k).t().reshape({C, 1, k, k});
-  return {grad_x, grad_weight, sums[k * k].clone()};
+  auto [grad_x, grad_w, grad_b, unused] = conv_silu_backward_summed(grad_out, x, height, width, weight, bias,
+                                                                    std::nullopt, std::nullopt, std::nullopt,
+                                                                    std::nullopt);
+  return {grad_x, grad_w, grad_b};
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -698,6 +801,8 @@ TORCH_LIBRARY_FRAGMENT(vision_lstm_cpu, m) {
         "Tensor? gate_w=None) -> Tensor");
   m.def("conv_silu_backward(Tensor grad_out, Tensor x, int height, int width, Tensor weight, Tensor? bias) "
         "-> (Tensor, Tensor, Tensor)");
+  m.def("conv_silu_backward_summed(Tensor grad_out, Tensor x, int height, int width, Tensor weight, Tensor? bias, "
+        "Tensor? more, Tensor? gate_grad, Tensor? gate_w, Tensor? addend) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("token_norm_forward(Tensor x, Tensor weight, Tensor? bias, float eps, bool reverse, Tensor(a!) out) "
         "-> (Tensor, Tensor)");
   m.def("token_norm_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor mean, Tensor rstd, bool reverse, "
@@ -711,6 +816,7 @@ TORCH_LIBRARY_IMPL(vision_lstm_cpu, CPU, m) {
   m.impl("gated_norm_backward", &gated_norm_backward);
   m.impl("conv_silu_forward", &conv_silu_forward);
   m.impl("conv_silu_backward", &conv_silu_backward);
+  m.impl("conv_silu_backward_summed", &conv_silu_backward_summed);
   m.impl("token_norm_forward", &token_norm_forward);
   m.impl("token_norm_backward", &token_norm_backward);
   m.impl("add_reversed", &add_reversed);

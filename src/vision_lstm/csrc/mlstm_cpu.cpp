@@ -628,6 +628,73 @@ struct Projections {
   }
 };
 
+// For NIN gradients g_j of products out_j = blockdiag(W_j) x (one head's slice: T rows, DH channels from the
+// head's first; g_j's rows ld apart, x's x_stride apart): writes sum_j blockdiag(W_j)^T g_j (x's gradient through
+// them, rows out_stride apart) and adds each product's weight and bias sums, sum_t g_j[t, c] x[t, rotate_s(c)] and
+// sum_t g_j[t, c], to sums[j] (blockdiag_cpu.cpp's table form: BS + 1 rows of C at the head's first channel).
+// tables_t[j] is W_j^T's table at that channel. The same arithmetic as block_diag_mm's sum of the two products and
+// block_diag_outer's sums, taken while the slice is in cache. Per vector of channels, all T rows: the tables stay in
+// registers, and NIN (BS + 1) accumulators.
+template <int BS, int NIN, int... S>
+inline void source_grads_slice(const float* const* g, int64_t ld, const float* x, int64_t x_stride,
+                               const float* const* tables_t, int64_t C, float* out, int64_t out_stride,
+                               float* const* sums, int64_t T, int64_t DH, std::integer_sequence<int, S...>) {
+  for_vectors(DH, [&](int64_t d0, int64_t count) {
+    vfloat w[NIN][BS], acc[NIN][BS] = {}, col[NIN] = {};
+    for (int j = 0; j < NIN; ++j)
+      for (int s = 0; s < BS; ++s) w[j][s] = load(tables_t[j] + s * C + d0, count);
+    for (int64_t t = 0; t < T; ++t) {
+      const vfloat xv = load(x + t * x_stride + d0, count);
+      const vfloat xr[BS] = {rotate<BS, S>(xv)...};
+      vfloat sum{};
+      for (int j = 0; j < NIN; ++j) {
+        const vfloat gv = load(g[j] + t * ld + d0, count);
+        ((acc[j][S] += gv * xr[S]), ...);
+        col[j] += gv;
+        sum += mm_loaded<BS>(gv, w[j], Shifts<BS>{});
+      }
+      store(out + t * out_stride + d0, sum, count);
+    }
+    for (int j = 0; j < NIN; ++j) {
+      for (int s = 0; s < BS; ++s) store(sums[j] + s * C + d0, load(sums[j] + s * C + d0, count) + acc[j][s], count);
+      store(sums[j] + BS * C + d0, load(sums[j] + BS * C + d0, count) + col[j], count);
+    }
+  });
+}
+
+// The sources' gradients for backward_fp32_projected_sources: rather than writing q's, k's and v's gradients for
+// the projections' passes to read back (block_diag_mm for c's and x_m's gradients, block_diag_outer three times for
+// the weights'), the cell's backward takes them from each slice's dQ, dK, dV while those are in cache: c's gradient
+// through q and k, x_m's through v (token-major (B, T, C) fp32, the head's channels of each row), and the weight
+// and bias sums in per-thread tables.
+struct SourceGrads {
+  float *grad_c, *grad_x_m;
+  int64_t T, C, bs, threads;
+  std::vector<float> tables_t[3];  // W^T's tables (blockdiag.h) for q, k, v
+  std::vector<float> partial;      // per thread: 3 tables of bs + 1 rows of C
+
+  // x's gradient through NIN of the products (p: 0 q, 1 k, 2 v; NIN = 2: q and k, from c) for slice (b, channel):
+  // g their gradients' T rows, ld apart; x the source's rows, x_stride apart; out the gradient's (B, T, C) memory
+  void slice(int nin, const int* p, const float* const* g, int64_t ld, const float* x, int64_t x_stride, float* out,
+             int64_t b, int64_t channel, int64_t DH) {
+    float* mine = partial.data() + at::get_thread_num() * 3 * (bs + 1) * C;
+    const float* tables[2];
+    float* sums[2];
+    for (int j = 0; j < nin; ++j) {
+      tables[j] = tables_t[p[j]].data() + channel;
+      sums[j] = mine + p[j] * (bs + 1) * C + channel;
+    }
+    float* rows = out + b * T * C + channel;
+    with_block_size(bs, [&](auto block) {
+      constexpr int BS = decltype(block)::value;
+      if (nin == 2)
+        source_grads_slice<BS, 2>(g, ld, x, x_stride, tables, C, rows, C, sums, T, DH, Shifts<BS>{});
+      else
+        source_grads_slice<BS, 1>(g, ld, x, x_stride, tables, C, rows, C, sums, T, DH, Shifts<BS>{});
+    });
+  }
+};
+
 // The layer's output path after the cell, y = (HeadNorm(h) * (1 + w) + b + skip * c) * SiLU(z) (headnorm.h), for
 // the inference kernels that end with it (forward_fp32_projected_gated, forward_bf16_projected_gated): each row of
 // h goes from registers and a row buffer straight into y, never to memory, and layer_cpu.cpp's gated_norm pass
@@ -1085,7 +1152,8 @@ void backward_whole_f32(const at::Tensor& q, const at::Tensor& k, const at::Tens
                         const at::Tensor& h, const float* weights, const float* a, const float* row_max,
                         const float* m, const float* row_sum, const float* normaliser, float scale, float eps,
                         const at::Tensor& grad_q, const at::Tensor& grad_k, const at::Tensor& grad_v, float* grad_m,
-                        float* row_sums, float* col_sums, const Projections* projections = nullptr) {
+                        float* row_sums, float* col_sums, const Projections* projections = nullptr,
+                        SourceGrads* source_grads = nullptr) {
   const int64_t B = q.size(0), H = q.size(1), T = q.size(2), DH = q.size(3);
   const int64_t Tr = round_up(T, kTileRows), Tc = round_up(T, kLanes), Dc = round_up(DH, kLanes);
   const int64_t blocks = Tc / kLanes;
@@ -1096,7 +1164,7 @@ void backward_whole_f32(const at::Tensor& q, const at::Tensor& k, const at::Tens
   at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
     // rows past T stay 0 in every buffer an A operand is read from (dn, c, ds) or a B operand (xp)
     std::vector<float> dn(Tr * Dc, 0.0f), c(Tr * Tc, 0.0f), vt(DH * Tc), g(Tr * Tc), ds(Tr * Tc, 0.0f),
-        xp(Tr * Dc, 0.0f), out(Tr * Dc), grad_row_sum(T);
+        xp(Tr * Dc, 0.0f), out(Tr * Dc), grad_row_sum(T), dq(source_grads ? Tr * Dc : 0);
     std::vector<vfloat> cols(blocks);
     // out's T x DH sums into a slice of a gradient
     auto store_rows = [&](float* dst, int64_t stride) {
@@ -1129,7 +1197,13 @@ void backward_whole_f32(const at::Tensor& q, const at::Tensor& k, const at::Tens
       // dV = C^T dN over t >= s
       copy_rows(weights + i * T * T, T, T, T, c.data(), Tc);
       fma_rows(c.data(), 1, Tc, dn.data(), Dc, Tr, out.data(), Dc, Span::kFromDiagonal, T, Dc / kLanes, false);
-      store_rows(rdv.slice(b, hh), rdv.s2);
+      if (source_grads) {  // x_m's gradient through v, and v's weight sums
+        const int p[1] = {2};
+        const float* g[1] = {out.data()};
+        source_grads->slice(1, p, g, Dc, rv.slice(b, hh), rv.s2, source_grads->grad_x_m, b, hh * DH, DH);
+      } else {
+        store_rows(rdv.slice(b, hh), rdv.s2);
+      }
       // G = dN v^T, the vectors of columns up to the diagonal
       if (projections) {  // v from its source, through out (free again) into the transposed buffer
         projections->slice(2, rv.slice(b, hh), rv.s2, hh * DH, T, DH, out.data(), Dc);
@@ -1153,8 +1227,10 @@ void backward_whole_f32(const at::Tensor& q, const at::Tensor& k, const at::Tens
       } else {
         copy_rows(rk.slice(b, hh), rk.s2, T, DH, xp.data(), Dc);
       }
-      fma_rows(ds.data(), Tc, 1, xp.data(), Dc, Tr, out.data(), Dc, Span::kUpToDiagonal, T, Dc / kLanes, false);
-      store_rows(rdq.slice(b, hh), rdq.s2);
+      // (with source_grads into a buffer of its own, kept for c's gradient with dK's)
+      float* dq_rows = source_grads ? dq.data() : out.data();
+      fma_rows(ds.data(), Tc, 1, xp.data(), Dc, Tr, dq_rows, Dc, Span::kUpToDiagonal, T, Dc / kLanes, false);
+      if (!source_grads) store_rows(rdq.slice(b, hh), rdq.s2);
       // dK = dS^T q over t >= s
       if (projections) {
         projections->slice(0, rq.slice(b, hh), rq.s2, hh * DH, T, DH, xp.data(), Dc);
@@ -1162,7 +1238,13 @@ void backward_whole_f32(const at::Tensor& q, const at::Tensor& k, const at::Tens
         copy_rows(rq.slice(b, hh), rq.s2, T, DH, xp.data(), Dc);
       }
       fma_rows(ds.data(), 1, Tc, xp.data(), Dc, Tr, out.data(), Dc, Span::kFromDiagonal, T, Dc / kLanes, false);
-      store_rows(rdk.slice(b, hh), rdk.s2);
+      if (source_grads) {  // c's gradient through q and k, and their weight sums
+        const int p[2] = {0, 1};
+        const float* g[2] = {dq.data(), out.data()};
+        source_grads->slice(2, p, g, Dc, rq.slice(b, hh), rq.s2, source_grads->grad_c, b, hh * DH, DH);
+      } else {
+        store_rows(rdk.slice(b, hh), rdk.s2);
+      }
     }
   });
 }
@@ -1299,11 +1381,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_fp32_impl(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& grad_h, const at::Tensor& h,
     const at::Tensor& weights, const at::Tensor& a, const at::Tensor& row_max, const at::Tensor& m,
     const at::Tensor& row_sum, const at::Tensor& normaliser, double scale, double eps, const at::Tensor& grad_q,
-    const at::Tensor& grad_k, const at::Tensor& grad_v, const Projections* projections) {
+    const at::Tensor& grad_k, const at::Tensor& grad_v, const Projections* projections,
+    SourceGrads* source_grads = nullptr) {
   check_rows(q, q, "q", at::kFloat);
   for (const auto& [x, what] : {std::pair<const at::Tensor*, const char*>{&k, "k"}, {&v, "v"}, {&grad_h, "grad_h"},
-                                {&h, "h"}, {&grad_q, "grad_q"}, {&grad_k, "grad_k"}, {&grad_v, "grad_v"}})
-    check_rows(*x, q, what, at::kFloat);
+                                {&h, "h"}, {&grad_q, "grad_q"}, {&grad_k, "grad_k"}, {&grad_v, "grad_v"}}) {
+    if (!source_grads || (x != &grad_q && x != &grad_k && x != &grad_v)) check_rows(*x, q, what, at::kFloat);
+  }
   const int64_t T = q.size(2), n = q.size(0) * q.size(1);
   check_slices(weights, n, T * T, "weights");
   TORCH_CHECK(weights.scalar_type() == at::kFloat, "weights must be float32");
@@ -1315,7 +1399,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_fp32_impl(
                      m.data_ptr<float>(), row_sum.data_ptr<float>(), normaliser.data_ptr<float>(),
                      static_cast<float>(scale), static_cast<float>(eps), grad_q, grad_k, grad_v,
                      grad_m.data_ptr<float>(), row_sums.data_ptr<float>(), col_sums.data_ptr<float>(),
-                     projections);
+                     projections, source_grads);
   return {grad_m, row_sums, col_sums};
 }
 
@@ -1487,6 +1571,53 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_fp32_projected(
                             grad_v, &projections);
 }
 
+// backward_fp32_projected that also takes the projections' backward (SourceGrads): instead of q's, k's and v's
+// gradients it writes c's gradient through q and k, grad_c = Wq^T dq + Wk^T dk, and x_m's through v,
+// grad_x_m = Wv^T dv ((B, T, C) float32 contiguous, every element written), and returns, after backward_fp32's
+// three sums, the weights' gradients (C / bs, bs, bs) and the biases' (C,) for q, k and v, fp32 (the biases'
+// whether the projections have biases or not). The same sums as block_diag_mm and block_diag_outer make from
+// backward_fp32_projected's gradients, in another order.
+std::vector<at::Tensor> backward_fp32_projected_sources(
+    const at::Tensor& c, const at::Tensor& x_m, int64_t num_heads, const at::Tensor& wq,
+    const std::optional<at::Tensor>& bq, const at::Tensor& wk, const std::optional<at::Tensor>& bk,
+    const at::Tensor& wv, const std::optional<at::Tensor>& bv, const at::Tensor& grad_h, const at::Tensor& h,
+    const at::Tensor& weights, const at::Tensor& a, const at::Tensor& row_max, const at::Tensor& m,
+    const at::Tensor& row_sum, const at::Tensor& normaliser, double scale, double eps, at::Tensor grad_c,
+    at::Tensor grad_x_m) {
+  const Projections projections = make_projections(c, x_m, num_heads, wq, bq, wk, bk, wv, bv, at::kFloat);
+  for (const auto& [x, what] : {std::pair{&grad_c, "grad_c"}, std::pair{&grad_x_m, "grad_x_m"}}) {
+    TORCH_CHECK(x->sizes() == c.sizes() && x->scalar_type() == at::kFloat && x->is_contiguous(), what,
+                " must be a contiguous float32 tensor of c's shape ", c.sizes(), ", got ", x->sizes(), " ",
+                x->scalar_type());
+  }
+  const int64_t C = c.size(2), bs = projections.bs;
+  SourceGrads sources{grad_c.data_ptr<float>(), grad_x_m.data_ptr<float>(), c.size(1), C, bs,
+                      at::get_num_threads()};
+  const at::Tensor* ws[3] = {&wq, &wk, &wv};
+  for (int p = 0; p < 3; ++p) sources.tables_t[p] = weight_table(ws[p]->transpose(1, 2));
+  sources.partial.assign(sources.threads * 3 * (bs + 1) * C, 0.0f);
+  const auto heads_c = source_heads(c, num_heads);
+  auto [grad_m, row_sums, col_sums] =
+      backward_fp32_impl(heads_c, heads_c, source_heads(x_m, num_heads), grad_h, h, weights, a, row_max, m, row_sum,
+                         normaliser, scale, eps, heads_c, heads_c, heads_c, &projections, &sources);
+  std::vector<float> table(3 * (bs + 1) * C);
+  sum_partials(sources.partial, sources.threads, 3 * (bs + 1) * C, table.data());
+  std::vector<at::Tensor> out{grad_m, row_sums, col_sums};
+  for (int p = 0; p < 3; ++p) {
+    const float* t = table.data() + p * (bs + 1) * C;
+    auto grad_w = at::empty({C / bs, bs, bs}, c.options());
+    float* pw = grad_w.data_ptr<float>();
+    for (int64_t s = 0; s < bs; ++s)
+      for (int64_t ch = 0; ch < C; ++ch) {
+        const int64_t o = ch % bs;
+        pw[(ch / bs) * bs * bs + o * bs + (o + s) % bs] = t[s * C + ch];
+      }
+    out.push_back(grad_w);
+    out.push_back(at::from_blob(const_cast<float*>(t + bs * C), {C}, c.options()).clone());
+  }
+  return out;
+}
+
 // q, k (B, H, T, DH) bf16, unit last stride, DH even; a, row_max (B, H, T) fp32 contiguous; weights (B, H, T, T)
 // bf16 contiguous. Returns row_sum (B, H, T) fp32. Only where has_bf16_scores().
 at::Tensor weights_forward_qk(const at::Tensor& q, const at::Tensor& k, const at::Tensor& a,
@@ -1543,6 +1674,10 @@ TORCH_LIBRARY(vision_lstm_cpu, m) {
         "Tensor wv, Tensor? bv, Tensor grad_h, Tensor h, Tensor weights, Tensor a, Tensor row_max, Tensor m, "
         "Tensor row_sum, Tensor normaliser, float scale, float eps, Tensor(a!) grad_q, Tensor(b!) grad_k, "
         "Tensor(c!) grad_v) -> (Tensor, Tensor, Tensor)");
+  m.def("backward_fp32_projected_sources(Tensor c, Tensor x_m, int num_heads, Tensor wq, Tensor? bq, Tensor wk, "
+        "Tensor? bk, Tensor wv, Tensor? bv, Tensor grad_h, Tensor h, Tensor weights, Tensor a, Tensor row_max, "
+        "Tensor m, Tensor row_sum, Tensor normaliser, float scale, float eps, Tensor(a!) grad_c, "
+        "Tensor(b!) grad_x_m) -> Tensor[]");
   m.def("forward_bf16_projected_gated(Tensor c, Tensor x_m, int num_heads, Tensor wq, Tensor? bq, Tensor wk, "
         "Tensor? bk, Tensor wv, Tensor? bv, Tensor a, Tensor row_max, Tensor m, float scale, float eps, Tensor z, "
         "Tensor norm_weight, Tensor? norm_bias, Tensor skip, float norm_eps, Tensor(a!) y, bool tiles=True) "
@@ -1569,6 +1704,7 @@ TORCH_LIBRARY_IMPL(vision_lstm_cpu, CPU, m) {
   m.impl("backward_fp32", &backward_fp32);
   m.impl("forward_fp32_projected", &forward_fp32_projected);
   m.impl("backward_fp32_projected", &backward_fp32_projected);
+  m.impl("backward_fp32_projected_sources", &backward_fp32_projected_sources);
   m.impl("forward_bf16_projected_gated", &forward_bf16_projected_gated);
   m.impl("forward_fp32_projected_gated", &forward_fp32_projected_gated);
 }
