@@ -649,11 +649,9 @@ class _ConvHeadProjections(torch.autograd.Function):
         def token_major(grad):  # (B, H, T, DH) view of (B, T, inner) memory -> that memory, or None
             return None if grad is None else grad.transpose(1, 2).reshape(B, T, inner).to(c.dtype).contiguous()
 
-        grads_c = [g for g in (token_major(grad_c_qk), skip_grad) if g is not None]
+        grads_c = [g for g in (token_major(grad_c_qk), skip_grad) if g is not None] or [torch.zeros_like(c)]
         if grad_gates is not None:
             grad_gates = grad_gates.to(c.dtype).contiguous()
-        elif not grads_c:
-            grads_c = [torch.zeros_like(c)]
         first = grads_c[0].to(c.dtype).contiguous()
         more = grads_c[1].to(c.dtype).contiguous() if len(grads_c) > 1 else None
         grad_x_m, grad_w, grad_b, grad_gate_c = ctx.kernels.conv_silu_backward_summed(

@@ -380,9 +380,9 @@ void conv_silu_bwd(const T* grad_out, const T* x, const float* table, const floa
       const int64_t b = task / vectors, c0 = (task % vectors) * kLanes, count = std::min(kLanes, C - c0);
       if (task + 1 < end) {  // the next task's columns, while this one computes: a vector's T rows, C apart
         const int64_t next = ((task + 1) / vectors) * T_ * C + ((task + 1) % vectors) * kLanes;
-        for (const T* rows : {grad_out, x, extras.more, static_cast<const T*>(extras.addend)}) {
-          if (rows == nullptr) continue;
-          for (int64_t t = 0; t < T_; ++t) __builtin_prefetch(rows + next + t * C);
+        for (const T* src : {grad_out, x, extras.more, extras.addend}) {
+          if (src == nullptr) continue;
+          for (int64_t t = 0; t < T_; ++t) __builtin_prefetch(src + next + t * C);
         }
         for (int64_t t = 0; t < T_; ++t) __builtin_prefetch(grad_x + next + t * C, 1);  // (written: ask to own it)
       }
