@@ -660,10 +660,8 @@ class _ConvHeadProjections(torch.autograd.Function):
         grad_w = grad_w.to(conv_w.dtype)
         grad_b = grad_b.to(conv_b.dtype) if conv_b is not None else None
         grad_gate_c = grad_gate_c.to(ctx.gate_dtype) if grad_gates is not None and needs[6] else None
-        param_grads = [grad if has or i % 2 == 0 else None for i, (grad, has) in
-                       enumerate(zip(projection_grads, (True, ctx.has_bias[0], True, ctx.has_bias[1], True,
-                                                         ctx.has_bias[2])))]
-        param_grads = [grad if need else None for grad, need in zip(param_grads, needs[10:])]
+        exists = (True, ctx.has_bias[0], True, ctx.has_bias[1], True, ctx.has_bias[2])  # (wq, bq, wk, bk, wv, bv)
+        param_grads = [grad if has and need else None for grad, has, need in zip(projection_grads, exists, needs[10:])]
         return (grad_x_m, None, None, None, grad_w, grad_b, grad_gate_c, None, None, None, *param_grads)
 
 

@@ -44,6 +44,19 @@ std::vector<float> weight_table(const at::Tensor& weight) {
   return table;
 }
 
+// The table form (bs rows of C, as weight_table writes it) back as the weight (C / bs, bs, bs), fp32: a weight
+// gradient summed in that form (block_diag_outer, the cell's backward_fp32_projected_sources)
+at::Tensor weight_from_table(const float* table, int64_t C, int64_t bs, const at::TensorOptions& options) {
+  auto weight = at::empty({C / bs, bs, bs}, options.dtype(at::kFloat));
+  float* w = weight.data_ptr<float>();
+  for (int64_t s = 0; s < bs; ++s)
+    for (int64_t c = 0; c < C; ++c) {
+      const int64_t o = c % bs;
+      w[(c / bs) * bs * bs + o * bs + (o + s) % bs] = table[s * C + c];
+    }
+  return weight;
+}
+
 // sum_s W_s * rotate_s(x) for one vector of count channels: x and w (the table's rows, C apart) at its first channel
 template <typename T, int BS, int... S>
 __attribute__((always_inline)) inline vfloat mm_vector(const T* x, const float* w, int64_t C, int64_t count,

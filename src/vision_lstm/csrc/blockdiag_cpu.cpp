@@ -260,14 +260,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> block_diag_outer(const at::Tensor
       block_outer<at::BFloat16, BS>(rows_of<const at::BFloat16>(grad_out), rows_of<const at::BFloat16>(x),
                                     table.data(), B, Tn, H, DH, Shifts<BS>{}, pgg, gates);
   });
-  auto grad_weight = at::empty({C / bs, bs, bs}, x.options().dtype(at::kFloat));
+  auto grad_weight = weight_from_table(table.data(), C, bs, x.options());
   auto grad_bias = at::empty({C}, x.options().dtype(at::kFloat));
-  float* pw = grad_weight.data_ptr<float>();
-  for (int64_t s = 0; s < bs; ++s)
-    for (int64_t c = 0; c < C; ++c) {
-      const int64_t o = c % bs;
-      pw[(c / bs) * bs * bs + o * bs + (o + s) % bs] = table[s * C + c];
-    }
   std::copy(table.begin() + bs * C, table.begin() + (bs + 1) * C, grad_bias.data_ptr<float>());
   auto grad_gate = at::empty({G, C}, x.options().dtype(at::kFloat));
   std::copy(table.begin() + (bs + 1) * C, table.begin() + (bs + 1 + G) * C, grad_gate.data_ptr<float>());

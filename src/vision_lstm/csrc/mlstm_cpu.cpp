@@ -1605,14 +1605,7 @@ std::vector<at::Tensor> backward_fp32_projected_sources(
   std::vector<at::Tensor> out{grad_m, row_sums, col_sums};
   for (int p = 0; p < 3; ++p) {
     const float* t = table.data() + p * (bs + 1) * C;
-    auto grad_w = at::empty({C / bs, bs, bs}, c.options());
-    float* pw = grad_w.data_ptr<float>();
-    for (int64_t s = 0; s < bs; ++s)
-      for (int64_t ch = 0; ch < C; ++ch) {
-        const int64_t o = ch % bs;
-        pw[(ch / bs) * bs * bs + o * bs + (o + s) % bs] = t[s * C + ch];
-      }
-    out.push_back(grad_w);
+    out.push_back(weight_from_table(t, C, bs, c.options()));
     out.push_back(at::from_blob(const_cast<float*>(t + bs * C), {C}, c.options()).clone());
   }
   return out;
