@@ -592,6 +592,10 @@ class _ConvHeadProjections(torch.autograd.Function):
         biases = tuple(b.to(dtype) if b is not None else None for b in (bq, bk, bv))
         ctx.save_for_backward(x_m, c, conv_w, conv_b, gate_c_used, *weights)
         ctx.kernels, ctx.grid, ctx.num_heads, ctx.outbox = kernels, (height, width), num_heads, outbox
+        # An output that gets no gradient (k's, when the cell's backward took the projections': it returns c's
+        # gradient through q and k as q's) comes to backward as None, not as zeros autograd would first write over
+        # its whole (B, H, T, DH) shape: backward takes None for any of them.
+        ctx.set_materialize_grads(False)
         ctx.has_bias = tuple(b is not None for b in biases)
         ctx.gate_dtype = gate_c.dtype
         if not heads:
