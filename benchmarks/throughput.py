@@ -199,7 +199,10 @@ def model_flops(config: str) -> float:
     return float(counter.get_total_flops())
 
 
-def worker_model(args) -> dict:
+def make_step(args):
+    """The step ``worker_model`` times, for args (config, path, official, kernel, device, batch, precision, mode):
+    a function running one training step (forward, backward, AdamW) or one inference forward on a fixed random
+    batch. Also used by ab.py's step-interleaved comparison."""
     import torch
     import torch.nn.functional as F
     torch.manual_seed(0)
@@ -217,9 +220,6 @@ def worker_model(args) -> dict:
     x = torch.randn(args.batch, *shape, device=device)
     y = torch.randint(0, 10, (args.batch,), device=device)
     autocast = torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=args.precision == "bf16")
-    rss_before = reset_peak_rss()
-    if device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
     if args.mode == "train":
         model.train()
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -236,6 +236,16 @@ def worker_model(args) -> dict:
         def step():
             with torch.no_grad(), autocast:
                 model(x)
+    return step
+
+
+def worker_model(args) -> dict:
+    import torch
+    device = args.device
+    step = make_step(args)
+    rss_before = reset_peak_rss()
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
     t = time.perf_counter()
     step()  # the first warm-up step, timed on its own (it includes compilation on the compiled path)
     synchronize(device)

@@ -172,3 +172,23 @@ def test_ab_times_the_tree_against_a_revision(tmp_path):
     subprocess.run(infer, check=True, capture_output=True, text=True, timeout=600)
     assert json.loads((tmp_path / "ab-i.json").read_text())["mode"] == "infer"
     assert "| recipe_mnist | img/s (inference) |" in (tmp_path / "ab-i.md").read_text()
+
+
+def test_ab_interleaves_steps_of_both_sides(tmp_path):
+    # --interleave steps: both sides as step servers taking turns, each on its own library; the pairs' speedups
+    # (ref's step time / tree's) are kept and summarised, and a round's value is its side's median step
+    cmd = [sys.executable, str(REPO / "benchmarks" / "ab.py"), "--ref", "HEAD", "--what", "cell,recipe_mnist",
+           "--precision", "fp32", "--interleave", "steps", "--rounds", "2", "--pairs", "3", "--out-dir", str(tmp_path),
+           "--tag", "s"]
+    subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=600)
+    report = json.loads((tmp_path / "ab-s.json").read_text())
+    assert [r["what"] for r in report["results"]] == ["cell", "recipe_mnist"]
+    for r in report["results"]:
+        assert len(r["tree"]) == len(r["ref"]) == 2 and len(r["pair_speedups"]) == 6
+        assert min(r["tree"] + r["ref"] + r["pair_speedups"]) > 0
+        assert Path(r["libraries"]["tree"]).is_relative_to(REPO / "src")
+        assert not Path(r["libraries"]["ref"]).is_relative_to(REPO / "src")
+        low, high = r["pair_quartiles"]
+        assert low <= r["pair_median"] <= high
+    text = (tmp_path / "ab-s.md").read_text()
+    assert "step servers" in text and "median speedup of the 6 pairs" in text

@@ -809,12 +809,14 @@ def _assert_close_to(got, want, dtype):  # fp32: fp32 rounding of fp32 sums; bf1
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("B,T,H,DH,with_bias", [(2, 5, 4, 96, True), (3, 7, 2, 40, False), (2, 3, 3, 6, True),
-                                                (1, 4, 1, 16, True), (128, 64, 4, 96, True)])
-def test_gated_norm_kernels_match_the_plain_formula(kernels, dtype, B, T, H, DH, with_bias):
-    # csrc/layer_cpu.cpp's output path (y = (HeadNorm(h) (1 + w) + b + skip c) SiLU(z)) against float64 autograd of
-    # the formula, on the same (rounded) inputs: the output, the mean and 1 / std it keeps, and every gradient. z is
-    # a column slice of a wider tensor, as the layer passes it; heads of 40 and 6 channels end in a shorter vector.
+@pytest.mark.parametrize("B,T,H,DH,with_bias,with_z_bias", [(2, 5, 4, 96, True, True), (3, 7, 2, 40, False, True),
+                                                            (2, 3, 3, 6, True, False), (1, 4, 1, 16, True, True),
+                                                            (128, 64, 4, 96, True, False), (2, 5, 4, 96, True, False)])
+def test_gated_norm_kernels_match_the_plain_formula(kernels, dtype, B, T, H, DH, with_bias, with_z_bias):
+    # csrc/layer_cpu.cpp's output path (y = (HeadNorm(h) (1 + w) + b + skip c) SiLU(z + z_bias)) against float64
+    # autograd of the formula, on the same (rounded) inputs: the output, the mean and 1 / std it keeps, and every
+    # gradient. z is a column slice of a wider tensor, as the layer passes it; heads of 40 and 6 channels end in a
+    # shorter vector. z_bias (the layer leaves z's bias to this kernel in fp32 training) or None.
     gen = torch.Generator().manual_seed(0)
     C = H * DH
     h = torch.randn(B, T, H, DH, generator=gen).mul(3).add(1).to(dtype)
@@ -823,27 +825,33 @@ def test_gated_norm_kernels_match_the_plain_formula(kernels, dtype, B, T, H, DH,
     z = z_wide[..., :C]
     weight, skip = torch.randn(C, generator=gen) * 0.3, torch.randn(C, generator=gen)
     bias = torch.randn(C, generator=gen) * 0.3 if with_bias else None
+    z_bias = torch.randn(C, generator=gen) if with_z_bias else None
     out = torch.empty(B, T, C, dtype=dtype)
-    mean, rstd = kernels.gated_norm_forward(h, c, z, weight, bias, skip, 1e-5, out)
+    mean, rstd = kernels.gated_norm_forward(h, c, z, weight, bias, skip, 1e-5, out, z_bias)
     inputs = [t.double().requires_grad_() for t in (h, c, z, weight, skip)]
     bias64 = bias.double().requires_grad_() if with_bias else None
-    want = _gated_norm_want(*inputs[:3], inputs[3], bias64, inputs[4])
+    z_bias64 = z_bias.double().requires_grad_() if with_z_bias else None
+    z_used = inputs[2] + z_bias64 if with_z_bias else inputs[2]
+    want = _gated_norm_want(*inputs[:2], z_used, inputs[3], bias64, inputs[4])
     _assert_close_to(out, want.detach(), dtype)
     h64 = h.double()
     torch.testing.assert_close(mean.double(), h64.mean(-1), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(rstd.double(), 1 / torch.sqrt(h64.var(-1, unbiased=False) + 1e-5), rtol=1e-5, atol=0)
     grad_y = torch.randn(B, T, C, generator=gen).to(dtype)
     want.backward(grad_y.double())
-    grads = kernels.gated_norm_backward(grad_y, h, c, z, weight, bias, skip, mean, rstd)
-    grad_h, grad_c, grad_z, grad_w, grad_b, grad_skip = grads
+    grads = kernels.gated_norm_backward(grad_y, h, c, z, weight, bias, skip, mean, rstd, z_bias)
+    grad_h, grad_c, grad_z, grad_w, grad_b, grad_skip, grad_z_sums = grads
     assert grad_h.shape == h.shape and grad_c.shape == grad_z.shape == (B, T, C)
     assert grad_h.dtype == grad_c.dtype == grad_z.dtype == dtype
-    assert grad_w.dtype == grad_b.dtype == grad_skip.dtype == torch.float32
+    assert grad_w.dtype == grad_b.dtype == grad_skip.dtype == grad_z_sums.dtype == torch.float32
     for got, source in ((grad_h, inputs[0]), (grad_c, inputs[1]), (grad_z, inputs[2])):
         _assert_close_to(got, source.grad, dtype)
-    # parameter gradients: fp32 sums over B * T rows, within a few fp32 units of the sum of the magnitudes
-    for got, source in ((grad_w, inputs[3]), (grad_skip, inputs[4])) + (((grad_b, bias64),) if with_bias else ()):
-        torch.testing.assert_close(got.double(), source.grad, rtol=1e-4, atol=1e-4 * source.grad.abs().max().item())
+    # parameter gradients: fp32 sums over B * T rows, within a few fp32 units of the sum of the magnitudes; the
+    # last sum is z's column sums (z_bias's gradient), whether or not a z_bias was given
+    want_z_sums = z_bias64.grad if with_z_bias else inputs[2].grad.sum((0, 1))
+    for got, source in ((grad_w, inputs[3].grad), (grad_skip, inputs[4].grad), (grad_z_sums, want_z_sums)) + \
+            (((grad_b, bias64.grad),) if with_bias else ()):
+        torch.testing.assert_close(got.double(), source, rtol=1e-4, atol=1e-4 * source.abs().max().item())
 
 
 def _conv_silu_want(x, grid, weight, bias):  # float64: PyTorch's depthwise conv on the grid, then SiLU
@@ -1010,6 +1018,8 @@ def test_layer_kernels_reject_bad_input(kernels):
         kernels.gated_norm_backward(cz, h, cz, cz, w, w, w, torch.zeros(2, 3, 4), torch.zeros(5))
     with pytest.raises(RuntimeError, match="float32 or bfloat16"):
         kernels.gated_norm_forward(h.double(), cz, cz, w, w, w, 1e-5, torch.empty_like(cz))
+    with pytest.raises(RuntimeError, match="z_bias must have shape"):
+        kernels.gated_norm_forward(h, cz, cz, w, w, w, 1e-5, torch.empty_like(cz), torch.zeros(31))
     x = torch.zeros(2, 12, 16)
     with pytest.raises(RuntimeError, match="got 12 tokens for a 3x5 grid"):
         kernels.conv_silu_forward(x, 3, 5, torch.zeros(16, 1, 3, 3), None, torch.empty_like(x))

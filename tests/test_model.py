@@ -454,8 +454,8 @@ def test_layer_kernels_match_the_pytorch_route(monkeypatch, autocast):
     y, grad_x, grads = run()
     # conv + SiLU with the projections, output path, down-projection; the projections again and the up-projections'
     # bias sums in backward (the projections not again where the cell's whole backward computes q, k, v itself: in
-    # fp32 everywhere, under bf16 autocast with AVX512-BF16)
-    assert len(calls) == (4 if not autocast or fused.has_bf16_scores() else 5)
+    # fp32 everywhere, under bf16 autocast with AVX512-BF16); in fp32 also whether z's bias goes to the output path
+    assert len(calls) == (5 if not autocast else 4 if fused.has_bf16_scores() else 5)
     monkeypatch.setattr(layers, "layer_kernels", lambda *a: None)
     want_y, want_grad_x, want_grads = run()
     rtol, atol = (3e-2, 3e-2) if autocast else (1e-4, 1e-5)
@@ -463,6 +463,34 @@ def test_layer_kernels_match_the_pytorch_route(monkeypatch, autocast):
                                                                           for n in grads]:
         assert got.dtype == want.dtype, name
         torch.testing.assert_close(got, want, rtol=rtol, atol=atol * max(1.0, want.abs().max().item()), msg=name)
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_fp32_training_leaves_zs_bias_to_the_output_paths_kernel(monkeypatch, autocast):
+    # In fp32 training the up-projection computes z without its bias and the output path's kernel adds it (and sums
+    # its gradient); under bf16 autocast (whose product fuses the bias) the up-projection keeps it. Either way the
+    # bias gets the same gradient as through a plain linear: checked against the layer's reference path.
+    from vision_lstm import fused
+    if fused.ops() is None:
+        pytest.skip("the CPU kernels could not be built here")
+    layer, x0, grad_y = _layer_with_inputs()
+    layer.proj_up.bias.data.normal_()
+    seen = {}
+    up, norm = layers._UpProjections.apply, layers._GatedHeadNormKernel.apply
+    monkeypatch.setattr(layers._UpProjections, "apply", lambda *a: seen.update(up_z_bias=a[5]) or up(*a))
+    monkeypatch.setattr(layers._GatedHeadNormKernel, "apply", lambda *a: seen.update(norm_z_bias=a[-1]) or norm(*a))
+
+    def run():
+        layer.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            layer(x0, (4, 6)).float().backward(grad_y)
+        return layer.proj_up.bias.grad.clone()
+    got = run()
+    assert (seen["up_z_bias"] is None) != autocast and (seen["norm_z_bias"] is None) == autocast
+    layer.reference_path = True
+    want = run()
+    tol = 3e-2 if autocast else 1e-5
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol * want.abs().max().item())
 
 
 @pytest.mark.parametrize("autocast", [False, True])

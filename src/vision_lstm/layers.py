@@ -116,23 +116,25 @@ class _GatedHeadNormKernel(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, h, c, z, kernels, weight, bias, skip, eps):
-        # h: (B, T, H, DH) contiguous; c, z: (B, T, H * DH) with unit last strides, h's dtype
+    def forward(ctx, h, c, z, kernels, weight, bias, skip, eps, z_bias):
+        # h: (B, T, H, DH) contiguous; c, z: (B, T, H * DH) with unit last strides, h's dtype; z_bias: (H * DH,),
+        # added to z in fp32, or None
         out = torch.empty(c.shape, dtype=h.dtype)
-        mean, rstd = kernels.gated_norm_forward(h, c, z, weight, bias, skip, eps, out)
-        ctx.save_for_backward(h, c, z, weight, bias, skip, mean, rstd)
+        mean, rstd = kernels.gated_norm_forward(h, c, z, weight, bias, skip, eps, out, z_bias)
+        ctx.save_for_backward(h, c, z, weight, bias, skip, mean, rstd, z_bias)
         ctx.kernels = kernels
         return out  # (B, T, H * DH)
 
     @staticmethod
     def backward(ctx, grad_y):
-        h, c, z, weight, bias, skip, mean, rstd = ctx.saved_tensors
+        h, c, z, weight, bias, skip, mean, rstd, z_bias = ctx.saved_tensors
         grad_y = grad_y.to(h.dtype)
         grad_y = grad_y if grad_y.stride(-1) == 1 else grad_y.contiguous()
-        grad_h, grad_c, grad_z, grad_w, grad_b, grad_skip = ctx.kernels.gated_norm_backward(
-            grad_y, h, c, z, weight, bias, skip, mean, rstd)
+        grad_h, grad_c, grad_z, grad_w, grad_b, grad_skip, grad_z_bias = ctx.kernels.gated_norm_backward(
+            grad_y, h, c, z, weight, bias, skip, mean, rstd, z_bias)
         return grad_h, grad_c, grad_z, None, grad_w.to(weight.dtype), \
-            grad_b.to(bias.dtype) if bias is not None else None, grad_skip.to(skip.dtype), None
+            grad_b.to(bias.dtype) if bias is not None else None, grad_skip.to(skip.dtype), None, \
+            grad_z_bias.to(z_bias.dtype) if z_bias is not None else None
 
 
 def compute_dtype(t: torch.Tensor) -> torch.dtype:
@@ -193,10 +195,12 @@ def linear_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 
 
 def gated_head_norm_output(h: torch.Tensor, c: torch.Tensor, z: torch.Tensor, norm: "MultiHeadNorm",
-                           skip: torch.Tensor) -> torch.Tensor:
-    """(norm(h) + skip * c) * SiLU(z) for h (B, T, H, DH) and c, z (B, T, H * DH), in h's dtype. -> (B, T, H * DH).
+                           skip: torch.Tensor, z_bias: torch.Tensor | None = None) -> torch.Tensor:
+    """(norm(h) + skip * c) * SiLU(z + z_bias) for h (B, T, H, DH), c, z (B, T, H * DH) and z_bias (H * DH,) or
+    None, in h's dtype. -> (B, T, H * DH).
 
-    The CPU kernels where they apply (:class:`_GatedHeadNormKernel`), else PyTorch's route."""
+    The CPU kernels where they apply (:class:`_GatedHeadNormKernel`, which adds z_bias in fp32 as it reads z), else
+    PyTorch's route (z_bias added first)."""
     B, T, H, DH = h.shape
     if H != norm.num_heads or H * DH != norm.dim:
         raise ValueError(f"h has shape {tuple(h.shape)}, expected (B, T, {norm.num_heads}, "
@@ -204,7 +208,9 @@ def gated_head_norm_output(h: torch.Tensor, c: torch.Tensor, z: torch.Tensor, no
     h, c, z = h.contiguous(), c.to(h.dtype), z.to(h.dtype)
     kernels = layer_kernels(h, h.dtype)
     if kernels is not None and c.stride(-1) == 1 and z.stride(-1) == 1:
-        return _GatedHeadNormKernel.apply(h, c, z, kernels, norm.weight, norm.bias, skip, norm.eps)
+        return _GatedHeadNormKernel.apply(h, c, z, kernels, norm.weight, norm.bias, skip, norm.eps, z_bias)
+    if z_bias is not None:
+        z = z + z_bias.to(z.dtype)
     return _GatedHeadNormOutput.apply(h, c, z, norm.weight, norm.bias, skip, norm.eps)
 
 
@@ -498,13 +504,13 @@ class _UpProjections(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, inference, *weights_and_biases):
         # x: (B, T, D); inference: called without gradients; weights_and_biases: W_m, b_m, W_z, b_z, W_g, b_g with
-        # W (out, D), b (out,)
+        # W (out, D), b (out,) or None
         rows = x.reshape(-1, x.shape[-1])
-        used = [t.to(x.dtype) for t in weights_and_biases]
+        used = [None if t is None else t.to(x.dtype) for t in weights_and_biases]
         outs = tuple(linear_rows(rows, w, b, fuse_fp32=inference).view(*x.shape[:-1], -1)
                      for w, b in zip(used[0::2], used[1::2]))
         ctx.save_for_backward(x, *used[0::2])
-        ctx.dtypes = [t.dtype for t in weights_and_biases]
+        ctx.dtypes = [None if t is None else t.dtype for t in weights_and_biases]
         return outs  # (B, T, out) each
 
     @staticmethod
@@ -845,8 +851,15 @@ class ViLLayer(nn.Module):
         if low_dtype is not None:
             # The three products below read x: cast it once (autocast would cast it for each, forward and backward).
             x = x.to(low_dtype)
+        # In fp32 training with the CPU kernels, z's bias is left to the gated norm's kernel, which adds it as it reads
+        # z (and sums z's gradient's columns for it in backward): MKL's addmm would first write the bias over the
+        # whole (B, T, inner) output (a copy pass, about 0.9 ms of ViL-T's layer in session 39's profile) and then
+        # read it back. (Inference fuses the bias into the product instead, and bf16 products do in training too.)
+        z_bias = b_z if (torch.is_grad_enabled() and x.dtype == torch.float32 and b_z is not None
+                         and layer_kernels(x, x.dtype) is not None) else None
         # (B, T, inner), (B, T, inner), (B, T, 2H): three products, so that x_m, which the conv reads, is contiguous
-        x_m, z, gates_x = _UpProjections.apply(x, not torch.is_grad_enabled(), w_m, b_m, w_z, b_z, w_g, b_g)
+        x_m, z, gates_x = _UpProjections.apply(x, not torch.is_grad_enabled(), w_m, b_m, w_z,
+                                               b_z if z_bias is None else None, w_g, b_g)
         kernels = self._head_kernels(x_m)
         if kernels is not None and self.mlstm_mode == "parallel" and projected_form_applies(x_m, H):
             # Inference: q, k, v are computed inside the cell's kernel, never written out, and the kernel ends with
@@ -885,7 +898,7 @@ class ViLLayer(nn.Module):
             if low_dtype is not None:
                 h = h.to(low_dtype)
             with torch.autocast(device, enabled=False):
-                y = gated_head_norm_output(h, c, z, self.outnorm, self.learnable_skip)  # (B, T, inner)
+                y = gated_head_norm_output(h, c, z, self.outnorm, self.learnable_skip, z_bias)  # (B, T, inner)
         if torch.is_grad_enabled():
             kernels = layer_kernels(y, y.dtype)
             if kernels is None:

@@ -25,16 +25,17 @@ inline void head_stats(const T* h, int64_t DH, float eps, float& mean, float& rs
   rstd = 1.0f / std::sqrt(lane_sum(squares) / DH + eps);
 }
 
-// One head's y[d] = ((h[d] - mean) * rstd * scale[d] + bias[d] + skip[d] * c[d]) * SiLU(z[d]) for d < DH: every
-// pointer at the head's first channel, scale = 1 + w
+// One head's y[d] = ((h[d] - mean) * rstd * scale[d] + bias[d] + skip[d] * c[d]) * SiLU(z[d] + z_bias[d]) for
+// d < DH: every pointer at the head's first channel, scale = 1 + w; z_bias null: none (z has its bias already)
 template <typename T>
 inline void gated_head_out(const T* h, const T* c, const T* z, const float* scale, const float* bias,
-                           const float* skip, float mean, float rstd, int64_t DH, T* y) {
+                           const float* skip, float mean, float rstd, int64_t DH, T* y,
+                           const float* z_bias = nullptr) {
   for_vectors(DH, [&](int64_t d0, int64_t count) {
     const vfloat normed = (load(h + d0, count) - mean) * rstd;
     const vfloat pre = normed * load(scale + d0, count) + load(bias + d0, count) +
                        load(skip + d0, count) * load(c + d0, count);
-    const vfloat zv = load(z + d0, count);
+    const vfloat zv = z_bias ? load(z + d0, count) + load(z_bias + d0, count) : load(z + d0, count);
     store(y + d0, pre * zv * sigmoid(zv), count);
   });
 }

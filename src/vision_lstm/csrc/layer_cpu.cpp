@@ -95,12 +95,12 @@ inline void norm_input_grad(const float* normed_row, const float* grad_normed, v
   });
 }
 
-// y = (norm(h) * scale + bias + skip * c) * SiLU(z) for (B, T, H, DH) h and (B, T, C) c, z, y; scale = 1 + w;
-// mean and rstd (B * T * H,) are written for backward.
+// y = (norm(h) * scale + bias + skip * c) * SiLU(z + z_bias) for (B, T, H, DH) h and (B, T, C) c, z, y;
+// scale = 1 + w; z_bias (C,) or null (none); mean and rstd (B * T * H,) are written for backward.
 template <typename T>
 void gated_norm_fwd(Tokens<const T> h, Tokens<const T> c, Tokens<const T> z, const float* scale, const float* bias,
-                    const float* skip, float eps, Tokens<T> y, float* mean, float* rstd, int64_t B, int64_t Tn,
-                    int64_t H, int64_t DH) {
+                    const float* skip, const float* z_bias, float eps, Tokens<T> y, float* mean, float* rstd,
+                    int64_t B, int64_t Tn, int64_t H, int64_t DH) {
   at::parallel_for(0, B * Tn, 16, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const int64_t b = r / Tn, t = r % Tn;
@@ -113,24 +113,25 @@ void gated_norm_fwd(Tokens<const T> h, Tokens<const T> c, Tokens<const T> z, con
       for (int64_t head = 0; head < H; ++head) {
         const int64_t off = head * DH;
         gated_head_out(ph + off, pc + off, pz + off, scale + off, bias + off, skip + off, mean[r * H + head],
-                       rstd[r * H + head], DH, py + off);
+                       rstd[r * H + head], DH, py + off, z_bias ? z_bias + off : nullptr);
       }
     }
   });
 }
 
 // The gradients of gated_norm_fwd for grad_y: grad_h, grad_c, grad_z (in the inputs' dtype) and the per-channel
-// sums for w, b and skip (fp32, 3 rows of C in `sums`). Each thread sums its contiguous range of rows into its own
-// partial rows.
+// sums for w, b, skip and z_bias (fp32, 4 rows of C in `sums`; the last is grad_z's column sums, computed whether
+// or not z_bias is given). Each thread sums its contiguous range of rows into its own partial rows.
 template <typename T>
 void gated_norm_bwd(Tokens<const T> gy, Tokens<const T> h, Tokens<const T> c, Tokens<const T> z, const float* scale,
-                    const float* bias, const float* skip, const float* mean, const float* rstd, Tokens<T> gh,
-                    Tokens<T> gc, Tokens<T> gz, float* sums, int64_t B, int64_t Tn, int64_t H, int64_t DH) {
+                    const float* bias, const float* skip, const float* z_bias, const float* mean, const float* rstd,
+                    Tokens<T> gh, Tokens<T> gc, Tokens<T> gz, float* sums, int64_t B, int64_t Tn, int64_t H,
+                    int64_t DH) {
   const int64_t C = H * DH, N = B * Tn, threads = at::get_num_threads();
-  std::vector<float> partial(threads * 3 * C, 0.0f);
+  std::vector<float> partial(threads * 4 * C, 0.0f);
   at::parallel_for(0, N, (N + threads - 1) / threads, [&](int64_t begin, int64_t end) {
-    float* gw = partial.data() + at::get_thread_num() * 3 * C;
-    float *gb = gw + C, *gs = gw + 2 * C;
+    float* gw = partial.data() + at::get_thread_num() * 4 * C;
+    float *gb = gw + C, *gs = gw + 2 * C, *gzb = gw + 3 * C;
     std::vector<float> buffer(2 * DH);
     float *normed_row = buffer.data(), *grad_normed = buffer.data() + DH;
     for (int64_t r = begin; r < end; ++r) {
@@ -146,10 +147,13 @@ void gated_norm_bwd(Tokens<const T> gy, Tokens<const T> h, Tokens<const T> c, To
           const vfloat normed = (load(ph + i, count) - mu) * rs;
           const vfloat sc = load(scale + i, count), sk = load(skip + i, count), cv = load(pc + i, count);
           const vfloat pre = normed * sc + load(bias + i, count) + sk * cv;
-          const vfloat zv = load(pz + i, count), gyv = load(pgy + i, count);
+          const vfloat zv = z_bias ? load(pz + i, count) + load(z_bias + i, count) : load(pz + i, count);
+          const vfloat gyv = load(pgy + i, count);
           const vfloat sg = sigmoid(zv);
           // d/dz of z sigmoid(z) = sigmoid(z) (1 + z (1 - sigmoid(z)))
-          store(pgz + i, gyv * pre * sg * (1.0f + zv * (1.0f - sg)), count);
+          const vfloat g_z = gyv * pre * sg * (1.0f + zv * (1.0f - sg));
+          store(pgz + i, g_z, count);
+          store(gzb + i, load(gzb + i, count) + g_z, count);
           const vfloat g_pre = gyv * zv * sg;  // lanes past count are 0 (gy loads as 0)
           store(pgc + i, g_pre * sk, count);
           store(gw + i, load(gw + i, count) + g_pre * normed, count);
@@ -165,16 +169,19 @@ void gated_norm_bwd(Tokens<const T> gy, Tokens<const T> h, Tokens<const T> c, To
       }
     }
   });
-  sum_partials(partial, threads, 3 * C, sums);
+  sum_partials(partial, threads, 4 * C, sums);
 }
 
 struct NormArgs {
   int64_t B, Tn, H, DH;
   at::Tensor scale, bias, skip;  // fp32 (C,)
+  std::optional<at::Tensor> z_bias;  // fp32 (C,) or none
+  const float* z_bias_data() const { return z_bias ? z_bias->data_ptr<float>() : nullptr; }
 };
 
 NormArgs check_norm_args(const at::Tensor& h, const at::Tensor& c, const at::Tensor& z, const at::Tensor& weight,
-                         const std::optional<at::Tensor>& bias, const at::Tensor& skip) {
+                         const std::optional<at::Tensor>& bias, const at::Tensor& skip,
+                         const std::optional<at::Tensor>& z_bias) {
   TORCH_CHECK(h.dim() == 4, "h must be a (B, T, H, DH) tensor, got ", h.sizes());
   const int64_t B = h.size(0), Tn = h.size(1), H = h.size(2), DH = h.size(3), C = H * DH;
   TORCH_CHECK(h.is_contiguous(), "h must be contiguous");
@@ -182,15 +189,18 @@ NormArgs check_norm_args(const at::Tensor& h, const at::Tensor& c, const at::Ten
   check_tokens(c, {B, Tn, C}, h.scalar_type(), "c");
   check_tokens(z, {B, Tn, C}, h.scalar_type(), "z");
   return {B, Tn, H, DH, channel_param(weight, C, "weight") + 1.0f, channel_param(bias, C, "bias"),
-          channel_param(skip, C, "skip")};
+          channel_param(skip, C, "skip"),
+          z_bias ? std::optional<at::Tensor>(channel_param(z_bias, C, "z_bias")) : std::nullopt};
 }
 
-// out = (HeadNorm(h) * (1 + weight) + bias + skip * c) * SiLU(z); returns the norm's mean and 1 / std (B, T, H),
-// fp32. h: (B, T, H, DH) contiguous; c, z, out: (B, T, H * DH) views with unit last strides, h's dtype.
+// out = (HeadNorm(h) * (1 + weight) + bias + skip * c) * SiLU(z + z_bias); returns the norm's mean and 1 / std
+// (B, T, H), fp32. h: (B, T, H, DH) contiguous; c, z, out: (B, T, H * DH) views with unit last strides, h's dtype;
+// z_bias (H * DH,) or None: z's bias, when the product that gave z left it out (added in fp32 here).
 std::tuple<at::Tensor, at::Tensor> gated_norm_forward(const at::Tensor& h, const at::Tensor& c, const at::Tensor& z,
                                                       const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                                                      const at::Tensor& skip, double eps, at::Tensor out) {
-  const NormArgs a = check_norm_args(h, c, z, weight, bias, skip);
+                                                      const at::Tensor& skip, double eps, at::Tensor out,
+                                                      const std::optional<at::Tensor>& z_bias) {
+  const NormArgs a = check_norm_args(h, c, z, weight, bias, skip, z_bias);
   check_tokens(out, c.sizes(), h.scalar_type(), "out");
   auto mean = at::empty({a.B, a.Tn, a.H}, h.options().dtype(at::kFloat));
   auto rstd = at::empty_like(mean);
@@ -198,18 +208,21 @@ std::tuple<at::Tensor, at::Tensor> gated_norm_forward(const at::Tensor& h, const
     using T = decltype(tag);
     gated_norm_fwd<T>(tokens_of<const T>(h.view({a.B, a.Tn, -1})), tokens_of<const T>(c), tokens_of<const T>(z),
                       a.scale.data_ptr<float>(), a.bias.data_ptr<float>(), a.skip.data_ptr<float>(),
-                      static_cast<float>(eps), tokens_of<T>(out), mean.data_ptr<float>(), rstd.data_ptr<float>(),
+                      a.z_bias_data(), static_cast<float>(eps), tokens_of<T>(out), mean.data_ptr<float>(),
+                      rstd.data_ptr<float>(),
                       a.B, a.Tn, a.H, a.DH);
   });
   return {mean, rstd};
 }
 
 // The gradients of gated_norm_forward: (grad_h (B, T, H, DH), grad_c, grad_z (B, T, C), in h's dtype; the sums for
-// weight, bias and skip (C,) each, fp32). mean, rstd: as gated_norm_forward returned them.
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_norm_backward(
+// weight, bias, skip and z_bias (C,) each, fp32: the last is grad_z's column sums). mean, rstd: as
+// gated_norm_forward returned them; z_bias as given to it.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_norm_backward(
     const at::Tensor& grad_y, const at::Tensor& h, const at::Tensor& c, const at::Tensor& z, const at::Tensor& weight,
-    const std::optional<at::Tensor>& bias, const at::Tensor& skip, const at::Tensor& mean, const at::Tensor& rstd) {
-  const NormArgs a = check_norm_args(h, c, z, weight, bias, skip);
+    const std::optional<at::Tensor>& bias, const at::Tensor& skip, const at::Tensor& mean, const at::Tensor& rstd,
+    const std::optional<at::Tensor>& z_bias) {
+  const NormArgs a = check_norm_args(h, c, z, weight, bias, skip, z_bias);
   const int64_t C = a.H * a.DH;
   check_tokens(grad_y, c.sizes(), h.scalar_type(), "grad_y");
   for (const auto* stat : {&mean, &rstd})
@@ -218,16 +231,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   auto grad_h = at::empty_like(h);
   auto grad_c = at::empty({a.B, a.Tn, C}, h.options());
   auto grad_z = at::empty_like(grad_c);
-  auto sums = at::empty({3, C}, h.options().dtype(at::kFloat));
+  auto sums = at::empty({4, C}, h.options().dtype(at::kFloat));
   with_dtype(h.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     gated_norm_bwd<T>(tokens_of<const T>(grad_y), tokens_of<const T>(h.view({a.B, a.Tn, -1})), tokens_of<const T>(c),
                       tokens_of<const T>(z), a.scale.data_ptr<float>(), a.bias.data_ptr<float>(),
-                      a.skip.data_ptr<float>(), mean.data_ptr<float>(), rstd.data_ptr<float>(),
+                      a.skip.data_ptr<float>(), a.z_bias_data(), mean.data_ptr<float>(), rstd.data_ptr<float>(),
                       tokens_of<T>(grad_h.view({a.B, a.Tn, -1})), tokens_of<T>(grad_c), tokens_of<T>(grad_z),
                       sums.data_ptr<float>(), a.B, a.Tn, a.H, a.DH);
   });
-  return {grad_h, grad_c, grad_z, sums[0], sums[1], sums[2]};
+  return {grad_h, grad_c, grad_z, sums[0], sums[1], sums[2], sums[3]};
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -794,9 +807,10 @@ void add_reversed(const std::optional<at::Tensor>& x, const at::Tensor& y, at::T
 
 TORCH_LIBRARY_FRAGMENT(vision_lstm_cpu, m) {
   m.def("gated_norm_forward(Tensor h, Tensor c, Tensor z, Tensor weight, Tensor? bias, Tensor skip, float eps, "
-        "Tensor(a!) out) -> (Tensor, Tensor)");
+        "Tensor(a!) out, Tensor? z_bias=None) -> (Tensor, Tensor)");
   m.def("gated_norm_backward(Tensor grad_y, Tensor h, Tensor c, Tensor z, Tensor weight, Tensor? bias, Tensor skip, "
-        "Tensor mean, Tensor rstd) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+        "Tensor mean, Tensor rstd, Tensor? z_bias=None) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, "
+        "Tensor)");
   m.def("conv_silu_forward(Tensor x, int height, int width, Tensor weight, Tensor? bias, Tensor(a!) out, "
         "Tensor? gate_w=None) -> Tensor");
   m.def("conv_silu_backward(Tensor grad_out, Tensor x, int height, int width, Tensor weight, Tensor? bias) "
