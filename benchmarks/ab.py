@@ -46,11 +46,16 @@ torch.set_num_threads(THREADS); torch.manual_seed(0)
 low = PRECISION == "bf16"
 
 
+def throughput_module():
+    import throughput  # (it puts the working tree's src/ first on sys.path: put this side's back in front)
+    sys.path.insert(0, SRC)
+    throughput.load_recipe_configs()
+    return throughput
+
+
 def make_step():
     if WHAT != "cell":  # throughput.py's step, on the fast path
-        import throughput  # (it puts the working tree's src/ first on sys.path: put this side's back in front)
-        sys.path.insert(0, SRC)
-        throughput.load_recipe_configs()
+        throughput = throughput_module()
         return throughput.make_step(argparse.Namespace(
             config=throughput.resolve_config(WHAT), path="fast", official=None, kernel=None, device="cpu", batch=128,
             precision=PRECISION, mode=MODE))
@@ -81,9 +86,7 @@ if WHAT == "cell":
         t = time.perf_counter(); step(); times.append(time.perf_counter() - t)
     value = statistics.median(times) * 1e3
 else:  # throughput.py's own training-step measurement, on the fast path
-    import throughput
-    sys.path.insert(0, SRC)
-    throughput.load_recipe_configs()
+    throughput = throughput_module()
     value = throughput.worker_model(argparse.Namespace(
         config=throughput.resolve_config(WHAT), path="fast", official=None, kernel=None, device="cpu", batch=128,
         precision=PRECISION, mode=MODE, warmup=2, seconds=SECONDS, min_steps=3, max_steps=10 ** 9))["img_per_s"]

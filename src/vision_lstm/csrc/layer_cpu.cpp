@@ -209,8 +209,7 @@ std::tuple<at::Tensor, at::Tensor> gated_norm_forward(const at::Tensor& h, const
     gated_norm_fwd<T>(tokens_of<const T>(h.view({a.B, a.Tn, -1})), tokens_of<const T>(c), tokens_of<const T>(z),
                       a.scale.data_ptr<float>(), a.bias.data_ptr<float>(), a.skip.data_ptr<float>(),
                       a.z_bias_data(), static_cast<float>(eps), tokens_of<T>(out), mean.data_ptr<float>(),
-                      rstd.data_ptr<float>(),
-                      a.B, a.Tn, a.H, a.DH);
+                      rstd.data_ptr<float>(), a.B, a.Tn, a.H, a.DH);
   });
   return {mean, rstd};
 }
