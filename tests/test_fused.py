@@ -488,6 +488,61 @@ def test_fp32_projected_backward_can_take_the_projections_backward(kernels, T, D
                                                 normaliser, scale, eps, grad_c[:, :-1], grad_x_m)
 
 
+@pytest.mark.parametrize("T,DH,bs,with_bias", [(1, 2, 1, True), (17, 34, 2, False), (64, 96, 4, True),
+                                               (33, 64, 8, True), (5, 16, 16, False)])
+def test_bf16_projected_backward_can_take_the_projections_backward(kernels, T, DH, bs, with_bias):
+    """backward_bf16_projected_sources (under bf16: the cell's backward that also takes the q, k, v projections'
+    backward from each slice's fp32 dQ, dK, dV in cache) against backward_bf16_projected's q, k, v gradients (those
+    sums rounded to bf16) put through the dense block-diagonal products in float64: c's gradient
+    Wq^T dq + Wk^T dk, x_m's Wv^T dv, the weights' per-block outer sums and the biases' column sums, within the
+    two bf16 roundings that separate them (dq's there, the result's here); the gate sums are the same bits. Both
+    forms of the products where the CPU has them."""
+    if not fused.has_bf16_scores():
+        pytest.skip("this CPU has no AVX512-BF16: the cell's backward runs as separate products")
+    B, H = 3, 3
+    C = H * DH
+    c, x_m, grad_h, weights, biases, a, row_max, m = _fp32_projected_inputs(B, H, T, DH, bs, with_bias,
+                                                                             T + DH + bs + 4)
+    c, x_m, grad_h = c.bfloat16(), x_m.bfloat16(), grad_h.bfloat16()
+    projections = [weights[0], biases[0], weights[1], biases[1], weights[2], biases[2]]
+    scale, eps = DH ** -0.5, 1e-6
+    dense = [_block_dense(w) for w in weights]
+    rows_c, rows_x = c.double().view(-1, C), x_m.double().view(-1, C)
+    for tiles in ([True, False] if fused.has_tile_scores() else [False]):
+        weights_c = torch.empty(B, H, T, T, dtype=torch.bfloat16)
+        h = torch.empty(B, T, H, DH, dtype=torch.bfloat16).transpose(1, 2)
+        row_sum, normaliser = kernels.forward_bf16_projected(c, x_m, H, *projections, a, row_max, m, scale, eps, h,
+                                                             tiles, weights_c)
+        head_grads = [torch.empty(B, H, T, DH, dtype=torch.bfloat16) for _ in range(3)]
+        want_sums = kernels.backward_bf16_projected(c, x_m, H, *projections, grad_h, h, weights_c, a, row_max, m,
+                                                    row_sum, normaliser, scale, eps, *head_grads, tiles)
+        grad_c, grad_x_m = (torch.full((B, T, C), float("nan"), dtype=torch.bfloat16) for _ in range(2))
+        got = kernels.backward_bf16_projected_sources(c, x_m, H, *projections, grad_h, h, weights_c, a, row_max, m,
+                                                      row_sum, normaliser, scale, eps, grad_c, grad_x_m, tiles)
+        assert len(got) == 9
+        for x, y in zip(got[:3], want_sums):
+            assert torch.equal(x, y)
+        dq, dk, dv = (t.transpose(1, 2).reshape(-1, C).double() for t in head_grads)
+        for got_x, want_x, bound in ((grad_c, dq @ dense[0] + dk @ dense[1], dq.abs() @ dense[0].abs()
+                                      + dk.abs() @ dense[1].abs()),
+                                     (grad_x_m, dv @ dense[2], dv.abs() @ dense[2].abs())):
+            assert not got_x.isnan().any()
+            # (each rounding to bf16 is within 2^-8 of its value: 2^-7 for the two, and a margin for the fp32 sums)
+            assert ((got_x.view(-1, C).double() - want_x).abs() <= 2 ** -6 * bound + 1e-30).all(), tiles
+        for p, (grad, source) in enumerate(((dq, rows_c), (dk, rows_c), (dv, rows_x))):
+            grad_w, grad_b = got[3 + 2 * p], got[4 + 2 * p]
+            assert grad_w.dtype == grad_b.dtype == torch.float32
+            assert grad_w.shape == (C // bs, bs, bs) and grad_b.shape == (C,)
+            blocks = (grad.view(-1, C // bs, bs), source.view(-1, C // bs, bs))
+            want_w = torch.einsum("nbo,nbi->boi", *blocks)
+            bound_w = torch.einsum("nbo,nbi->boi", *(t.abs() for t in blocks))
+            assert ((grad_w.double() - want_w).abs() <= 2 ** -7 * bound_w + 1e-30).all(), tiles
+            assert ((grad_b.double() - grad.sum(0)).abs() <= 2 ** -7 * grad.abs().sum(0) + 1e-30).all(), tiles
+    with pytest.raises(RuntimeError, match="grad_x_m must be a contiguous bfloat16 tensor of c's shape"):
+        kernels.backward_bf16_projected_sources(c, x_m, H, *projections, grad_h, h, weights_c, a, row_max, m,
+                                                row_sum, normaliser, scale, eps, grad_c, grad_x_m.float())
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_projected_kernels_reject_bad_input(kernels, dtype):
     # forward_fp32_projected and forward_bf16_projected (and backward_fp32_projected) share their checks

@@ -366,11 +366,13 @@ def test_training_computes_q_k_v_inside_the_cells_kernels(monkeypatch, precision
     # With the CPU kernels, in fp32 or under bf16 autocast (on a CPU with AVX512-BF16), the cell's whole-forward and
     # whole-backward kernels compute q, k, v from c and x_m themselves (forward_*_projected, backward_*_projected):
     # the projections never write them out (no block_diag_mm for them, forward or backward; rebuild is not called).
-    # In fp32 the backward kernel also takes the projections' backward (backward_fp32_projected_sources: no
-    # block_diag_mm or block_diag_outer at all) and the conv's backward sums c's and x_m's gradients: the same
-    # values as the routes that write q, k, v out, within fp32 rounding (the sums run in another order). Under bf16
-    # autocast every output and gradient is the bits of those routes: the projections in forward and the backward
-    # kernel computing them again, or the projections in forward and again for backward (rebuild). A 4 x 6 grid.
+    # The backward kernel also takes the projections' backward (backward_fp32_projected_sources,
+    # backward_bf16_projected_sources: no block_diag_mm or block_diag_outer at all) and the conv's backward sums
+    # c's and x_m's gradients: the same values as the routes that write q, k, v out, within fp32 rounding (the sums
+    # run in another order) or, under bf16 autocast, within bf16 rounding (those routes round q's, k's and v's
+    # gradients to bf16 before the projections' backward; the kernel sums them in fp32), with the forward's output
+    # the same bits. Those two routes (the projections in forward and the backward kernel computing them again, or
+    # the projections in forward and again for backward: rebuild) give each other's bits. A 4 x 6 grid.
     from torch.utils._python_dispatch import TorchDispatchMode
     from vision_lstm import fused
     if fused.ops() is None:
@@ -407,26 +409,27 @@ def test_training_computes_q_k_v_inside_the_cells_kernels(monkeypatch, precision
         return [y, x.grad] + [p.grad.clone() for p in layer.parameters()], CountProjections.calls, len(rebuilds)
 
     def same(got, want):
-        if precision == "bf16":
-            return all(torch.equal(a, b) for a, b in zip(got, want))
-        return all(torch.allclose(a, b, rtol=0, atol=1e-6 * b.abs().max().item()) for a, b in zip(got, want))
+        tolerance = 2 ** -6 if precision == "bf16" else 1e-6
+        return all(torch.allclose(a.float(), b.float(), rtol=0, atol=tolerance * b.abs().max().item())
+                   for a, b in zip(got, want))
 
     got, projections, rebuilt = run()
     assert (projections, rebuilt) == (0, 0)
-    taken_inside = {"backward_fp32_projected_sources", "conv_silu_backward_summed"}
-    if precision == "fp32":
-        assert taken_inside <= set(CountProjections.ops)
-        assert not {"block_diag_mm", "block_diag_outer", "conv_silu_backward"} & set(CountProjections.ops)
+    sources_backward = f"backward_{precision}_projected_sources"
+    taken_inside = {sources_backward, "conv_silu_backward_summed"}
+    assert taken_inside <= set(CountProjections.ops)
+    assert not {"block_diag_mm", "block_diag_outer", "conv_silu_backward"} & set(CountProjections.ops)
     monkeypatch.setattr(layers, "projected_training_applies", lambda *a: False)  # q, k, v written in forward
     want, projections, rebuilt = run()
     assert (projections, rebuilt) == (3, 0)
     assert not taken_inside & set(CountProjections.ops)
     assert same(got, want)
-    assert not all(torch.equal(a, b) for a, b in zip(got, want)) or precision == "bf16"  # (fp32: another order)
+    assert torch.equal(got[0], want[0])  # the forward's output: the same bits
+    assert not all(torch.equal(a, b) for a, b in zip(got, want))  # (the gradients: another order, other roundings)
     monkeypatch.setattr(layers, "ProjectedSources", lambda *a: None)  # and no sources for backward: rebuild
-    want, projections, rebuilt = run()
+    again, projections, rebuilt = run()
     assert (projections, rebuilt) == (6, 1)
-    assert same(got, want)
+    assert all(torch.equal(a, b) for a, b in zip(again, want))
 
 
 @pytest.mark.parametrize("autocast", [False, True])
@@ -821,9 +824,10 @@ def test_fast_path_keeps_less_for_backward_than_the_plain_path(autocast):
 @pytest.mark.parametrize("autocast", [False, True])
 def test_cell_rebuilds_q_k_v_in_backward_instead_of_keeping_them(monkeypatch, autocast):
     # The layer hands the parallel cell a callable that recomputes q, k, v from c and x_m (kept anyway): the same
-    # gradients (bit for bit under bf16 autocast; in fp32 within fp32 rounding, as the cell's backward kernel then
-    # also takes the projections' backward, summing in another order), and exactly three (B, H, T, DH) tensors per
-    # layer fewer kept from forward to backward.
+    # gradients (within fp32 rounding, as the cell's backward kernel then also takes the projections' backward,
+    # summing in another order; under bf16 autocast within bf16 rounding, as that kernel sums the projections'
+    # gradients from fp32 dq, dk, dv where the route without rebuild rounds them to bf16 first), and exactly three
+    # (B, H, T, DH) tensors per layer fewer kept from forward to backward.
     from vision_lstm import layers
     torch.manual_seed(0)
     model = create_model("vil_tiny", dim=32, depth=2, img_size=16, patch_size=4, num_classes=5)
@@ -845,10 +849,10 @@ def test_cell_rebuilds_q_k_v_in_backward_instead_of_keeping_them(monkeypatch, au
     monkeypatch.setattr(layers, "mlstm", lambda *args, rebuild=None, sources=None, **kwargs: keep_all(*args, **kwargs))
     kept, kept_bytes = run(), _unique_saved_bytes(model, x, autocast)
     for name in kept:
-        if autocast:
-            assert torch.equal(rebuilt[name], kept[name]), name
-        else:
-            torch.testing.assert_close(rebuilt[name], kept[name], rtol=0, atol=1e-5 * kept[name].abs().max().item())
+        # (bf16: 1.7 % of the largest gradient at most for this model; against the gradients in fp32, the rebuilt
+        # route's errors are the smaller: 1.05 % against 1.09 % of all the gradients' norm, session 42)
+        tolerance = 2 ** -5 if autocast else 1e-5
+        torch.testing.assert_close(rebuilt[name], kept[name], rtol=0, atol=tolerance * kept[name].abs().max().item())
     n_layers, tokens, inner = 4, 16, 64  # depth 2 = two pairs of layers; 4x4 patches; expansion 2
     assert kept_bytes - rebuilt_bytes == n_layers * 3 * x.shape[0] * tokens * inner * (2 if autocast else 4)
 

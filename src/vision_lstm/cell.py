@@ -40,8 +40,9 @@ class ProjectedSources(NamedTuple):
     # q, k, v given to the cell are placeholders (their shape only, never read): the cell computes them from these
     # in forward too (forward_bf16_projected, where :func:`projected_training_applies`), else calls rebuild for them
     placeholders: bool = False
-    # A dict the caller made for this forward, or None. Given, the fp32 whole backward also takes the projections'
-    # backward where it applies (``backward_fp32_projected_sources``): the gradients it returns for q and v are then
+    # A dict the caller made for this forward, or None. Given, the whole backward also takes the projections'
+    # backward where it applies (``backward_fp32_projected_sources``, ``backward_bf16_projected_sources``; weight
+    # and bias gradients in fp32, c's and x_m's in their dtype): the gradients it returns for q and v are then
     # c's gradient through q and k (Wq^T dq + Wk^T dk) and x_m's through v (Wv^T dv), as (B, H, T, DH) views of
     # (B, T, H * DH) memory, none for k, and it puts the projections' weight and bias gradients (fp32: wq, bq, wk,
     # bk, wv, bv) under "projection_grads" here, for the caller's backward that receives those two gradients (it
@@ -293,10 +294,12 @@ class _ParallelMLSTM(torch.autograd.Function):
                 and sources.c.is_contiguous() and sources.x_m.is_contiguous():
             ctx.rebuild = None
             (wq, bq), (wk, bk), (wv, bv) = sources.projections
-            if fp32 and sources.outbox is not None:  # the projections' backward too (see ProjectedSources.outbox)
+            if sources.outbox is not None:  # the projections' backward too (see ProjectedSources.outbox)
                 B, T, C = sources.c.shape
-                grad_c, grad_x_m = (torch.empty(B, T, C) for _ in range(2))
-                out = kernels.backward_fp32_projected_sources(
+                grad_c, grad_x_m = (torch.empty(B, T, C, dtype=sources.c.dtype) for _ in range(2))
+                with_sources = (kernels.backward_fp32_projected_sources if fp32 else
+                                kernels.backward_bf16_projected_sources)
+                out = with_sources(
                     sources.c, sources.x_m, sources.num_heads, wq, bq, wk, bk, wv, bv, grad_h, h, weights, a,
                     running_max, m.squeeze(-1), row_sum.squeeze(-1), normaliser.squeeze(-1), ctx.scale, ctx.eps,
                     grad_c, grad_x_m)

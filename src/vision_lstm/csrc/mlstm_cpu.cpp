@@ -635,9 +635,9 @@ struct Projections {
 // tables_t[j] is W_j^T's table at that channel. The same arithmetic as block_diag_mm's sum of the two products and
 // block_diag_outer's sums, taken while the slice is in cache. Per vector of channels, all T rows: the tables stay in
 // registers, and NIN (BS + 1) accumulators.
-template <int BS, int NIN, int... S>
-inline void source_grads_slice(const float* const* g, int64_t ld, const float* x, int64_t x_stride,
-                               const float* const* tables_t, int64_t C, float* out, int64_t out_stride,
+template <int BS, int NIN, typename E, int... S>
+inline void source_grads_slice(const float* const* g, int64_t ld, const E* x, int64_t x_stride,
+                               const float* const* tables_t, int64_t C, E* out, int64_t out_stride,
                                float* const* sums, int64_t T, int64_t DH, std::integer_sequence<int, S...>) {
   for_vectors(DH, [&](int64_t d0, int64_t count) {
     vfloat w[NIN][BS], acc[NIN][BS] = {}, col[NIN] = {};
@@ -662,20 +662,23 @@ inline void source_grads_slice(const float* const* g, int64_t ld, const float* x
   });
 }
 
-// The sources' gradients for backward_fp32_projected_sources: rather than writing q's, k's and v's gradients for
-// the projections' passes to read back (block_diag_mm for c's and x_m's gradients, block_diag_outer three times for
-// the weights'), the cell's backward takes them from each slice's dQ, dK, dV while those are in cache: c's gradient
-// through q and k, x_m's through v (token-major (B, T, C) fp32, the head's channels of each row), and the weight
-// and bias sums in per-thread tables.
+// The sources' gradients for backward_fp32_projected_sources and backward_bf16_projected_sources: rather than
+// writing q's, k's and v's gradients for the projections' passes to read back (block_diag_mm for c's and x_m's
+// gradients, block_diag_outer three times for the weights'), the cell's backward takes them from each slice's dQ,
+// dK, dV (fp32 sums) while those are in cache: c's gradient through q and k, x_m's through v (token-major (B, T, C)
+// in the sources' dtype, the head's channels of each row, each element rounded once), and the weight and bias sums
+// in per-thread fp32 tables.
 struct SourceGrads {
-  float *grad_c, *grad_x_m;
+  void *grad_c, *grad_x_m;  // (float or at::BFloat16, the sources' dtype)
   int64_t T, C, bs, threads;
   std::vector<float> tables_t[3];  // W^T's tables (blockdiag.h) for q, k, v
   std::vector<float> partial;      // per thread: 3 tables of bs + 1 rows of C
 
   // x's gradient through NIN of the products (p: 0 q, 1 k, 2 v; NIN = 2: q and k, from c) for slice (b, channel):
-  // g their gradients' T rows, ld apart; x the source's rows, x_stride apart; out the gradient's (B, T, C) memory
-  void slice(int nin, const int* p, const float* const* g, int64_t ld, const float* x, int64_t x_stride, float* out,
+  // g their gradients' T rows (fp32), ld apart; x the source's rows, x_stride apart; out the gradient's (B, T, C)
+  // memory, in x's dtype E
+  template <typename E>
+  void slice(int nin, const int* p, const float* const* g, int64_t ld, const E* x, int64_t x_stride, void* out,
              int64_t b, int64_t channel, int64_t DH) {
     float* mine = partial.data() + at::get_thread_num() * 3 * (bs + 1) * C;
     const float* tables[2];
@@ -684,7 +687,7 @@ struct SourceGrads {
       tables[j] = tables_t[p[j]].data() + channel;
       sums[j] = mine + p[j] * (bs + 1) * C + channel;
     }
-    float* rows = out + b * T * C + channel;
+    E* rows = static_cast<E*>(out) + b * T * C + channel;
     with_block_size(bs, [&](auto block) {
       constexpr int BS = decltype(block)::value;
       if (nin == 2)
@@ -692,6 +695,24 @@ struct SourceGrads {
       else
         source_grads_slice<BS, 1>(g, ld, x, x_stride, tables, C, rows, C, sums, T, DH, Shifts<BS>{});
     });
+  }
+
+  // x_m's gradient through v from slice (b, head)'s dV (T rows of fp32 sums, ld apart), and v's weight sums; x_m's
+  // rows x_stride apart
+  template <typename E>
+  void through_v(const float* dv, int64_t ld, const E* x_m, int64_t x_stride, int64_t b, int64_t head, int64_t DH) {
+    const int p[1] = {2};
+    const float* g[1] = {dv};
+    slice(1, p, g, ld, x_m, x_stride, grad_x_m, b, head * DH, DH);
+  }
+
+  // c's gradient through q and k from the slice's dQ and dK (as dV above), and their weight sums
+  template <typename E>
+  void through_q_k(const float* dq, const float* dk, int64_t ld, const E* c, int64_t c_stride, int64_t b,
+                   int64_t head, int64_t DH) {
+    const int p[2] = {0, 1};
+    const float* g[2] = {dq, dk};
+    slice(2, p, g, ld, c, c_stride, grad_c, b, head * DH, DH);
   }
 };
 
@@ -872,12 +893,15 @@ inline void transpose_bf16(const at::BFloat16* x, int64_t x_ld, int64_t rows, in
 // and each slice's q, k, v are computed into a per-thread buffer first. Like forward_whole_bf16 it asks for the
 // next slice's rows of q (or c), v (or x_m), dh and h while it computes (in a ViL-T training step on the AMX host,
 // ad hoc: 5.65-5.79 against 5.89-6.08 ms per call without; into L2 only, 5.77-5.88).
+// With `source_grads` (and projections) it also takes the projections' backward, as backward_whole_f32 does: from
+// each slice's dV, and dQ with dK, in fp32 while they are in cache, x_m's and c's gradients (bf16, rounded once)
+// and the weights' sums; dq, dk, dv are not written.
 void backward_whole_bf16(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& grad_h,
                          const at::Tensor& h, const at::BFloat16* weights, const float* a, const float* row_max,
                          const float* m, const float* row_sum, const float* normaliser, float scale, float eps,
                          const at::Tensor& grad_q, const at::Tensor& grad_k, const at::Tensor& grad_v,
                          float* grad_m, float* row_sums, float* col_sums, bool tiles,
-                         const Projections* projections = nullptr) {
+                         const Projections* projections = nullptr, SourceGrads* source_grads = nullptr) {
   const int64_t B = q.size(0), H = q.size(1), T = q.size(2), DH = q.size(3);
   const int64_t pairs = DH / 2, token_pairs = (T + 1) / 2, tp = 2 * token_pairs;
   const int64_t blocks = (T + kLanes - 1) / kLanes, padded = blocks * kLanes;
@@ -895,6 +919,7 @@ void backward_whole_bf16(const at::Tensor& q, const at::Tensor& k, const at::Ten
     std::vector<at::BFloat16> lhs(T * tp, at::BFloat16(0.0f));  // C^T, then dS^T: A of dV, dK (rows tp apart)
     std::vector<at::BFloat16> ds(T * tp, at::BFloat16(0.0f));   // dS: A of dQ
     std::vector<float> g(T * padded), out(T * dhp), grad_row_sum(T);
+    std::vector<float> dq(source_grads ? T * dhp : 0);  // (with source_grads: dQ, kept for c's gradient with dK's)
     std::vector<vfloat> cols(blocks);
     std::vector<at::BFloat16> projected(projections ? 3 * T * DH : 0);  // q, k, v of the slice, rows DH apart
     // out (T x DH fp32 sums) rounded once into a slice of a gradient
@@ -905,13 +930,13 @@ void backward_whole_bf16(const at::Tensor& q, const at::Tensor& k, const at::Ten
         });
       }
     };
-    // out = A (T x tp, rows tp apart; lower or upper triangular) B (pairs of rows)
-    auto product = [&](const at::BFloat16* lhs_rows, bool upper, const uint32_t* rhs) {
+    // dst (T x DH fp32 sums, rows dhp apart) = A (T x tp, rows tp apart; lower or upper triangular) B (pairs of rows)
+    auto product = [&](const at::BFloat16* lhs_rows, bool upper, const uint32_t* rhs, float* dst) {
       if (tiles) {
         at::native::cpublas::brgemm(T, DH, tp, tp, DH, DH, false, lhs_rows, reinterpret_cast<const at::BFloat16*>(rhs),
-                                    out.data(), true);
+                                    dst, true);
       } else {
-        triangle_dots(lhs_rows, tp, T, upper, rhs, dhp, out.data());
+        triangle_dots(lhs_rows, tp, T, upper, rhs, dhp, dst);
       }
     };
     for (int64_t i = begin; i < end; ++i) {
@@ -945,8 +970,12 @@ void backward_whole_bf16(const at::Tensor& q, const at::Tensor& k, const at::Ten
       // dV = C^T dN
       pack_row_pairs(dn.data(), DH, T, DH, dn_pairs.data(), dhp);
       transpose_bf16(c_i, T, T, T, lhs.data(), tp);
-      product(lhs.data(), true, dn_pairs.data());
-      store_rows(rdv.slice(b, hh), rdv.s2);
+      product(lhs.data(), true, dn_pairs.data(), out.data());
+      if (source_grads) {  // x_m's gradient through v, and v's weight sums
+        source_grads->through_v(out.data(), dhp, rv.slice(b, hh), rv.s2, b, hh, DH);
+      } else {
+        store_rows(rdv.slice(b, hh), rdv.s2);
+      }
       // G = dN v^T (fp32; on the dot products only the blocks up to the diagonal)
       pack_k_pairs(v_i, v_rows, T, pairs, padded, v_cols.data());
       if (tiles) {
@@ -966,13 +995,17 @@ void backward_whole_bf16(const at::Tensor& q, const at::Tensor& k, const at::Ten
       }
       // dQ = dS k
       pack_row_pairs(k_i, k_rows, T, DH, x_pairs.data(), dhp);
-      product(ds.data(), false, x_pairs.data());
-      store_rows(rdq.slice(b, hh), rdq.s2);
+      product(ds.data(), false, x_pairs.data(), source_grads ? dq.data() : out.data());
+      if (!source_grads) store_rows(rdq.slice(b, hh), rdq.s2);
       // dK = dS^T q
       transpose_bf16(ds.data(), tp, T, T, lhs.data(), tp);
       pack_row_pairs(q_i, q_rows, T, DH, x_pairs.data(), dhp);
-      product(lhs.data(), true, x_pairs.data());
-      store_rows(rdk.slice(b, hh), rdk.s2);
+      product(lhs.data(), true, x_pairs.data(), out.data());
+      if (source_grads) {  // c's gradient through q and k, and their weight sums
+        source_grads->through_q_k(dq.data(), out.data(), dhp, rq.slice(b, hh), rq.s2, b, hh, DH);
+      } else {
+        store_rows(rdk.slice(b, hh), rdk.s2);
+      }
     }
     if (tiles) at::native::cpublas::brgemm_release(true);
   });
@@ -1198,9 +1231,7 @@ void backward_whole_f32(const at::Tensor& q, const at::Tensor& k, const at::Tens
       copy_rows(weights + i * T * T, T, T, T, c.data(), Tc);
       fma_rows(c.data(), 1, Tc, dn.data(), Dc, Tr, out.data(), Dc, Span::kFromDiagonal, T, Dc / kLanes, false);
       if (source_grads) {  // x_m's gradient through v, and v's weight sums
-        const int p[1] = {2};
-        const float* g[1] = {out.data()};
-        source_grads->slice(1, p, g, Dc, rv.slice(b, hh), rv.s2, source_grads->grad_x_m, b, hh * DH, DH);
+        source_grads->through_v(out.data(), Dc, rv.slice(b, hh), rv.s2, b, hh, DH);
       } else {
         store_rows(rdv.slice(b, hh), rdv.s2);
       }
@@ -1239,9 +1270,7 @@ void backward_whole_f32(const at::Tensor& q, const at::Tensor& k, const at::Tens
       }
       fma_rows(ds.data(), 1, Tc, xp.data(), Dc, Tr, out.data(), Dc, Span::kFromDiagonal, T, Dc / kLanes, false);
       if (source_grads) {  // c's gradient through q and k, and their weight sums
-        const int p[2] = {0, 1};
-        const float* g[2] = {dq.data(), out.data()};
-        source_grads->slice(2, p, g, Dc, rq.slice(b, hh), rq.s2, source_grads->grad_c, b, hh * DH, DH);
+        source_grads->through_q_k(dq.data(), out.data(), Dc, rq.slice(b, hh), rq.s2, b, hh, DH);
       } else {
         store_rows(rdk.slice(b, hh), rdk.s2);
       }
@@ -1303,7 +1332,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_bf16_impl(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& grad_h, const at::Tensor& h,
     const at::Tensor& weights, const at::Tensor& a, const at::Tensor& row_max, const at::Tensor& m,
     const at::Tensor& row_sum, const at::Tensor& normaliser, double scale, double eps, const at::Tensor& grad_q,
-    const at::Tensor& grad_k, const at::Tensor& grad_v, bool tiles, const Projections* projections) {
+    const at::Tensor& grad_k, const at::Tensor& grad_v, bool tiles, const Projections* projections,
+    SourceGrads* source_grads = nullptr) {
   check_rows(q, q, "q");
   const std::pair<const at::Tensor*, const char*> rows[] = {{&k, "k"}, {&v, "v"}, {&grad_h, "grad_h"}, {&h, "h"},
                                                             {&grad_q, "grad_q"}, {&grad_k, "grad_k"},
@@ -1322,7 +1352,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_bf16_impl(
                       row_max.data_ptr<float>(), m.data_ptr<float>(), row_sum.data_ptr<float>(),
                       normaliser.data_ptr<float>(), static_cast<float>(scale), static_cast<float>(eps), grad_q, grad_k,
                       grad_v, grad_m.data_ptr<float>(), row_sums.data_ptr<float>(), col_sums.data_ptr<float>(),
-                      tiles && can_use_tiles(), projections);
+                      tiles && can_use_tiles(), projections, source_grads);
 #endif
   return {grad_m, row_sums, col_sums};
 }
@@ -1571,6 +1601,37 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_fp32_projected(
                             grad_v, &projections);
 }
 
+// The projections' backward for backward_*_projected_sources: checks grad_c, grad_x_m ((B, T, C) contiguous in
+// c's dtype), runs `backward` (the cell's whole backward with the SourceGrads it is given; returns its three sums)
+// and returns those sums, then the weights' gradients (C / bs, bs, bs) and the biases' (C,) for q, k and v, fp32.
+template <typename Backward>
+std::vector<at::Tensor> with_source_grads(const at::Tensor& c, const Projections& projections, const at::Tensor& wq,
+                                          const at::Tensor& wk, const at::Tensor& wv, at::Tensor& grad_c,
+                                          at::Tensor& grad_x_m, Backward backward) {
+  const char* name = c.scalar_type() == at::kBFloat16 ? "bfloat16" : "float32";
+  for (const auto& [x, what] : {std::pair{&grad_c, "grad_c"}, std::pair{&grad_x_m, "grad_x_m"}}) {
+    TORCH_CHECK(x->sizes() == c.sizes() && x->scalar_type() == c.scalar_type() && x->is_contiguous(), what,
+                " must be a contiguous ", name, " tensor of c's shape ", c.sizes(), ", got ", x->sizes(), " ",
+                x->scalar_type());
+  }
+  const int64_t C = c.size(2), bs = projections.bs;
+  SourceGrads sources{grad_c.data_ptr(), grad_x_m.data_ptr(), c.size(1), C, bs, at::get_num_threads()};
+  const at::Tensor* ws[3] = {&wq, &wk, &wv};
+  for (int p = 0; p < 3; ++p) sources.tables_t[p] = weight_table(ws[p]->transpose(1, 2));
+  sources.partial.assign(sources.threads * 3 * (bs + 1) * C, 0.0f);
+  auto [grad_m, row_sums, col_sums] = backward(&sources);
+  std::vector<float> table(3 * (bs + 1) * C);
+  sum_partials(sources.partial, sources.threads, 3 * (bs + 1) * C, table.data());
+  std::vector<at::Tensor> out{grad_m, row_sums, col_sums};
+  const auto options = c.options().dtype(at::kFloat);
+  for (int p = 0; p < 3; ++p) {
+    const float* t = table.data() + p * (bs + 1) * C;
+    out.push_back(weight_from_table(t, C, bs, options));
+    out.push_back(at::from_blob(const_cast<float*>(t + bs * C), {C}, options).clone());
+  }
+  return out;
+}
+
 // backward_fp32_projected that also takes the projections' backward (SourceGrads): instead of q's, k's and v's
 // gradients it writes c's gradient through q and k, grad_c = Wq^T dq + Wk^T dk, and x_m's through v,
 // grad_x_m = Wv^T dv ((B, T, C) float32 contiguous, every element written), and returns, after backward_fp32's
@@ -1585,30 +1646,34 @@ std::vector<at::Tensor> backward_fp32_projected_sources(
     const at::Tensor& row_sum, const at::Tensor& normaliser, double scale, double eps, at::Tensor grad_c,
     at::Tensor grad_x_m) {
   const Projections projections = make_projections(c, x_m, num_heads, wq, bq, wk, bk, wv, bv, at::kFloat);
-  for (const auto& [x, what] : {std::pair{&grad_c, "grad_c"}, std::pair{&grad_x_m, "grad_x_m"}}) {
-    TORCH_CHECK(x->sizes() == c.sizes() && x->scalar_type() == at::kFloat && x->is_contiguous(), what,
-                " must be a contiguous float32 tensor of c's shape ", c.sizes(), ", got ", x->sizes(), " ",
-                x->scalar_type());
-  }
-  const int64_t C = c.size(2), bs = projections.bs;
-  SourceGrads sources{grad_c.data_ptr<float>(), grad_x_m.data_ptr<float>(), c.size(1), C, bs,
-                      at::get_num_threads()};
-  const at::Tensor* ws[3] = {&wq, &wk, &wv};
-  for (int p = 0; p < 3; ++p) sources.tables_t[p] = weight_table(ws[p]->transpose(1, 2));
-  sources.partial.assign(sources.threads * 3 * (bs + 1) * C, 0.0f);
   const auto heads_c = source_heads(c, num_heads);
-  auto [grad_m, row_sums, col_sums] =
-      backward_fp32_impl(heads_c, heads_c, source_heads(x_m, num_heads), grad_h, h, weights, a, row_max, m, row_sum,
-                         normaliser, scale, eps, heads_c, heads_c, heads_c, &projections, &sources);
-  std::vector<float> table(3 * (bs + 1) * C);
-  sum_partials(sources.partial, sources.threads, 3 * (bs + 1) * C, table.data());
-  std::vector<at::Tensor> out{grad_m, row_sums, col_sums};
-  for (int p = 0; p < 3; ++p) {
-    const float* t = table.data() + p * (bs + 1) * C;
-    out.push_back(weight_from_table(t, C, bs, c.options()));
-    out.push_back(at::from_blob(const_cast<float*>(t + bs * C), {C}, c.options()).clone());
-  }
-  return out;
+  return with_source_grads(c, projections, wq, wk, wv, grad_c, grad_x_m, [&](SourceGrads* sources) {
+    return backward_fp32_impl(heads_c, heads_c, source_heads(x_m, num_heads), grad_h, h, weights, a, row_max, m,
+                              row_sum, normaliser, scale, eps, heads_c, heads_c, heads_c, &projections, sources);
+  });
+}
+
+// backward_fp32_projected_sources under bf16 (backward_bf16_projected that also takes the projections' backward):
+// c, x_m, grad_c, grad_x_m (B, T, C) bfloat16 contiguous; c's and x_m's gradients are summed in fp32 from the
+// slice's fp32 dQ, dK, dV and rounded once, where the previous route rounded dq, dk, dv to bf16 first; the
+// weights' and biases' gradients are fp32 sums. Only where has_bf16_scores(); on AMX tiles where the CPU has them
+// and `tiles`.
+std::vector<at::Tensor> backward_bf16_projected_sources(
+    const at::Tensor& c, const at::Tensor& x_m, int64_t num_heads, const at::Tensor& wq,
+    const std::optional<at::Tensor>& bq, const at::Tensor& wk, const std::optional<at::Tensor>& bk,
+    const at::Tensor& wv, const std::optional<at::Tensor>& bv, const at::Tensor& grad_h, const at::Tensor& h,
+    const at::Tensor& weights, const at::Tensor& a, const at::Tensor& row_max, const at::Tensor& m,
+    const at::Tensor& row_sum, const at::Tensor& normaliser, double scale, double eps, at::Tensor grad_c,
+    at::Tensor grad_x_m, bool tiles) {
+  TORCH_CHECK(has_bf16_scores(),
+              "backward_bf16_projected_sources needs a CPU with AVX512-BF16 (see has_bf16_scores)");
+  const Projections projections = make_projections(c, x_m, num_heads, wq, bq, wk, bk, wv, bv);
+  const auto heads_c = source_heads(c, num_heads);
+  return with_source_grads(c, projections, wq, wk, wv, grad_c, grad_x_m, [&](SourceGrads* sources) {
+    return backward_bf16_impl(heads_c, heads_c, source_heads(x_m, num_heads), grad_h, h, weights, a, row_max, m,
+                              row_sum, normaliser, scale, eps, heads_c, heads_c, heads_c, tiles, &projections,
+                              sources);
+  });
 }
 
 // q, k (B, H, T, DH) bf16, unit last stride, DH even; a, row_max (B, H, T) fp32 contiguous; weights (B, H, T, T)
@@ -1671,6 +1736,10 @@ TORCH_LIBRARY(vision_lstm_cpu, m) {
         "Tensor? bk, Tensor wv, Tensor? bv, Tensor grad_h, Tensor h, Tensor weights, Tensor a, Tensor row_max, "
         "Tensor m, Tensor row_sum, Tensor normaliser, float scale, float eps, Tensor(a!) grad_c, "
         "Tensor(b!) grad_x_m) -> Tensor[]");
+  m.def("backward_bf16_projected_sources(Tensor c, Tensor x_m, int num_heads, Tensor wq, Tensor? bq, Tensor wk, "
+        "Tensor? bk, Tensor wv, Tensor? bv, Tensor grad_h, Tensor h, Tensor weights, Tensor a, Tensor row_max, "
+        "Tensor m, Tensor row_sum, Tensor normaliser, float scale, float eps, Tensor(a!) grad_c, "
+        "Tensor(b!) grad_x_m, bool tiles=True) -> Tensor[]");
   m.def("forward_bf16_projected_gated(Tensor c, Tensor x_m, int num_heads, Tensor wq, Tensor? bq, Tensor wk, "
         "Tensor? bk, Tensor wv, Tensor? bv, Tensor a, Tensor row_max, Tensor m, float scale, float eps, Tensor z, "
         "Tensor norm_weight, Tensor? norm_bias, Tensor skip, float norm_eps, Tensor(a!) y, bool tiles=True) "
@@ -1698,6 +1767,7 @@ TORCH_LIBRARY_IMPL(vision_lstm_cpu, CPU, m) {
   m.impl("forward_fp32_projected", &forward_fp32_projected);
   m.impl("backward_fp32_projected", &backward_fp32_projected);
   m.impl("backward_fp32_projected_sources", &backward_fp32_projected_sources);
+  m.impl("backward_bf16_projected_sources", &backward_bf16_projected_sources);
   m.impl("forward_bf16_projected_gated", &forward_bf16_projected_gated);
   m.impl("forward_fp32_projected_gated", &forward_fp32_projected_gated);
 }
