@@ -390,22 +390,24 @@ void conv_silu_bwd(const T* grad_out, const T* x, const float* table, const floa
     vfloat w[K * K], w_flipped[K * K];
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / vectors, c0 = (task % vectors) * kLanes, count = std::min(kLanes, C - c0);
+      // The next image's memory, a vector's share of it per task (its tasks follow this image's in this thread),
+      // fetched in address order while this image's tasks compute: each input's image is one contiguous block, and
+      // the core's own streaming prefetch follows such a run. (Fetching the next task's column instead, a vector's
+      // T rows C apart, stalled on the core's line-fill buffers for about half of this kernel's time, session 40's
+      // profile.) The share's lines are spread over the pixel loop below, a few per pixel: issued in one burst
+      // before it, they stalled on those buffers for a sixth of this kernel's samples (session 44's profile).
+      constexpr int64_t kLine = 64 / sizeof(T);
+      const T* fetched[4] = {};
+      int64_t sources = 0, fetch_from = 0, fetch_lines = 0;
       if ((b + 1) * vectors < end) {
-        // The next image's memory, a vector's share of it per task (its tasks follow this image's in this thread),
-        // fetched in address order while this image's tasks compute: each input's image is one contiguous block,
-        // and the core's own streaming prefetch follows such a run. (Fetching the next task's column instead, a
-        // vector's T rows C apart, stalled on the core's line-fill buffers for about half of this kernel's time,
-        // session 40's profile.)
-        constexpr int64_t kLine = 64 / sizeof(T);
         const int64_t image = T_ * C, share = (image + vectors - 1) / vectors;
-        const int64_t from = (b + 1) * image + (task % vectors) * share;
-        const int64_t to = std::min((b + 1) * image + image, from + share);
-        for (const T* src : {grad_out, x, extras.more, extras.addend}) {
-          if (src == nullptr) continue;
-          for (int64_t i = from; i < to; i += kLine) __builtin_prefetch(src + i);
-        }
-        for (int64_t i = from; i < to; i += kLine) __builtin_prefetch(grad_x + i, 1);  // (written: ask to own it)
+        fetch_from = (b + 1) * image + (task % vectors) * share;
+        const int64_t to = std::min((b + 1) * image + image, fetch_from + share);
+        fetch_lines = std::max<int64_t>(0, (to - fetch_from + kLine - 1) / kLine);
+        for (const T* src : {grad_out, x, extras.more, extras.addend})
+          if (src != nullptr) fetched[sources++] = src + fetch_from;
       }
+      T* const fetched_out = fetch_lines > 0 ? grad_x + fetch_from : nullptr;  // (written: asked to own it)
       for (int i = 0; i < K * K; ++i) {
         w[i] = load(table + i * C + c0, count);
         w_flipped[K * K - 1 - i] = w[i];
@@ -422,6 +424,10 @@ void conv_silu_bwd(const T* grad_out, const T* x, const float* table, const floa
       for (int64_t y = 0; y < height; ++y)
         for (int64_t xx = 0; xx < width; ++xx) {
           const int64_t t = y * width + xx;
+          for (int64_t line = t * fetch_lines / T_; line < (t + 1) * fetch_lines / T_; ++line) {
+            for (int64_t i = 0; i < sources; ++i) __builtin_prefetch(fetched[i] + line * kLine);
+            __builtin_prefetch(fetched_out + line * kLine, 1);
+          }
           const vfloat u = taps_sum<K>(image.at(y, xx), image.row, w, bv);
           const vfloat s = sigmoid(u);
           vfloat gc = load(go + t * C, count);
