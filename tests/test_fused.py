@@ -1224,3 +1224,39 @@ def test_tensor_cache_survives_threads_and_fork(kernels):
         "s = fused.tensor_cache_stats()\n"
         "print(os.waitstatus_to_exitcode(status), s['in_use'], s['hits'] > 0)\n", full=True)
     assert done.stdout.split() == ["0", "0", "True"], done.stderr[-3000:]
+
+
+@pytest.mark.parametrize("dim,heads", [(32, 4), (48, 2)])
+def test_fold_gates_kernels_match_the_pytorch_folds(kernels, dim, heads):
+    # The layer's folded gate weights (w_g, gate_b, gate_c) from fold_gates, and every parameter's gradient through
+    # them from fold_gates_backward, against the PyTorch route of the same layer in float64; in fp32 under bf16
+    # autocast too (the folds' products must not run in bf16).
+    from vision_lstm import layers
+    torch.manual_seed(0)
+    layer = layers.ViLLayer(dim, num_heads=heads)
+    for p in layer.parameters():
+        p.data.normal_(std=0.5)
+    assert layers._fold_kernels(layer) is kernels
+    reference = layers.ViLLayer(dim, num_heads=heads).double()
+    reference.load_state_dict({k: v.double() for k, v in layer.state_dict().items()})
+    assert layers._fold_kernels(reference) is None  # (float64: the PyTorch route)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        outs = layer._folded_projections()
+    want = reference._folded_projections()
+    cotangents = [torch.randn_like(o) for o in outs]
+    got_grads = torch.autograd.grad(outs, list(layer.parameters()), cotangents, allow_unused=True)
+    want_grads = torch.autograd.grad(want, list(reference.parameters()), [c.double() for c in cotangents],
+                                     allow_unused=True)
+    for got, ref in zip(outs, want):
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+    for (name, _), got, ref in zip(layer.named_parameters(), got_grads, want_grads):
+        assert (got is None) == (ref is None), name
+        if got is not None:
+            torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item(), msg=name)
+    with pytest.raises(RuntimeError, match="fold_gates takes contiguous float32"):
+        kernels.fold_gates(*(t.double() for t in (layer.igate.weight, layer.fgate.weight, layer.q_proj.weight,
+                                                   layer.k_proj.weight, layer.v_proj.weight, layer.q_proj.bias,
+                                                   layer.k_proj.bias, layer.v_proj.bias,
+                                                   layer.proj_up.weight[:layer.inner], layer.proj_up.bias[:layer.inner],
+                                                   layer.igate.bias, layer.fgate.bias)))

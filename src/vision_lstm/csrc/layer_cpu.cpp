@@ -610,6 +610,138 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_silu_backward(const at::Tens
 }
 
 // ---------------------------------------------------------------------------------------------------------------
+// fold_gates: the layer's folded gate weights (layers.py, ViLLayer._folded_projections) from its parameters, and
+// their backward. The gates read [q, k, v] with q = Wq c + bq, k = Wk c + bk (block-diagonal W, blocks (nb, bs, bs)),
+// v = Wv x_m + bv and x_m = W_m x + b_m, so with G = [Gq, Gk, Gv] (the input and forget gates' weights, 2H rows):
+//   gate_c = Gq Wq + Gk Wk (2H, inner), gate_v = Gv Wv, w_g = gate_v W_m (2H, D),
+//   gate_b = [b_i, b_f] + G [bq, bk, bv] + gate_v b_m.
+// As PyTorch operations these were a few dozen small operations and autograd nodes a layer, every step, on the main
+// thread while the other waits; here one call each way (ViL-T's 24 layers: 7.8 -> 5.1 ms forward, 16.6 -> 10.7 ms
+// backward a step, 2 threads of an AMX Xeon, session 44), the block-diagonal folds as loops (2H x inner x bs
+// multiply-adds each), the thin products through at::mm (in fp32 under autocast too). All float32.
+
+// folded[g, j bs + i] = sum_o gw[g, j bs + o] w[j, o, i] for the rows g of gw (ld apart) and one block weight w
+inline void fold_blocks(const float* gw, int64_t ld, const float* w, int64_t rows, int64_t nb, int64_t bs,
+                        float* folded, int64_t ld_out, bool add) {
+  for (int64_t g = 0; g < rows; ++g)
+    for (int64_t j = 0; j < nb; ++j)
+      for (int64_t i = 0; i < bs; ++i) {
+        float sum = 0.0f;
+        for (int64_t o = 0; o < bs; ++o) sum += gw[g * ld + j * bs + o] * w[(j * bs + o) * bs + i];
+        folded[g * ld_out + j * bs + i] = add ? folded[g * ld_out + j * bs + i] + sum : sum;
+      }
+}
+
+void check_fold_params(const std::vector<at::Tensor>& params) {
+  for (const auto& p : params)
+    TORCH_CHECK(p.scalar_type() == at::kFloat && p.is_contiguous() && p.device().is_cpu(),
+                "fold_gates takes contiguous float32 CPU parameters, got ", p.scalar_type(), " ", p.sizes());
+}
+
+// (w_g (2H, D), gate_b (2H,), gate_c (2H, inner), gate_v (2H, inner)) from w_i, w_f (H, 3 inner), w_q, w_k, w_v
+// (nb, bs, bs), b_q, b_k, b_v, b_m (inner,), w_m (inner, D), b_i, b_f (H,)
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fold_gates(
+    const at::Tensor& w_i, const at::Tensor& w_f, const at::Tensor& w_q, const at::Tensor& w_k, const at::Tensor& w_v,
+    const at::Tensor& b_q, const at::Tensor& b_k, const at::Tensor& b_v, const at::Tensor& w_m, const at::Tensor& b_m,
+    const at::Tensor& b_i, const at::Tensor& b_f) {
+  check_fold_params({w_i, w_f, w_q, w_k, w_v, b_q, b_k, b_v, w_m, b_m, b_i, b_f});
+  // (under autocast at::mm would round its operands to bf16)
+  c10::impl::ExcludeDispatchKeyGuard fp32_products(c10::autocast_dispatch_keyset);
+  const int64_t H = w_i.size(0), G = 2 * H, nb = w_q.size(0), bs = w_q.size(1), inner = nb * bs;
+  TORCH_CHECK(w_i.sizes() == w_f.sizes() && w_i.dim() == 2 && w_i.size(1) == 3 * inner && w_m.size(0) == inner &&
+                  w_q.sizes() == w_k.sizes() && w_q.sizes() == w_v.sizes() && w_q.size(2) == bs &&
+                  b_q.numel() == inner && b_k.numel() == inner && b_v.numel() == inner && b_m.numel() == inner &&
+                  b_i.numel() == H && b_f.numel() == H,
+              "fold_gates: inconsistent shapes");
+  auto gate_c = at::empty({G, inner}, w_i.options());
+  auto gate_v = at::empty({G, inner}, w_i.options());
+  auto gate_b = at::empty({G}, w_i.options());
+  const float* gw[2] = {w_i.data_ptr<float>(), w_f.data_ptr<float>()};
+  const float* bias[3] = {b_q.data_ptr<float>(), b_k.data_ptr<float>(), b_v.data_ptr<float>()};
+  const float* b_if[2] = {b_i.data_ptr<float>(), b_f.data_ptr<float>()};
+  for (int half = 0; half < 2; ++half) {  // the input gates' rows, then the forget gates'
+    float* c = gate_c.data_ptr<float>() + half * H * inner;
+    float* v = gate_v.data_ptr<float>() + half * H * inner;
+    fold_blocks(gw[half], 3 * inner, w_q.data_ptr<float>(), H, nb, bs, c, inner, false);
+    fold_blocks(gw[half] + inner, 3 * inner, w_k.data_ptr<float>(), H, nb, bs, c, inner, true);
+    fold_blocks(gw[half] + 2 * inner, 3 * inner, w_v.data_ptr<float>(), H, nb, bs, v, inner, false);
+    for (int64_t h = 0; h < H; ++h) {
+      vfloat sum{};
+      for (int t = 0; t < 3; ++t) {
+        const float* row = gw[half] + h * 3 * inner + t * inner;
+        for_vectors(inner, [&](int64_t e, int64_t count) { sum += load(row + e, count) * load(bias[t] + e, count); });
+      }
+      const float* pbm = b_m.data_ptr<float>();
+      for_vectors(inner, [&](int64_t e, int64_t count) {
+        sum += load(v + h * inner + e, count) * load(pbm + e, count);
+      });
+      gate_b.data_ptr<float>()[half * H + h] = b_if[half][h] + lane_sum(sum);
+    }
+  }
+  return {at::mm(gate_v, w_m), gate_b, gate_c, gate_v};
+}
+
+// The gradients of fold_gates's inputs (in its order) for those of w_g, gate_b and gate_c; gate_v as it returned
+std::vector<at::Tensor> fold_gates_backward(const at::Tensor& grad_w_g, const at::Tensor& grad_gate_b,
+                                            const at::Tensor& grad_gate_c, const at::Tensor& gate_v,
+                                            const at::Tensor& w_i, const at::Tensor& w_f, const at::Tensor& w_q,
+                                            const at::Tensor& w_k, const at::Tensor& w_v, const at::Tensor& b_q,
+                                            const at::Tensor& b_k, const at::Tensor& b_v, const at::Tensor& w_m,
+                                            const at::Tensor& b_m) {
+  check_fold_params({grad_w_g, grad_gate_b, grad_gate_c, gate_v, w_i, w_f, w_q, w_k, w_v, b_q, b_k, b_v, w_m, b_m});
+  c10::impl::ExcludeDispatchKeyGuard fp32_products(c10::autocast_dispatch_keyset);
+  const int64_t H = w_i.size(0), G = 2 * H, nb = w_q.size(0), bs = w_q.size(1), inner = nb * bs;
+  TORCH_CHECK(grad_w_g.size(0) == G && grad_gate_b.numel() == G && grad_gate_c.size(0) == G &&
+                  grad_gate_c.size(1) == inner && gate_v.sizes() == grad_gate_c.sizes(),
+              "fold_gates_backward: inconsistent shapes");
+  // gate_v's gradient: through w_g = gate_v W_m and through gate_b's gate_v b_m
+  auto grad_gate_v = at::mm(grad_w_g, w_m.t());
+  auto grad_w_m = at::mm(gate_v.t(), grad_w_g);
+  const float* gb = grad_gate_b.data_ptr<float>();
+  const float* pbm = b_m.data_ptr<float>();
+  float* ggv = grad_gate_v.data_ptr<float>();
+  for (int64_t g = 0; g < G; ++g)
+    for (int64_t e = 0; e < inner; ++e) ggv[g * inner + e] += gb[g] * pbm[e];
+  auto grad_b_m = at::zeros({inner}, w_i.options());
+  const float* gv = gate_v.data_ptr<float>();
+  for (int64_t g = 0; g < G; ++g)
+    for (int64_t e = 0; e < inner; ++e) grad_b_m.data_ptr<float>()[e] += gv[g * inner + e] * gb[g];
+  const at::Tensor blocks[3] = {w_q, w_k, w_v};
+  const float* bias[3] = {b_q.data_ptr<float>(), b_k.data_ptr<float>(), b_v.data_ptr<float>()};
+  const float* grad_folded[3] = {grad_gate_c.data_ptr<float>(), grad_gate_c.data_ptr<float>(), ggv};
+  std::vector<at::Tensor> grads;
+  at::Tensor grad_gw[2] = {at::empty_like(w_i), at::empty_like(w_f)};
+  at::Tensor grad_blocks[3] = {at::zeros_like(w_q), at::zeros_like(w_k), at::zeros_like(w_v)};
+  at::Tensor grad_bias[3] = {at::zeros({inner}, w_i.options()), at::zeros({inner}, w_i.options()),
+                             at::zeros({inner}, w_i.options())};
+  const float* gw[2] = {w_i.data_ptr<float>(), w_f.data_ptr<float>()};
+  for (int half = 0; half < 2; ++half)
+    for (int64_t h = 0; h < H; ++h) {
+      const int64_t g = half * H + h;
+      for (int t = 0; t < 3; ++t) {
+        const float* w = blocks[t].data_ptr<float>();
+        const float* df = grad_folded[t] + g * inner;
+        const float* row = gw[half] + h * 3 * inner + t * inner;
+        float* dgw = grad_gw[half].data_ptr<float>() + h * 3 * inner + t * inner;
+        float* dw = grad_blocks[t].data_ptr<float>();
+        float* db = grad_bias[t].data_ptr<float>();
+        for (int64_t j = 0; j < nb; ++j)
+          for (int64_t o = 0; o < bs; ++o) {
+            float sum = gb[g] * bias[t][j * bs + o];  // through gate_b's G [bq, bk, bv]
+            for (int64_t i = 0; i < bs; ++i) {
+              sum += df[j * bs + i] * w[(j * bs + o) * bs + i];
+              dw[(j * bs + o) * bs + i] += row[j * bs + o] * df[j * bs + i];
+            }
+            dgw[j * bs + o] = sum;
+            db[j * bs + o] += row[j * bs + o] * gb[g];
+          }
+      }
+    }
+  return {grad_gw[0], grad_gw[1], grad_blocks[0], grad_blocks[1], grad_blocks[2], grad_bias[0], grad_bias[1],
+          grad_bias[2], grad_w_m, grad_b_m, grad_gate_b.narrow(0, 0, H).clone(), grad_gate_b.narrow(0, H, H).clone()};
+}
+
+// ---------------------------------------------------------------------------------------------------------------
 // column_sums: a bias's gradient, the fp32 sums over the rows of a (N, C) gradient. PyTorch's sum over dim 0 of a
 // bf16 (8192, 384) tensor took about twice what this pass takes (ViL-T's up-projections, 2 threads of a Xeon,
 // session 32, ad hoc: 1469-1719 against 745 us, a plain copy of the tensor 512 us, all from memory).
@@ -836,6 +968,11 @@ TORCH_LIBRARY_FRAGMENT(vision_lstm_cpu, m) {
         "Tensor? addend=None) -> (Tensor, Tensor, Tensor)");
   m.def("add_reversed(Tensor? x, Tensor y, Tensor(a!) out) -> ()");
   m.def("column_sums(Tensor x) -> Tensor");
+  m.def("fold_gates(Tensor w_i, Tensor w_f, Tensor w_q, Tensor w_k, Tensor w_v, Tensor b_q, Tensor b_k, Tensor b_v, "
+        "Tensor w_m, Tensor b_m, Tensor b_i, Tensor b_f) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("fold_gates_backward(Tensor grad_w_g, Tensor grad_gate_b, Tensor grad_gate_c, Tensor gate_v, Tensor w_i, "
+        "Tensor w_f, Tensor w_q, Tensor w_k, Tensor w_v, Tensor b_q, Tensor b_k, Tensor b_v, Tensor w_m, Tensor b_m) "
+        "-> Tensor[]");
 }
 
 TORCH_LIBRARY_IMPL(vision_lstm_cpu, CPU, m) {
@@ -848,4 +985,6 @@ TORCH_LIBRARY_IMPL(vision_lstm_cpu, CPU, m) {
   m.impl("token_norm_backward", &token_norm_backward);
   m.impl("add_reversed", &add_reversed);
   m.impl("column_sums", &column_sums);
+  m.impl("fold_gates", &fold_gates);
+  m.impl("fold_gates_backward", &fold_gates_backward);
 }
