@@ -704,12 +704,12 @@ std::vector<at::Tensor> fold_gates_backward(const at::Tensor& grad_w_g, const at
     for (int64_t e = 0; e < inner; ++e) ggv[g * inner + e] += gb[g] * pbm[e];
   auto grad_b_m = at::zeros({inner}, w_i.options());
   const float* gv = gate_v.data_ptr<float>();
+  float* gbm = grad_b_m.data_ptr<float>();
   for (int64_t g = 0; g < G; ++g)
-    for (int64_t e = 0; e < inner; ++e) grad_b_m.data_ptr<float>()[e] += gv[g * inner + e] * gb[g];
+    for (int64_t e = 0; e < inner; ++e) gbm[e] += gv[g * inner + e] * gb[g];
   const at::Tensor blocks[3] = {w_q, w_k, w_v};
   const float* bias[3] = {b_q.data_ptr<float>(), b_k.data_ptr<float>(), b_v.data_ptr<float>()};
   const float* grad_folded[3] = {grad_gate_c.data_ptr<float>(), grad_gate_c.data_ptr<float>(), ggv};
-  std::vector<at::Tensor> grads;
   at::Tensor grad_gw[2] = {at::empty_like(w_i), at::empty_like(w_f)};
   at::Tensor grad_blocks[3] = {at::zeros_like(w_q), at::zeros_like(w_k), at::zeros_like(w_v)};
   at::Tensor grad_bias[3] = {at::zeros({inner}, w_i.options()), at::zeros({inner}, w_i.options()),
