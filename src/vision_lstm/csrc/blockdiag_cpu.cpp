@@ -67,7 +67,7 @@ void block_mm(const Rows<const T>* ins, const float* const* tables, const float*
         const float* start = bias ? bias + h * DH : nullptr;
         const T* plus = addend ? addend->at(b, t, h) : nullptr;
         T* y = out.at(b, t, h);
-        for_vectors(DH, [&](int64_t d0, int64_t count) {
+        for_vectors(DH, [&](int64_t d0, auto count) {
           vfloat sum = start ? load(start + d0, count) : vfloat{};
           if (plus) sum += load(plus + d0, count);
 #pragma GCC unroll 2

@@ -13,10 +13,10 @@ namespace {
 template <typename T>
 inline void head_stats(const T* h, int64_t DH, float eps, float& mean, float& rstd) {
   vfloat sum{};
-  for_vectors(DH, [&](int64_t d0, int64_t count) { sum += load(h + d0, count); });
+  for_vectors(DH, [&](int64_t d0, auto count) { sum += load(h + d0, count); });
   mean = lane_sum(sum) / DH;
   vfloat squares{};
-  for_vectors(DH, [&](int64_t d0, int64_t count) {
+  for_vectors(DH, [&](int64_t d0, auto count) {
     const vfloat centred = load(h + d0, count) - mean;
     // lanes past count load as 0: keep them out of the sum
     squares += count == kLanes ? centred * centred
@@ -31,7 +31,7 @@ template <typename T>
 inline void gated_head_out(const T* h, const T* c, const T* z, const float* scale, const float* bias,
                            const float* skip, float mean, float rstd, int64_t DH, T* y,
                            const float* z_bias = nullptr) {
-  for_vectors(DH, [&](int64_t d0, int64_t count) {
+  for_vectors(DH, [&](int64_t d0, auto count) {
     const vfloat normed = (load(h + d0, count) - mean) * rstd;
     const vfloat pre = normed * load(scale + d0, count) + load(bias + d0, count) +
                        load(skip + d0, count) * load(c + d0, count);

@@ -88,7 +88,7 @@ template <typename T>
 inline void norm_input_grad(const float* normed_row, const float* grad_normed, vfloat sum_g, vfloat sum_gn, float rstd,
                             int64_t n, T* out, const T* plus = nullptr) {
   const float mean_g = lane_sum(sum_g) / n, mean_gn = lane_sum(sum_gn) / n;
-  for_vectors(n, [&](int64_t i, int64_t count) {
+  for_vectors(n, [&](int64_t i, auto count) {
     const vfloat g = load(grad_normed + i, count), normed = load(normed_row + i, count);
     const vfloat grad = (g - mean_g - normed * mean_gn) * rstd;
     store(out + i, plus ? grad + load(plus + i, count) : grad, count);
@@ -142,7 +142,7 @@ void gated_norm_bwd(Tokens<const T> gy, Tokens<const T> h, Tokens<const T> c, To
         const int64_t off = head * DH;
         const float mu = mean[r * H + head], rs = rstd[r * H + head];
         vfloat sum_g{}, sum_gn{};  // sums over the head of d(loss)/d(normed) and of it times normed
-        for_vectors(DH, [&](int64_t d0, int64_t count) {
+        for_vectors(DH, [&](int64_t d0, auto count) {
           const int64_t i = off + d0;
           const vfloat normed = (load(ph + i, count) - mu) * rs;
           const vfloat sc = load(scale + i, count), sk = load(skip + i, count), cv = load(pc + i, count);
@@ -282,7 +282,7 @@ inline void load_image(Padded<K>& buffer, const T* image, int64_t C, int64_t cou
 template <int NT, typename T>
 inline void gate_block(const T* c, int64_t C, const float* gate_w, int64_t G, int64_t g0, int64_t ng, T* gates) {
   vfloat acc[NT][4] = {};
-  for_vectors(C, [&](int64_t c0, int64_t count) {
+  for_vectors(C, [&](int64_t c0, auto count) {
     vfloat w[4];
     for (int g = 0; g < 4; ++g) w[g] = g < ng ? load(gate_w + (g0 + g) * C + c0, count) : vfloat{};
     for (int t = 0; t < NT; ++t) {
@@ -389,105 +389,108 @@ void conv_silu_bwd(const T* grad_out, const T* x, const float* table, const floa
     std::vector<vfloat> c_values(G ? T_ : 0);  // c's pixels for the gates' weight sums
     vfloat w[K * K], w_flipped[K * K];
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / vectors, c0 = (task % vectors) * kLanes, count = std::min(kLanes, C - c0);
-      // The next image's memory, a vector's share of it per task (its tasks follow this image's in this thread),
-      // fetched in address order while this image's tasks compute: each input's image is one contiguous block, and
-      // the core's own streaming prefetch follows such a run. (Fetching the next task's column instead, a vector's
-      // T rows C apart, stalled on the core's line-fill buffers for about half of this kernel's time, session 40's
-      // profile.) The share's lines are spread over the pixel loop below, a few per pixel: issued in one burst
-      // before it, they stalled on those buffers for a sixth of this kernel's samples (session 44's profile).
-      constexpr int64_t kLine = 64 / sizeof(T);
-      const T* fetched[4] = {};
-      int64_t sources = 0, fetch_from = 0, fetch_lines = 0;
-      if ((b + 1) * vectors < end) {
-        const int64_t image = T_ * C, share = (image + vectors - 1) / vectors;
-        fetch_from = (b + 1) * image + (task % vectors) * share;
-        const int64_t to = std::min((b + 1) * image + image, fetch_from + share);
-        fetch_lines = std::max<int64_t>(0, (to - fetch_from + kLine - 1) / kLine);
-        for (const T* src : {grad_out, x, extras.more, extras.addend})
-          if (src != nullptr) fetched[sources++] = src + fetch_from;
-      }
-      T* const fetched_out = fetch_lines > 0 ? grad_x + fetch_from : nullptr;  // (written: asked to own it)
-      for (int i = 0; i < K * K; ++i) {
-        w[i] = load(table + i * C + c0, count);
-        w_flipped[K * K - 1 - i] = w[i];
-      }
-      const vfloat bv = load(bias + c0, count);
-      load_image(image, x + b * T_ * C + c0, C, count);
-      const T* go = grad_out + b * T_ * C + c0;
-      const T* more = extras.more ? extras.more + b * T_ * C + c0 : nullptr;
-      const float* gg = G ? extras.gate_grad + b * T_ * G : nullptr;
-      vfloat gw[K * K] = {}, gb{};
-      // the gates' weights for these channels, up to 8 in registers (G is 2 per head: 8 for ViL's 4 heads)
-      vfloat gate_w[8];
-      for (int64_t g = 0; g < std::min<int64_t>(G, 8); ++g) gate_w[g] = load(extras.gate_w + g * C + c0, count);
-      for (int64_t y = 0; y < height; ++y)
-        for (int64_t xx = 0; xx < width; ++xx) {
-          const int64_t t = y * width + xx;
-          for (int64_t line = t * fetch_lines / T_; line < (t + 1) * fetch_lines / T_; ++line) {
-            for (int64_t i = 0; i < sources; ++i) __builtin_prefetch(fetched[i] + line * kLine);
-            __builtin_prefetch(fetched_out + line * kLine, 1);
-          }
-          const vfloat u = taps_sum<K>(image.at(y, xx), image.row, w, bv);
-          const vfloat s = sigmoid(u);
-          vfloat gc = load(go + t * C, count);
-          if (more) gc += load(more + t * C, count);
-          if (G) {
-            const float* gt = gg + t * G;
-#pragma GCC unroll 8
-            for (int g = 0; g < 8; ++g)
-              if (g < G) gc += gt[g] * gate_w[g];
-            for (int64_t g = 8; g < G; ++g) gc += gt[g] * load(extras.gate_w + g * C + c0, count);
-            if constexpr (std::is_same_v<T, float>) {
-              c_values[t] = u * s;
-            } else {  // c as the forward wrote it (rounded to T)
-              T c_row[kLanes];
-              store(c_row, u * s, count);
-              c_values[t] = load(c_row, count);
+      const int64_t b = task / vectors, c0 = (task % vectors) * kLanes;
+      // (compiled for whole vectors apart: with the count a runtime value, each bf16 load went through the stack)
+      with_count(std::min(kLanes, C - c0), [&](auto count) {
+        // The next image's memory, a vector's share of it per task (its tasks follow this image's in this thread),
+        // fetched in address order while this image's tasks compute: each input's image is one contiguous block, and
+        // the core's own streaming prefetch follows such a run. (Fetching the next task's column instead, a vector's
+        // T rows C apart, stalled on the core's line-fill buffers for about half of this kernel's time, session 40's
+        // profile.) The share's lines are spread over the pixel loop below, a few per pixel: issued in one burst
+        // before it, they stalled on those buffers for a sixth of this kernel's samples (session 44's profile).
+        constexpr int64_t kLine = 64 / sizeof(T);
+        const T* fetched[4] = {};
+        int64_t sources = 0, fetch_from = 0, fetch_lines = 0;
+        if ((b + 1) * vectors < end) {
+          const int64_t image = T_ * C, share = (image + vectors - 1) / vectors;
+          fetch_from = (b + 1) * image + (task % vectors) * share;
+          const int64_t to = std::min((b + 1) * image + image, fetch_from + share);
+          fetch_lines = std::max<int64_t>(0, (to - fetch_from + kLine - 1) / kLine);
+          for (const T* src : {grad_out, x, extras.more, extras.addend})
+            if (src != nullptr) fetched[sources++] = src + fetch_from;
+        }
+        T* const fetched_out = fetch_lines > 0 ? grad_x + fetch_from : nullptr;  // (written: asked to own it)
+        for (int i = 0; i < K * K; ++i) {
+          w[i] = load(table + i * C + c0, count);
+          w_flipped[K * K - 1 - i] = w[i];
+        }
+        const vfloat bv = load(bias + c0, count);
+        load_image(image, x + b * T_ * C + c0, C, count);
+        const T* go = grad_out + b * T_ * C + c0;
+        const T* more = extras.more ? extras.more + b * T_ * C + c0 : nullptr;
+        const float* gg = G ? extras.gate_grad + b * T_ * G : nullptr;
+        vfloat gw[K * K] = {}, gb{};
+        // the gates' weights for these channels, up to 8 in registers (G is 2 per head: 8 for ViL's 4 heads)
+        vfloat gate_w[8];
+        for (int64_t g = 0; g < std::min<int64_t>(G, 8); ++g) gate_w[g] = load(extras.gate_w + g * C + c0, count);
+        for (int64_t y = 0; y < height; ++y)
+          for (int64_t xx = 0; xx < width; ++xx) {
+            const int64_t t = y * width + xx;
+            for (int64_t line = t * fetch_lines / T_; line < (t + 1) * fetch_lines / T_; ++line) {
+              for (int64_t i = 0; i < sources; ++i) __builtin_prefetch(fetched[i] + line * kLine);
+              __builtin_prefetch(fetched_out + line * kLine, 1);
             }
+            const vfloat u = taps_sum<K>(image.at(y, xx), image.row, w, bv);
+            const vfloat s = sigmoid(u);
+            vfloat gc = load(go + t * C, count);
+            if (more) gc += load(more + t * C, count);
+            if (G) {
+              const float* gt = gg + t * G;
+  #pragma GCC unroll 8
+              for (int g = 0; g < 8; ++g)
+                if (g < G) gc += gt[g] * gate_w[g];
+              for (int64_t g = 8; g < G; ++g) gc += gt[g] * load(extras.gate_w + g * C + c0, count);
+              if constexpr (std::is_same_v<T, float>) {
+                c_values[t] = u * s;
+              } else {  // c as the forward wrote it (rounded to T)
+                T c_row[kLanes];
+                store(c_row, u * s, count);
+                c_values[t] = load(c_row, count);
+              }
+            }
+            // d/du of u sigmoid(u) = sigmoid(u) (1 + u (1 - sigmoid(u)))
+            const vfloat gu = gc * s * (1.0f + u * (1.0f - s));
+            *grad_u.at(y, xx) = gu;
+            gb += gu;
           }
-          // d/du of u sigmoid(u) = sigmoid(u) (1 + u (1 - sigmoid(u)))
-          const vfloat gu = gc * s * (1.0f + u * (1.0f - s));
-          *grad_u.at(y, xx) = gu;
-          gb += gu;
+        // the weight sums in a loop of their own: in the loop above, beside the weights and the exp's constants,
+        // their K * K accumulators spilled to the stack (a load and a store each per pixel)
+        for (int64_t y = 0; y < height; ++y)
+          for (int64_t xx = 0; xx < width; ++xx) {
+            const vfloat* centre = image.at(y, xx);
+            const vfloat gu = *grad_u.at(y, xx);
+  #pragma GCC unroll 7
+            for (int ky = 0; ky < K; ++ky)
+  #pragma GCC unroll 7
+              for (int kx = 0; kx < K; ++kx) gw[ky * K + kx] += gu * centre[(ky - K / 2) * image.row + kx - K / 2];
+          }
+        for (int i = 0; i < K * K; ++i) store(part + i * C + c0, load(part + i * C + c0, count) + gw[i], count);
+        store(part + K * K * C + c0, load(part + K * K * C + c0, count) + gb, count);
+        for (int64_t g0 = 0; g0 < G; g0 += 8) {  // the gates' weight sums, 8 at a time in registers
+          const int64_t ng = std::min<int64_t>(8, G - g0);
+          vfloat acc[8] = {};
+          for (int64_t t = 0; t < T_; ++t) {
+            const float* gt = gg + t * G + g0;
+  #pragma GCC unroll 8
+            for (int g = 0; g < 8; ++g)
+              if (g < ng) acc[g] += gt[g] * c_values[t];
+          }
+          for (int64_t g = 0; g < ng; ++g) {
+            float* p = part + (K * K + 1 + g0 + g) * C + c0;
+            store(p, load(p, count) + acc[g], count);
+          }
         }
-      // the weight sums in a loop of their own: in the loop above, beside the weights and the exp's constants,
-      // their K * K accumulators spilled to the stack (a load and a store each per pixel)
-      for (int64_t y = 0; y < height; ++y)
-        for (int64_t xx = 0; xx < width; ++xx) {
-          const vfloat* centre = image.at(y, xx);
-          const vfloat gu = *grad_u.at(y, xx);
-#pragma GCC unroll 7
-          for (int ky = 0; ky < K; ++ky)
-#pragma GCC unroll 7
-            for (int kx = 0; kx < K; ++kx) gw[ky * K + kx] += gu * centre[(ky - K / 2) * image.row + kx - K / 2];
-        }
-      for (int i = 0; i < K * K; ++i) store(part + i * C + c0, load(part + i * C + c0, count) + gw[i], count);
-      store(part + K * K * C + c0, load(part + K * K * C + c0, count) + gb, count);
-      for (int64_t g0 = 0; g0 < G; g0 += 8) {  // the gates' weight sums, 8 at a time in registers
-        const int64_t ng = std::min<int64_t>(8, G - g0);
-        vfloat acc[8] = {};
-        for (int64_t t = 0; t < T_; ++t) {
-          const float* gt = gg + t * G + g0;
-#pragma GCC unroll 8
-          for (int g = 0; g < 8; ++g)
-            if (g < ng) acc[g] += gt[g] * c_values[t];
-        }
-        for (int64_t g = 0; g < ng; ++g) {
-          float* p = part + (K * K + 1 + g0 + g) * C + c0;
-          store(p, load(p, count) + acc[g], count);
-        }
-      }
-      // grad_x[y, x] = sum_{ky, kx} w[ky, kx] grad_u[y - ky + K / 2, x - kx + K / 2]: the flipped kernel
-      T* gx = grad_x + b * T_ * C + c0;
-      const T* plus = extras.addend ? extras.addend + b * T_ * C + c0 : nullptr;
-      for (int64_t y = 0; y < height; ++y)
-        for (int64_t xx = 0; xx < width; ++xx) {
-          const int64_t t = y * width + xx;
-          vfloat sum = taps_sum<K>(grad_u.at(y, xx), grad_u.row, w_flipped, vfloat{});
-          if (plus) sum += load(plus + t * C, count);
-          store(gx + t * C, sum, count);
-        }
+        // grad_x[y, x] = sum_{ky, kx} w[ky, kx] grad_u[y - ky + K / 2, x - kx + K / 2]: the flipped kernel
+        T* gx = grad_x + b * T_ * C + c0;
+        const T* plus = extras.addend ? extras.addend + b * T_ * C + c0 : nullptr;
+        for (int64_t y = 0; y < height; ++y)
+          for (int64_t xx = 0; xx < width; ++xx) {
+            const int64_t t = y * width + xx;
+            vfloat sum = taps_sum<K>(grad_u.at(y, xx), grad_u.row, w_flipped, vfloat{});
+            if (plus) sum += load(plus + t * C, count);
+            store(gx + t * C, sum, count);
+          }
+      });
     }
   });
   sum_partials(partial, threads, rows * C, sums);
@@ -669,10 +672,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fold_gates(
       vfloat sum{};
       for (int t = 0; t < 3; ++t) {
         const float* row = gw[half] + h * 3 * inner + t * inner;
-        for_vectors(inner, [&](int64_t e, int64_t count) { sum += load(row + e, count) * load(bias[t] + e, count); });
+        for_vectors(inner, [&](int64_t e, auto count) { sum += load(row + e, count) * load(bias[t] + e, count); });
       }
       const float* pbm = b_m.data_ptr<float>();
-      for_vectors(inner, [&](int64_t e, int64_t count) {
+      for_vectors(inner, [&](int64_t e, auto count) {
         sum += load(v + h * inner + e, count) * load(pbm + e, count);
       });
       gate_b.data_ptr<float>()[half * H + h] = b_if[half][h] + lane_sum(sum);
@@ -809,7 +812,7 @@ void token_norm_fwd(const TI* x, const float* scale, const float* bias, float ep
       head_stats(px, D, eps, mu, rs);
       mean[r] = mu;
       rstd[r] = rs;
-      for_vectors(D, [&](int64_t i, int64_t count) {
+      for_vectors(D, [&](int64_t i, auto count) {
         store(py + i, (load(px + i, count) - mu) * rs * load(scale + i, count) + load(bias + i, count), count);
       });
     }
@@ -834,7 +837,7 @@ void token_norm_bwd(const TO* gy, const TI* x, const float* scale, const float* 
       const TO* pg = gy + (b * Tn + (reverse ? Tn - 1 - t : t)) * D;
       const float mu = mean[r], rs = rstd[r];
       vfloat sum_g{}, sum_gn{};
-      for_vectors(D, [&](int64_t i, int64_t count) {
+      for_vectors(D, [&](int64_t i, auto count) {
         const vfloat normed = (load(px + i, count) - mu) * rs, g = load(pg + i, count);
         store(gw + i, load(gw + i, count) + g * normed, count);
         store(gb + i, load(gb + i, count) + g, count);
@@ -858,7 +861,7 @@ void add_reversed_rows(const TX* x, const TY* y, TX* out, int64_t B, int64_t Tn,
     for (int64_t r = begin; r < end; ++r) {
       const int64_t b = r / Tn, t = r % Tn;
       const TY* py = y + (b * Tn + Tn - 1 - t) * D;
-      for_vectors(D, [&](int64_t i, int64_t count) {
+      for_vectors(D, [&](int64_t i, auto count) {
         const vfloat v = load(py + i, count);
         store(out + r * D + i, x ? load(x + r * D + i, count) + v : v, count);
       });

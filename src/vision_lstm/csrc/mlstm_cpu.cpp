@@ -77,7 +77,7 @@ template <typename out_t>
 inline float forward_row(const float* s_row, const float* a_i, float row_max, float scale, out_t* c_row, int64_t t,
                          int64_t T) {
   vfloat sum{};
-  for_vectors(T, [&](int64_t s0, int64_t count) {
+  for_vectors(T, [&](int64_t s0, auto count) {
     vfloat c{};
     if (s0 <= t) {
       c = load(s_row + s0, count) * decay_lanes(load(a_i + s0, count), row_max, scale, s0, t);
@@ -110,7 +110,7 @@ template <typename g_t, typename c_t, typename ds_t>
 inline float backward_row(const g_t* g_row, float grs, const c_t* c_row, const float* a_i, float row_max, float scale,
                           ds_t* ds_row, vfloat* cols, int64_t t, int64_t T) {
   vfloat sum{};
-  for_vectors(T, [&](int64_t s0, int64_t count) {
+  for_vectors(T, [&](int64_t s0, auto count) {
     vfloat ds{};
     if (s0 <= t) {
       const vfloat dc = load(g_row + s0, count) + grs;
@@ -189,7 +189,7 @@ void divide_rows_bf16(const at::Tensor& num, const at::Tensor& denom, const at::
         at::BFloat16* o_row = o_i + t * o2;
         const vfloat d = splat(pd[r]);
         vfloat sum{};
-        for_vectors(DH, [&](int64_t s0, int64_t count) {
+        for_vectors(DH, [&](int64_t s0, auto count) {
           const vfloat q = load(n_row + s0, count) / d;
           store(o_row + s0, q, count);
           if (h_i) sum += load(o_row + s0, count) * load(h_i + t * h2 + s0, count);
@@ -586,7 +586,7 @@ int64_t vector_lanes() { return kLanes; }
 template <int BS, typename E>
 void project_slice(const E* x, int64_t stride, const float* table, int64_t C, const float* bias, E* out,
                    int64_t out_ld, int64_t T, int64_t DH) {
-  for_vectors(DH, [&](int64_t d0, int64_t count) {
+  for_vectors(DH, [&](int64_t d0, auto count) {
     vfloat w[BS];
     for (int s = 0; s < BS; ++s) w[s] = load(table + s * C + d0, count);
     const vfloat start = bias ? load(bias + d0, count) : vfloat{};
@@ -639,23 +639,36 @@ template <int BS, int NIN, typename E, int... S>
 inline void source_grads_slice(const float* const* g, int64_t ld, const E* x, int64_t x_stride,
                                const float* const* tables_t, int64_t C, E* out, int64_t out_stride,
                                float* const* sums, int64_t T, int64_t DH, std::integer_sequence<int, S...>) {
-  for_vectors(DH, [&](int64_t d0, int64_t count) {
+  // (the pointers and strides copied into the lambda's locals: read through its captures, they were loaded again
+  // after every store, which the compiler must assume may change them)
+  for_vectors(DH, [=](int64_t d0, auto count) {
+    const float* rows_g[NIN];
     vfloat w[NIN][BS], acc[NIN][BS] = {}, col[NIN] = {};
-    for (int j = 0; j < NIN; ++j)
+#pragma GCC unroll 2
+    for (int j = 0; j < NIN; ++j) {
+      rows_g[j] = g[j] + d0;
+#pragma GCC unroll 8
       for (int s = 0; s < BS; ++s) w[j][s] = load(tables_t[j] + s * C + d0, count);
-    for (int64_t t = 0; t < T; ++t) {
-      const vfloat xv = load(x + t * x_stride + d0, count);
+    }
+    const E* rows_x = x + d0;
+    E* rows_out = out + d0;
+    const int64_t g_ld = ld, x_ld = x_stride, out_ld = out_stride, n = T;
+    for (int64_t t = 0; t < n; ++t) {
+      const vfloat xv = load(rows_x + t * x_ld, count);
       const vfloat xr[BS] = {rotate<BS, S>(xv)...};
       vfloat sum{};
+#pragma GCC unroll 2
       for (int j = 0; j < NIN; ++j) {
-        const vfloat gv = load(g[j] + t * ld + d0, count);
+        const vfloat gv = load(rows_g[j] + t * g_ld, count);
         ((acc[j][S] += gv * xr[S]), ...);
         col[j] += gv;
         sum += mm_loaded<BS>(gv, w[j], Shifts<BS>{});
       }
-      store(out + t * out_stride + d0, sum, count);
+      store(rows_out + t * out_ld, sum, count);
     }
+#pragma GCC unroll 2
     for (int j = 0; j < NIN; ++j) {
+#pragma GCC unroll 8
       for (int s = 0; s < BS; ++s) store(sums[j] + s * C + d0, load(sums[j] + s * C + d0, count) + acc[j][s], count);
       store(sums[j] + BS * C + d0, load(sums[j] + BS * C + d0, count) + col[j], count);
     }
@@ -837,7 +850,7 @@ void forward_whole_bf16(const at::Tensor& q, const at::Tensor& k, const at::Tens
         const vfloat denom = splat(normaliser[i * T + t] + eps);
         at::BFloat16* out_row = gate ? h_rows.data() + t * DH : h_i + t * h2;
         const float* num_row = num_rows + t * dhp;
-        for_vectors(DH, [&](int64_t d0, int64_t count) {
+        for_vectors(DH, [&](int64_t d0, auto count) {
           store(out_row + d0, load(num_row + d0, count) / denom, count);
         });
       }
@@ -925,7 +938,7 @@ void backward_whole_bf16(const at::Tensor& q, const at::Tensor& k, const at::Ten
     // out (T x DH fp32 sums) rounded once into a slice of a gradient
     auto store_rows = [&](at::BFloat16* dst, int64_t stride) {
       for (int64_t t = 0; t < T; ++t) {
-        for_vectors(DH, [&](int64_t d0, int64_t count) {
+        for_vectors(DH, [&](int64_t d0, auto count) {
           store(dst + t * stride + d0, load(out.data() + t * dhp + d0, count), count);
         });
       }
@@ -961,7 +974,7 @@ void backward_whole_bf16(const at::Tensor& q, const at::Tensor& k, const at::Ten
         const vfloat inverse = splat(1.0f / (normaliser[r] + eps));
         at::BFloat16* dn_row = dn.data() + t * DH;
         vfloat dot{};
-        for_vectors(DH, [&](int64_t d0, int64_t count) {
+        for_vectors(DH, [&](int64_t d0, auto count) {
           store(dn_row + d0, load(dh_i + t * rdh.s2 + d0, count) * inverse, count);
           dot += load(dn_row + d0, count) * load(h_i + t * rh.s2 + d0, count);
         });
@@ -1172,7 +1185,7 @@ void forward_whole_f32(const at::Tensor& q, const at::Tensor& k, const at::Tenso
         const vfloat inverse = splat(1.0f / (normaliser[i * T + t] + eps));
         float* num_row = num.data() + t * Dc;
         float* out_row = gate ? num_row : h_i + t * rh.s2;  // with `gate`: h's row in place of the numerator's
-        for_vectors(DH, [&](int64_t d0, int64_t count) {
+        for_vectors(DH, [&](int64_t d0, auto count) {
           store(out_row + d0, load(num_row + d0, count) * inverse, count);
         });
       }
@@ -1220,7 +1233,7 @@ void backward_whole_f32(const at::Tensor& q, const at::Tensor& k, const at::Tens
         const vfloat inverse = splat(1.0f / (normaliser[r] + eps));
         float* dn_row = dn.data() + t * Dc;
         vfloat dot{};
-        for_vectors(DH, [&](int64_t d0, int64_t count) {
+        for_vectors(DH, [&](int64_t d0, auto count) {
           const vfloat dnv = load(dh_i + t * rdh.s2 + d0, count) * inverse;
           store(dn_row + d0, dnv, count);
           dot += dnv * load(h_i + t * rh.s2 + d0, count);

@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <utility>
 #include <vector>
 #if defined(__AVX512F__)
@@ -147,11 +148,25 @@ inline vfloat sigmoid(vfloat x) {
 // Calls fn(i, count) for the vectors of [0, n): whole vectors with the constant count kLanes, then the shorter tail.
 // Once fn is inlined, the loads and stores of whole vectors compile to plain vector moves; with a count the compiler
 // cannot see, each bf16 load went through the stack (ad hoc, session 25: a bf16 kernel ~1.5x slower than in fp32).
+// Whole vectors' count comes as std::integral_constant: a lambda that takes it as `auto count` is compiled for the
+// constant count even where the compiler does not inline it (a large loop body: session 45's profile found
+// source_grads_slice's loads going through memcpy and the stack, its sums in memory).
 template <typename Fn>
 __attribute__((always_inline)) inline void for_vectors(int64_t n, Fn&& fn) {
   int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) fn(i, kLanes);
+  for (; i + kLanes <= n; i += kLanes) fn(i, std::integral_constant<int64_t, kLanes>{});
   if (i < n) fn(i, n - i);
+}
+
+// Calls fn(count) for a vector of count <= kLanes lanes, a whole one as std::integral_constant (as for_vectors does):
+// for a kernel whose task is one vector of channels, fn compiled for whole vectors and for the last, shorter one
+template <typename Fn>
+__attribute__((always_inline)) inline void with_count(int64_t count, Fn&& fn) {
+  if (count == kLanes) {
+    fn(std::integral_constant<int64_t, kLanes>{});
+  } else {
+    fn(count);
+  }
 }
 
 // out[e] = sum over the threads' partial rows partial[i * n + e] (i < threads), in thread order: the reduction after
