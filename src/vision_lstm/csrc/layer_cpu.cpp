@@ -436,7 +436,7 @@ void conv_silu_bwd(const T* grad_out, const T* x, const float* table, const floa
             if (more) gc += load(more + t * C, count);
             if (G) {
               const float* gt = gg + t * G;
-  #pragma GCC unroll 8
+#pragma GCC unroll 8
               for (int g = 0; g < 8; ++g)
                 if (g < G) gc += gt[g] * gate_w[g];
               for (int64_t g = 8; g < G; ++g) gc += gt[g] * load(extras.gate_w + g * C + c0, count);
@@ -459,9 +459,9 @@ void conv_silu_bwd(const T* grad_out, const T* x, const float* table, const floa
           for (int64_t xx = 0; xx < width; ++xx) {
             const vfloat* centre = image.at(y, xx);
             const vfloat gu = *grad_u.at(y, xx);
-  #pragma GCC unroll 7
+#pragma GCC unroll 7
             for (int ky = 0; ky < K; ++ky)
-  #pragma GCC unroll 7
+#pragma GCC unroll 7
               for (int kx = 0; kx < K; ++kx) gw[ky * K + kx] += gu * centre[(ky - K / 2) * image.row + kx - K / 2];
           }
         for (int i = 0; i < K * K; ++i) store(part + i * C + c0, load(part + i * C + c0, count) + gw[i], count);
@@ -471,7 +471,7 @@ void conv_silu_bwd(const T* grad_out, const T* x, const float* table, const floa
           vfloat acc[8] = {};
           for (int64_t t = 0; t < T_; ++t) {
             const float* gt = gg + t * G + g0;
-  #pragma GCC unroll 8
+#pragma GCC unroll 8
             for (int g = 0; g < 8; ++g)
               if (g < ng) acc[g] += gt[g] * c_values[t];
           }
